@@ -1,0 +1,26 @@
+# One-command setup and tests. `make setup` is idempotent: it rebuilds .venv only when setup.py changes.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-gpu clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# CPU test suite (GPU tests skip themselves without CUDA).
+test: setup
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS) tests
+
+# On a GPU host: only the tests marked gpu.
+test-gpu: setup
+	$(VENV)/bin/python -m pytest -q -m gpu $(PYTEST_ARGS) tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,243 @@
+"""Video probing, clip planning and DALI clip decoding, shared by tokenizer training and pre-tokenization.
+
+Design decision: every video is probed first (PyAV, container metadata and packet count, no pixel
+decoding) so that missing files, unknown codecs, codecs this device cannot decode and videos too short
+for one clip are rejected with a precise reason *before* DALI sees them. DALI then decodes strided
+clips (``device="mixed"`` = NVDEC on GPU hosts, libavcodec on CPU), resizes so the frame covers the
+target size and centre-crops. A DALI decode error kills the pipeline object ("Current pipeline object
+is no longer valid"), so on an error the batch is re-decoded one clip at a time on fresh pipelines and
+the first error's text becomes that clip's reject reason. Decoded frame counts are always checked: a
+truncated VP9 file decodes its first frames without any error.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+# What DALI 2.x decodes (PyAV codec names). CPU: libavcodec inside DALI; mixed: NVDEC.
+DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
+DALI_GPU_CODECS = DALI_CPU_CODECS | {"h264", "hevc", "av1", "mpeg4"}
+
+
+class VideoUnusable(Exception):
+    """A video cannot be used; ``reason`` is what goes into rejects.jsonl."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    path: str
+    codec: str
+    num_frames: int
+    fps: float
+    height: int
+    width: int
+
+
+@dataclass(kw_only=True)
+class ClipSamplingConfig:
+    """How clips are cut from videos and resized; one definition for tokenizer training and
+    pre-tokenization so both see identical frames."""
+
+    num_frames: int = 17
+    """Frames per clip. The causal tokenizer needs 1 + 4k frames (17, 33, 65, ...); 1 means images."""
+    frame_stride: int = 1
+    """Take every n-th source frame (ignored when target_fps > 0)."""
+    target_fps: float = 0.0
+    """Resample to this frame rate by striding (stride = round(source fps / target fps)); 0 = off."""
+    clips_per_video: int = 1
+    """Clips per video, start points spread evenly over the usable span."""
+    height: int = 64
+    """Output height in pixels (after resizing the frame to cover the output and centre-cropping)."""
+    width: int = 64
+    """Output width in pixels."""
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
+        if self.frame_stride < 1:
+            raise ValueError(f"frame_stride must be >= 1, got {self.frame_stride}")
+        if self.target_fps < 0:
+            raise ValueError(f"target_fps must be >= 0, got {self.target_fps}")
+        if self.clips_per_video < 1:
+            raise ValueError(f"clips_per_video must be >= 1, got {self.clips_per_video}")
+        if self.height < 16 or self.width < 16 or self.height % 16 or self.width % 16:
+            raise ValueError(f"height and width must be multiples of 16 (the tokenizer's spatial "
+                             f"compression), got {self.height}x{self.width}")
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    """One clip to decode: ``num_frames`` frames from ``start_frame`` every ``stride`` frames."""
+
+    path: str
+    start_frame: int
+    stride: int
+    num_frames: int
+
+    @property
+    def frame_indices(self) -> list[int]:
+        return [self.start_frame + i * self.stride for i in range(self.num_frames)]
+
+
+def probe_video(path: str | Path, device: str = "cpu") -> VideoInfo:
+    """Container facts of a video without decoding pixels; raises :class:`VideoUnusable`."""
+    import av
+    path = Path(path)
+    if not path.is_file():
+        raise VideoUnusable(f"missing file: {path}")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoUnusable("no video stream")
+            stream = container.streams.video[0]
+            codec = stream.codec_context.name
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            # Count packets of the stream: exact, and far cheaper than decoding.
+            num_frames = sum(1 for p in container.demux(stream) if p.size > 0)
+            height, width = stream.codec_context.height, stream.codec_context.width
+    except VideoUnusable:
+        raise
+    except Exception as e:  # PyAV raises many types for corrupt input
+        raise VideoUnusable(f"unreadable container: {type(e).__name__}: {e}") from None
+    supported = DALI_GPU_CODECS if device == "gpu" else DALI_CPU_CODECS
+    if codec not in supported:
+        where = "GPU (NVDEC)" if device == "gpu" else "CPU"
+        hint = "" if device == "gpu" else " (transcode with `videoar transcode`, or run on a GPU host)"
+        raise VideoUnusable(f"codec '{codec}' cannot be decoded by DALI on {where}{hint}")
+    if num_frames == 0 or fps <= 0:
+        raise VideoUnusable(f"no decodable frames (frames={num_frames}, fps={fps})")
+    return VideoInfo(path=str(path), codec=codec, num_frames=num_frames, fps=fps, height=height, width=width)
+
+
+def clip_stride(info: VideoInfo, cfg: ClipSamplingConfig, fps_override: float | None = None) -> int:
+    fps = fps_override or info.fps
+    if cfg.target_fps > 0:
+        return max(1, round(fps / cfg.target_fps))
+    return cfg.frame_stride
+
+
+def plan_clips(info: VideoInfo, cfg: ClipSamplingConfig, *, start_s: float | None = None,
+               end_s: float | None = None, fps_override: float | None = None) -> list[ClipPlan]:
+    """Clip start points spread evenly over [start_s, end_s]; raises if not one clip fits."""
+    fps = fps_override or info.fps
+    stride = clip_stride(info, cfg, fps_override)
+    first = 0 if start_s is None else max(0, int(math.floor(start_s * fps)))
+    last = info.num_frames if end_s is None else min(info.num_frames, int(math.floor(end_s * fps)))
+    span = (cfg.num_frames - 1) * stride + 1
+    room = last - first - span
+    if room < 0:
+        raise VideoUnusable(f"too short: {last - first} usable frames, a clip needs {span} "
+                            f"({cfg.num_frames} frames at stride {stride})")
+    n = cfg.clips_per_video
+    starts = [first + (room * i // (n - 1) if n > 1 else room // 2) for i in range(n)]
+    return [ClipPlan(path=info.path, start_frame=s, stride=stride, num_frames=cfg.num_frames)
+            for s in dict.fromkeys(starts)]
+
+
+def frames_to_model_input(frames_FHWC: torch.Tensor) -> torch.Tensor:
+    """uint8 frames ``(F,H,W,3)`` → float ``(3,F,H,W)`` in [-1, 1], on the frames' device."""
+    return frames_FHWC.permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+class DaliClipDecoder:
+    """Decodes batches of :class:`ClipPlan` into uint8 tensors ``(F, H, W, 3)``.
+
+    ``device="gpu"`` decodes with NVDEC and returns CUDA tensors (no host round trip); ``"cpu"``
+    returns CPU tensors. Failed clips come back as :class:`VideoUnusable` in their slot.
+    """
+
+    def __init__(self, *, height: int, width: int, device: str = "cpu", device_id: int = 0,
+                 batch_size: int = 8, num_threads: int = 2):
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"decode device must be cpu or gpu, got {device!r}")
+        self.height, self.width = height, width
+        self.device, self.device_id = device, device_id
+        self.batch_size, self.num_threads = batch_size, num_threads
+        self._pipe = None
+
+    def _build(self):
+        from nvidia.dali import fn, pipeline_def, types
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads,
+                      device_id=self.device_id if self.device == "gpu" else None,
+                      exec_dynamic=True, prefetch_queue_depth=1)
+        def clip_pipeline():
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            start = fn.external_source(name="start", dtype=types.INT32, ndim=0)
+            stride = fn.external_source(name="stride", dtype=types.INT32, ndim=0)
+            length = fn.external_source(name="length", dtype=types.INT32, ndim=0)
+            frames = fn.decoders.video(encoded, device="mixed" if self.device == "gpu" else "cpu",
+                                       start_frame=start, stride=stride, sequence_length=length,
+                                       pad_mode="none")
+            frames = fn.resize(frames, size=[self.height, self.width], mode="not_smaller",
+                               antialias=True)
+            return fn.crop(frames, crop=[self.height, self.width], crop_pos_x=0.5, crop_pos_y=0.5,
+                           out_of_bounds_policy="trim_to_shape")
+
+        pipe = clip_pipeline()
+        pipe.build()
+        return pipe
+
+    def _run(self, plans: Sequence[ClipPlan]) -> list[torch.Tensor]:
+        if self._pipe is None:
+            self._pipe = self._build()
+        pipe = self._pipe
+        pipe.feed_input("encoded", [np.fromfile(p.path, dtype=np.uint8) for p in plans])
+        pipe.feed_input("start", [np.int32(p.start_frame) for p in plans])
+        pipe.feed_input("stride", [np.int32(p.stride) for p in plans])
+        pipe.feed_input("length", [np.int32(p.num_frames) for p in plans])
+        (out,) = pipe.run()
+        return [self._to_torch(out[i]) for i in range(len(plans))]
+
+    def _to_torch(self, tensor) -> torch.Tensor:
+        if self.device == "gpu":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+            result = torch.empty(tensor.shape(), dtype=torch.uint8, device=f"cuda:{self.device_id}")
+            feed_ndarray(tensor, result, cuda_stream=torch.cuda.current_stream(self.device_id))
+            return result
+        return torch.from_numpy(np.array(tensor.as_array() if hasattr(tensor, "as_array") else tensor))
+
+    def _check(self, plan: ClipPlan, frames: torch.Tensor) -> torch.Tensor | VideoUnusable:
+        expected = (plan.num_frames, self.height, self.width, 3)
+        if tuple(frames.shape) != expected:
+            return VideoUnusable(f"decoded {tuple(frames.shape)} but expected {expected} "
+                                 f"(truncated or corrupt stream)")
+        return frames
+
+    def decode(self, plans: Sequence[ClipPlan]) -> list[torch.Tensor | VideoUnusable]:
+        """Decode clips; each result is frames ``(F, H, W, 3)`` uint8 or the reason it failed."""
+        results: list[torch.Tensor | VideoUnusable] = []
+        for i in range(0, len(plans), self.batch_size):
+            chunk = plans[i:i + self.batch_size]
+            try:
+                results += [self._check(p, f) for p, f in zip(chunk, self._run(chunk))]
+            except Exception:
+                self._pipe = None  # a failed DALI pipeline object is dead; isolate the culprit
+                results += [self._decode_one(p) for p in chunk]
+        return results
+
+    def _decode_one(self, plan: ClipPlan) -> torch.Tensor | VideoUnusable:
+        try:
+            return self._check(plan, self._run([plan])[0])
+        except Exception as e:
+            self._pipe = None
+            return VideoUnusable(f"decode error: {_first_dali_error(str(e))}")
+
+
+def _first_dali_error(text: str) -> str:
+    """The informative line of a DALI error: the one after 'encountered:' (the rest is boilerplate)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if "encountered:" in lines:
+        rest = lines[lines.index("encountered:") + 1:]
+        if rest:
+            return rest[0][:500]
+    return (lines[0] if lines else text)[:500]

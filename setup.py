@@ -1,0 +1,39 @@
+"""videoar-megatron: distributed pretraining stack for VideoAR (arXiv 2601.05966)."""
+from setuptools import find_packages, setup
+
+# Version ranges: megatron-core >=0.17 needs Python >=3.12, so 0.16.1 is the floor (Python 3.11 hosts);
+# mosaicml-streaming 0.13.0 pins numpy<2.2 itself. `apex` on PyPI is an unrelated package: never list it.
+INSTALL_REQUIRES = [
+    "torch>=2.5",
+    "torchvision>=0.20",
+    "megatron-core>=0.16.1,<0.20",
+    "deepspeed>=0.16,<0.20",
+    "nvidia-dali-cuda130>=2.0,<3",
+    "mosaicml-streaming>=0.13,<0.14",
+    "pyyaml>=6.0",
+    "wandb>=0.18",
+    "tensorboard>=2.15",
+    "einops>=0.8",
+    "tqdm>=4.66",
+    "av>=12",
+    "matplotlib>=3.8",
+    "numpy",
+]
+
+EXTRAS_REQUIRE = {
+    "dev": ["pytest>=8", "scipy>=1.11"],
+    # Optional accelerators, GPU hosts only; both build against the local CUDA toolkit.
+    "flash": ["flash-attn>=2.6"],
+    "te": ["transformer-engine[pytorch]>=2.0"],
+}
+
+setup(
+    name="videoar-megatron",
+    version="0.1.0",
+    description="Distributed pretraining stack for VideoAR: next-frame, next-scale video generation",
+    packages=find_packages(include=["videoar_megatron*", "tokenizer*", "data_prep*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["videoar=videoar_megatron.cli:main"]},
+)

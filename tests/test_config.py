@@ -1,0 +1,134 @@
+"""Recipe loading: base chains, deep merge, strict keys and types, --set overrides, round trip."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from videoar_megatron.common.config import (ConfigError, field_docs, iter_fields, load_config,
+                                            save_resolved_config)
+
+
+@dataclass(kw_only=True)
+class OptimCfg:
+    lr: float = 1e-4
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass(kw_only=True)
+class ModelCfg:
+    layers: int = 2
+    """Transformer layers."""
+    scales: list[list[int]] = field(default_factory=lambda: [[1, 1], [2, 2]])
+    """Scale schedule."""
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    """Normalisation."""
+    text_encoder: str | None = None
+    """Optional path."""
+
+
+@dataclass(kw_only=True)
+class RunCfg:
+    name: str = "run"
+    """Run name."""
+    model: ModelCfg = field(default_factory=ModelCfg)
+    """Model section."""
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    """Optimizer section."""
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_base_chain_deep_merge(tmp_path):
+    write(tmp_path / "a.yaml", "name: a\nmodel: {layers: 4, norm: layernorm}\noptim: {lr: 0.1}\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\nmodel: {layers: 6}\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    write(sub / "c.yaml", "base: ../b.yaml\nname: c\noptim: {betas: [0.8, 0.9]}\n")
+    cfg = load_config(RunCfg, sub / "c.yaml")
+    assert cfg.name == "c"
+    assert cfg.model.layers == 6                       # from b, over a
+    assert cfg.model.norm == "layernorm"               # kept from a by the deep merge
+    assert cfg.optim.lr == 0.1 and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.model.scales == [[1, 1], [2, 2]]        # dataclass default
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    write(tmp_path / "base.yaml", "model: {layres: 3}\n")
+    child = write(tmp_path / "child.yaml", "base: base.yaml\nname: x\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(RunCfg, child)
+    msg = str(e.value)
+    assert "model.layres" in msg and str(tmp_path / "base.yaml") in msg and "layers" in msg
+
+
+@pytest.mark.parametrize("text,key", [
+    ("model: {layers: 2.5}\n", "model.layers"),
+    ("model: {layers: true}\n", "model.layers"),
+    ("optim: {lr: fast}\n", "optim.lr"),
+    ("model: {norm: batchnorm}\n", "model.norm"),
+    ("optim: {betas: [0.9]}\n", "optim.betas"),
+    ("model: 3\n", "model"),
+    ("model: {scales: [[1, x]]}\n", "model.scales[0][1]"),
+])
+def test_wrong_type_names_key_and_file(tmp_path, text, key):
+    path = write(tmp_path / "r.yaml", text)
+    with pytest.raises(ConfigError) as e:
+        load_config(RunCfg, path)
+    assert f"'{key}'" in str(e.value) and str(path) in str(e.value)
+
+
+def test_post_init_check_names_section_and_file(tmp_path):
+    path = write(tmp_path / "r.yaml", "optim: {lr: -1}\n")
+    with pytest.raises(ConfigError, match=r"'optim': lr must be > 0.*r\.yaml"):
+        load_config(RunCfg, path)
+
+
+def test_set_overrides_with_same_checks(tmp_path):
+    path = write(tmp_path / "r.yaml", "model: {layers: 4}\n")
+    cfg = load_config(RunCfg, path, ["model.layers=8", "optim.lr=3e-4", "model.text_encoder=/x/t5",
+                                     "model.scales=[[1,1],[3,3]]"])
+    assert cfg.model.layers == 8 and cfg.optim.lr == 3e-4 and cfg.model.text_encoder == "/x/t5"
+    assert cfg.model.scales == [[1, 1], [3, 3]]
+    with pytest.raises(ConfigError, match=r"unknown key 'model.nope'.*--set model.nope=1"):
+        load_config(RunCfg, path, ["model.nope=1"])
+    with pytest.raises(ConfigError, match=r"'model.layers' must be an integer.*--set model.layers=many"):
+        load_config(RunCfg, path, ["model.layers=many"])
+    with pytest.raises(ConfigError, match="KEY.PATH=VALUE"):
+        load_config(RunCfg, path, ["model.layers"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    path = write(tmp_path / "r.yaml", "name: rt\nmodel: {layers: 5, scales: [[1, 2], [3, 4]]}\n")
+    cfg = load_config(RunCfg, path, ["optim.betas=[0.5, 0.6]"])
+    saved = save_resolved_config(cfg, tmp_path / "run")
+    assert load_config(RunCfg, saved) == cfg
+
+
+def test_base_cycle_is_an_error(tmp_path):
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(RunCfg, tmp_path / "a.yaml")
+
+
+def test_missing_recipe_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="recipe file not found.*nothere.yaml"):
+        load_config(RunCfg, tmp_path / "nothere.yaml")
+
+
+def test_field_docs_are_read_from_source():
+    docs = field_docs(RunCfg)
+    assert docs["model"] == "Model section."
+    keys = {k: doc for k, _, _, doc in iter_fields(RunCfg)}
+    assert keys["optim.lr"] == "Peak learning rate." and keys["model.norm"] == "Normalisation."

@@ -1,0 +1,45 @@
+"""The ``videoar`` command: one console script, one subcommand per stage.
+
+Dispatch is two-stage so that ``videoar --help`` stays instant: the top level only knows each
+subcommand's module and one-line summary; the chosen module builds its own parser (with every knob
+explained) and runs. Entry-point modules parse, build, run and clean up; the library has no argparse.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name → (module with `main(argv, prog)`, summary). Add a subcommand only when it works.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("videoar_megatron.cli.synth", "write a synthetic class-labelled video corpus (PyAV)"),
+}
+
+
+def _top_level_parser() -> argparse.ArgumentParser:
+    lines = [f"  {name:<12} {summary}" for name, (_, summary) in SUBCOMMANDS.items()]
+    return argparse.ArgumentParser(
+        prog="videoar",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="videoar-megatron: distributed pretraining stack for VideoAR "
+                    "(next-frame, next-scale video generation).",
+        epilog="commands:\n" + "\n".join(lines) + "\n\nRun `videoar COMMAND --help` for a command's options.",
+        usage="videoar COMMAND [options]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        _top_level_parser().print_help()
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        _top_level_parser().print_usage(sys.stderr)
+        print(f"videoar: unknown command '{name}'; choose from: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest, prog=f"videoar {name}") or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
