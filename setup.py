@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "av>=12",
     "matplotlib>=3.8",
     "numpy",
+    "safetensors>=0.4",
 ]
 
 EXTRAS_REQUIRE = {

@@ -1,0 +1,2 @@
+"""3D causal multi-scale BSQ video tokenizer (VideoAR §4.1)."""
+from tokenizer.checkpoint import load_tokenizer, save_tokenizer  # noqa: F401
