@@ -1,0 +1,109 @@
+"""Reshardable AR checkpoints on Megatron ``dist_checkpointing``, committed by a marker written last.
+
+Layout under the run's checkpoint root::
+
+    step_00001000/            one checkpoint
+        (dist_checkpointing files: metadata.json, common.pt, *.distcp)
+        train_state.json      step, consumed samples, data-loader state, logger run id, layout
+        COMMITTED             written last, by rank 0, after every rank finished writing
+    latest is found by the markers, never by modification times.
+
+Design decision: on CUDA the stock ``torch_dist`` strategy is used. On CPU it cannot be: its writer
+pre-loads tensors with ``non_blocking=True`` and then calls ``torch.cuda.synchronize()``, and its
+worker processes re-import the launching script. :class:`SyncTorchDistSaveStrategy` writes the same
+``torch_dist`` format with PyTorch's synchronous ``FileSystemWriter`` and Megatron's own planner, so
+checkpoints from CPU and GPU runs are interchangeable and load through the same code.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
+from torch.distributed import checkpoint as torch_dcp
+
+from videoar_megatron.common.atomic import (atomic_write_json, committed_steps, is_committed,
+                                            latest_committed, mark_committed, prune_keep_last,
+                                            step_dir_name)
+from videoar_megatron.common.distributed import DistContext
+
+TRAIN_STATE_FILE = "train_state.json"
+
+
+class SyncTorchDistSaveStrategy(SaveShardedStrategy):
+    """``torch_dist`` format written synchronously (works on CPU/gloo as well as on CUDA)."""
+
+    def __init__(self):
+        super().__init__("torch_dist", 1)
+
+    def save(self, sharded_state_dict, checkpoint_dir):
+        sharded, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
+        pyt_state_dict = mcore_to_pyt_state_dict(sharded, False)
+        writer = torch_dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1)
+        torch_dcp.save(pyt_state_dict, storage_writer=writer,
+                       planner=MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
+
+    def can_handle_sharded_objects(self) -> bool:
+        return True
+
+
+def save_strategy(device: torch.device):
+    return None if device.type == "cuda" else SyncTorchDistSaveStrategy()
+
+
+def save_checkpoint(root: str | Path, step: int, sharded_state_dict: dict, train_state: dict,
+                    ctx: DistContext, keep_last: int = 0) -> Path:
+    """Save a sharded state dict plus ``train_state`` (rank 0's JSON) and commit it."""
+    path = Path(root) / step_dir_name(step)
+    if ctx.is_main:
+        if path.exists():  # a crash left an uncommitted (or an older) directory for this step
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+    ctx.barrier()
+    dist_checkpointing.save(sharded_state_dict, str(path), sharded_strategy=save_strategy(ctx.device))
+    ctx.barrier()
+    if ctx.is_main:
+        atomic_write_json(path / TRAIN_STATE_FILE, train_state)
+        mark_committed(path, {"step": step})
+        prune_keep_last(root, keep_last)
+    ctx.barrier()
+    return path
+
+
+def load_checkpoint(path: str | Path, sharded_state_dict: dict) -> tuple[dict, dict]:
+    """Load into the layout described by ``sharded_state_dict``; returns (state dict, train_state)."""
+    path = Path(path)
+    if not is_committed(path):
+        raise RuntimeError(f"{path} is not a committed checkpoint (no COMMITTED marker)")
+    state = dist_checkpointing.load(sharded_state_dict, str(path))
+    train_state = json.loads((path / TRAIN_STATE_FILE).read_text())
+    return state, train_state
+
+
+def read_train_state(path: str | Path) -> dict:
+    return json.loads((Path(path) / TRAIN_STATE_FILE).read_text())
+
+
+def find_resume_checkpoint(root: str | Path) -> Path | None:
+    """The newest committed checkpoint under ``root`` (uncommitted directories are ignored)."""
+    return latest_committed(root)
+
+
+def checkpoint_steps(root: str | Path) -> list[int]:
+    return committed_steps(root)
+
+
+def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    """All ranks' ``obj`` on every rank (for small per-rank state like data-loader positions)."""
+    if ctx.world_size == 1 or not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
