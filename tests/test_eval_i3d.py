@@ -15,14 +15,18 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWa
 
 
 def random_i3d(seed: int = 0) -> InceptionI3d:
-    """Random weights and random BatchNorm statistics (so a lost running_var would show)."""
+    """Random weights that keep activations alive through 60 layers (PyTorch's default conv init
+    shrinks them until every clip gets the same features), and random BatchNorm statistics (so a
+    lost running_var would show)."""
     torch.manual_seed(seed)
     net = InceptionI3d()
     for m in net.modules():
+        if isinstance(m, torch.nn.Conv3d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
         if isinstance(m, torch.nn.BatchNorm3d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
+            m.running_mean.uniform_(-0.05, 0.05)
+            m.running_var.uniform_(0.8, 1.2)
+            m.weight.data.uniform_(0.8, 1.2)
     return net.eval()
 
 
@@ -48,7 +52,7 @@ def test_clips_map_to_400_logits_and_1024_pool_features(eager_out):
     logits, pool = eager_out
     assert logits.shape == (2, 400) and pool.shape == (2, 1024)
     assert torch.isfinite(logits).all() and torch.isfinite(pool).all()
-    assert not torch.allclose(logits[0], logits[1])  # the two clips are told apart
+    assert (logits[0] - logits[1]).abs().max() > 1e-3  # the two clips are told apart
     assert (pool >= 0).all()  # average of ReLU outputs
 
 

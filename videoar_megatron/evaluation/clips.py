@@ -78,7 +78,7 @@ class ManifestClipSource:
     def identity(self) -> dict:
         s = self.sampling
         return {"source": "manifest", "manifest": str(self.manifest.resolve()), "manifest_sha256": self._manifest_sha,
-                "num_frames": s.num_frames, "fps": s.target_fps, "clips_per_video": s.clips_per_video,
+                "num_frames": s.num_frames, "fps": float(s.target_fps), "clips_per_video": s.clips_per_video,
                 "height": s.height, "width": s.width, "resize": "dali not_smaller antialias + centre crop"}
 
     def class_labels(self) -> np.ndarray:

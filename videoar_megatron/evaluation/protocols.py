@@ -267,7 +267,7 @@ def real_cache_fields(cfg: FVDProtocolConfig, source: RealClipSource, extractor:
                       real_set: int) -> dict:
     """Everything that determines a real set's statistics."""
     return {"kind": "fvd_real", "version": 1, "source": source.identity(), "extractor": extractor.identity(),
-            "num_frames": cfg.num_frames, "resolution": cfg.resolution, "fps": cfg.fps,
+            "num_frames": cfg.num_frames, "resolution": cfg.resolution, "fps": float(cfg.fps),
             "label_source": cfg.label_source, "real_set": cfg.real_set, "seed": cfg.seed,
             "count": cfg.real_count, "num_sets": 1 if cfg.real_set == "shared" else cfg.num_folds,
             "set_index": real_set,

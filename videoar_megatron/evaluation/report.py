@@ -48,14 +48,18 @@ def _fmt(x: float, digits: int = 1) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def _extractor_note(identity: dict) -> str:
+    sha = identity.get("weights_sha256", "")[:12]
+    return f"I3D {identity.get('backend', identity.get('network', '?'))} {sha}, resize {identity.get('resize', '?')}"
+
+
 def fvd_markdown(result: dict) -> str:
     """Markdown table: our gFVD (mean ± std over folds) above the published rows."""
     proto = result["protocol"]
     ours = _fmt(result["mean"]) + (f" ± {_fmt(result['std'])}" if result["num_folds"] > 1 else "")
     setting = (f"{proto['name']}: {proto['num_frames']} fr, {proto['resolution']}², "
                f"{result['num_samples']} x {result['num_folds']} fold(s), labels {proto['label_source']}, "
-               f"I3D {result['extractor']['backend']} {result['extractor']['weights_sha256'][:12]}, "
-               f"resize {result['extractor']['resize']}")
+               f"{_extractor_note(result['extractor'])}")
     rows = [f"| **ours** | | **{ours}** | {setting} |"]
     rows += [f"| {p.method} | {p.params} | {_fmt(p.value)} | {p.note} |" for p in PUBLISHED_GFVD]
     per_fold = ", ".join(_fmt(v, 2) for v in result["fvd_per_fold"])
@@ -66,8 +70,7 @@ def fvd_markdown(result: dict) -> str:
 
 def recon_markdown(result: dict) -> str:
     """Markdown table: our rFVD / PSNR / SSIM above the published rFVD rows."""
-    setting = (f"{result['num_clips']} held-out clips, I3D {result['extractor']['backend']} "
-               f"{result['extractor']['weights_sha256'][:12]}, resize {result['extractor']['resize']}")
+    setting = f"{result['num_clips']} held-out clips, {_extractor_note(result['extractor'])}"
     rows = [f"| **ours** | | **{_fmt(result['rfvd'])}** | {_fmt(result['psnr'], 2)} | "
             f"{_fmt(result['ssim'], 4)} | {setting} |"]
     rows += [f"| {p.method} | {p.params} | {_fmt(p.value)} | | | {p.note} |" for p in PUBLISHED_RFVD]
