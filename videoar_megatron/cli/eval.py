@@ -45,7 +45,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
              "rfvd": "rFVD, PSNR and SSIM of a tokenizer on data.heldout_manifest",
              "real-stats": "compute and cache the real-set statistics of recipe.protocol"}
     for name, help_text in specs.items():
-        s = sub.add_parser(name, help=help_text, description=help_text)
+        s = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog=f"Recipe knobs: see `{prog} --help`.")
         s.add_argument("--recipe", required=True, help="evaluation recipe (e.g. recipes/eval/ucf101_fvd.yaml)")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe knob (repeatable), e.g. --set protocol.num_samples=2000")
