@@ -89,6 +89,15 @@ def test_distance_grows_with_mean_shift():
         assert fd == pytest.approx(expected, rel=1e-10)
 
 
+def test_a_tiny_imaginary_part_from_rounding_is_dropped():
+    # A covariance with an eigenvalue of -1e-12 (rounding in a real run) makes sqrtm complex with
+    # an imaginary diagonal of 1e-6: below the 1e-3 bound, so the real part is used.
+    mu = np.zeros(2)
+    rounded = np.diag([1.0, -1e-12])
+    fd = frechet_distance(mu, rounded, mu, np.eye(2), method="sqrtm")
+    assert isinstance(fd, float) and fd == pytest.approx(1.0, abs=1e-9)  # (1 + 0) + 2 - 2·(1 + 0)
+
+
 def test_a_degenerate_covariance_with_a_large_imaginary_root_is_an_error():
     mu = np.zeros(2)
     not_psd = np.diag([-1.0, 1.0])  # sqrtm gives i on the diagonal: not a covariance

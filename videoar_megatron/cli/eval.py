@@ -68,7 +68,8 @@ def _decode_device(cfg: EvalConfig, ctx: DistContext) -> tuple[str, int]:
     return choice, (ctx.device.index or 0) if ctx.device.type == "cuda" else 0
 
 
-def clip_source(cfg: EvalConfig, ctx: DistContext, manifest: str, clips_per_video: int, knob: str) -> ManifestClipSource:
+def clip_source(cfg: EvalConfig, ctx: DistContext, manifest: str, clips_per_video: int,
+                knob: str) -> ManifestClipSource:
     if not manifest:
         raise ConfigError(f"{knob} is empty: set it to a CSV/JSONL manifest with class labels")
     device, device_id = _decode_device(cfg, ctx)

@@ -90,7 +90,8 @@ def _json_safe(obj):
     return obj
 
 
-def write_report(out_dir: str | Path, name: str, result: dict, markdown: str, extra: dict | None = None) -> tuple[Path, Path]:
+def write_report(out_dir: str | Path, name: str, result: dict, markdown: str,
+                 extra: dict | None = None) -> tuple[Path, Path]:
     """Write ``<name>.json`` and ``<name>.md`` into ``out_dir`` (atomically); returns both paths."""
     out = Path(out_dir)
     published = PUBLISHED_GFVD if name.startswith("fvd") else PUBLISHED_RFVD
