@@ -1,0 +1,108 @@
+"""``videoar eval`` end to end on CPU: a synthetic VP9 corpus decoded by DALI, a random-weight I3D
+written to disk, real statistics computed then read back from the cache; rFVD through a real
+tokenizer checkpoint where the tokenizer package provides ``load_tokenizer``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_prep.synth import make_corpus
+from test_eval_i3d import random_i3d
+from videoar_megatron.cli.eval import main
+from videoar_megatron.common.distributed import DistContext
+from videoar_megatron.evaluation.clips import ManifestClipSource
+from videoar_megatron.evaluation.fvd import FeatureStats, RealStatsCache
+from videoar_megatron.evaluation.i3d import FeatureExtractorConfig, load_feature_extractor
+from videoar_megatron.evaluation.protocols import FVDPlan, FVDProtocolConfig, real_cache_fields
+
+TINY = Path(__file__).resolve().parents[1] / "recipes" / "eval" / "tiny.yaml"
+SINGLE = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"),
+                     backend="gloo")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    manifest = make_corpus(root, num=6, classes=3, codec="vp9", frames=17, size=(64, 64), fps=8, seed=0)
+    weights = root / "rgb_imagenet.pt"
+    torch.save(random_i3d(seed=3).state_dict(), weights)
+    return manifest, weights
+
+
+def overrides(corpus, cache: Path) -> list[str]:
+    manifest, weights = corpus
+    sets = {"data.train_manifest": manifest, "data.heldout_manifest": manifest, "extractor.weights": weights,
+            "cache_dir": cache, "protocol.num_samples": 3}
+    return [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+
+
+def test_help_explains_every_knob(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for knob in ("protocol.num_samples", "protocol.label_source", "extractor.weights", "extractor.resize",
+                 "data.clips_per_video", "recon.num_clips"):
+        assert knob in text
+    assert "fvd" in text and "rfvd" in text and "real-stats" in text
+
+
+def test_real_stats_are_computed_once_then_read_from_the_cache(corpus, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert main(["real-stats", "--recipe", str(TINY), *overrides(corpus, cache)]) == 0
+    assert capsys.readouterr().out.count(": computed ") == 2            # tiny: 2 folds, a real set each
+    files = sorted(cache.glob("real_*.npz"))
+    assert len(files) == 2
+    assert main(["real-stats", "--recipe", str(TINY), *overrides(corpus, cache)]) == 0
+    assert capsys.readouterr().out.count(": cached ") == 2
+
+    # The cached statistics are those of the plan's clips, decoded and pushed through the I3D.
+    manifest, weights = corpus
+    cfg = FVDProtocolConfig(name="tiny", num_frames=9, resolution=64, fps=0, num_samples=3, num_folds=2, batch_size=4)
+    source = ManifestClipSource(manifest, num_frames=9, resolution=64, fps=0, clips_per_video=2)
+    extractor = load_feature_extractor(FeatureExtractorConfig(weights=str(weights), batch_size=4))
+    clips = source.load(FVDPlan(cfg, source).real_indices(0))
+    assert clips.shape == (3, 3, 9, 64, 64) and clips.dtype == torch.uint8
+    direct = FeatureStats(400)
+    direct.update(extractor(clips))
+    cached = RealStatsCache(cache).load(real_cache_fields(cfg, source, extractor, 0))
+    assert cached.n == 3
+    np.testing.assert_allclose(cached.mean_cov()[0], direct.mean_cov()[0], rtol=1e-10)
+
+
+def test_fvd_refuses_until_the_sampler_is_wired(corpus, tmp_path):
+    with pytest.raises(SystemExit, match="issue 8"):
+        main(["fvd", "--recipe", str(TINY), "--checkpoint", str(tmp_path), "--out", str(tmp_path / "out"),
+              *overrides(corpus, tmp_path / "cache")])
+
+
+def test_missing_i3d_weights_stop_the_command_with_the_expected_file(corpus, tmp_path):
+    args = overrides(corpus, tmp_path / "cache") + ["--set", f"extractor.weights={tmp_path / 'i3d_torchscript.pt'}"]
+    with pytest.raises(SystemExit, match="I3D weights not found.*i3d_torchscript.pt.*rgb_imagenet.pt"):
+        main(["real-stats", "--recipe", str(TINY), *args])
+
+
+def test_rfvd_of_a_tokenizer_checkpoint_writes_the_reports(corpus, tmp_path):
+    tokenizer = pytest.importorskip("tokenizer")
+    if not hasattr(tokenizer, "load_tokenizer"):
+        pytest.skip("tokenizer.load_tokenizer (issue 4) is not in this build")
+    from tokenizer.config import TokenizerModelConfig
+    from tokenizer.model import VideoTokenizer
+
+    torch.manual_seed(0)
+    tok_dir = tmp_path / "tokenizer"
+    tokenizer.save_tokenizer(VideoTokenizer(TokenizerModelConfig()), tok_dir)
+    out = tmp_path / "out"
+    assert main(["rfvd", "--recipe", str(TINY), "--tokenizer", str(tok_dir), "--out", str(out),
+                 *overrides(corpus, tmp_path / "cache"), "--set", "recon.num_clips=3"]) == 0
+    report = json.loads((out / "rfvd_report.json").read_text())
+    result = report["result"]
+    assert result["num_clips"] == 3 and np.isfinite(result["rfvd"]) and result["rfvd"] > 1e-3
+    assert 0 < result["psnr"] < 100 and -1 <= result["ssim"] <= 1
+    assert report["tokenizer"]["content_hash"] == tokenizer.checkpoint.read_tokenizer_hash(tok_dir)
+    assert "VideoAR-L tokenizer (paper)" in (out / "rfvd_report.md").read_text()
+    assert (out / "config.yaml").is_file()

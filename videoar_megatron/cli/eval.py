@@ -1,0 +1,165 @@
+"""``videoar eval``: gFVD of a VideoAR checkpoint, tokenizer reconstruction (rFVD/PSNR/SSIM), and
+the real-set statistics both reuse.
+
+Parse → build → run → close; the work is in ``videoar_megatron.evaluation``. Launch with ``torchrun``
+to spread generation, decoding and I3D features over ranks; rank 0 writes ``<out>/config.yaml``, the
+JSON report and a Markdown table next to the paper's numbers.
+
+Not yet registered in ``videoar_megatron.cli.SUBCOMMANDS``: ``fvd`` waits for the sampler (issue 8,
+see :func:`load_generator`) and ``rfvd`` for ``tokenizer.load_tokenizer`` (issue 4).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from videoar_megatron.common.config import ConfigError, iter_fields, load_config, save_resolved_config
+from videoar_megatron.common.distributed import DistContext, init_distributed, shutdown_distributed
+from videoar_megatron.evaluation.clips import ManifestClipSource
+from videoar_megatron.evaluation.config import EvalConfig
+from videoar_megatron.evaluation.fvd import RealStatsCache
+from videoar_megatron.evaluation.i3d import I3DWeightsError, load_feature_extractor
+from videoar_megatron.evaluation.protocols import GenerateFn, compute_real_stats, run_fvd_protocol
+from videoar_megatron.evaluation.recon import evaluate_reconstruction, tokenizer_reconstruct
+from videoar_megatron.evaluation.report import fvd_markdown, recon_markdown, write_report
+
+
+def _knobs_epilog() -> str:
+    lines = ["recipe knobs (set in the YAML or with --set KEY=VALUE):"]
+    for key, _tp, default, doc in iter_fields(EvalConfig):
+        lines.append(f"  {key} (default {default!r})\n      {' '.join(doc.split())}")
+    return "\n".join(lines)
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="FVD with the Kinetics-400 I3D (weights from a local path), gFVD protocols "
+                    "(MAGVIT-v2/NBP folds or a single run), tokenizer rFVD/PSNR/SSIM.",
+        epilog=_knobs_epilog())
+    sub = p.add_subparsers(dest="command", required=True, metavar="{fvd,rfvd,real-stats}")
+    specs = {"fvd": "gFVD of an AR checkpoint under recipe.protocol (needs the sampler)",
+             "rfvd": "rFVD, PSNR and SSIM of a tokenizer on data.heldout_manifest",
+             "real-stats": "compute and cache the real-set statistics of recipe.protocol"}
+    for name, help_text in specs.items():
+        s = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog=f"Recipe knobs: see `{prog} --help`.")
+        s.add_argument("--recipe", required=True, help="evaluation recipe (e.g. recipes/eval/ucf101_fvd.yaml)")
+        s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe knob (repeatable), e.g. --set protocol.num_samples=2000")
+        s.add_argument("--out", required=name != "real-stats",
+                       help="output directory for config.yaml and the reports")
+    sub.choices["fvd"].add_argument("--checkpoint", required=True, help="VideoAR AR checkpoint directory")
+    sub.choices["rfvd"].add_argument("--tokenizer", required=True, help="tokenizer checkpoint directory")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# Builders.
+# ----------------------------------------------------------------------------------------------
+
+def _decode_device(cfg: EvalConfig, ctx: DistContext) -> tuple[str, int]:
+    choice = cfg.data.decode_device
+    if choice == "auto":
+        choice = "gpu" if ctx.device.type == "cuda" else "cpu"
+    return choice, (ctx.device.index or 0) if ctx.device.type == "cuda" else 0
+
+
+def clip_source(cfg: EvalConfig, ctx: DistContext, manifest: str, clips_per_video: int,
+                knob: str) -> ManifestClipSource:
+    if not manifest:
+        raise ConfigError(f"{knob} is empty: set it to a CSV/JSONL manifest with class labels")
+    device, device_id = _decode_device(cfg, ctx)
+    return ManifestClipSource(manifest, num_frames=cfg.protocol.num_frames, resolution=cfg.protocol.resolution,
+                              fps=cfg.protocol.fps, clips_per_video=clips_per_video, decode_device=device,
+                              device_id=device_id, batch_size=cfg.data.decode_batch_size,
+                              num_threads=cfg.data.decode_threads)
+
+
+def load_generator(checkpoint: str, cfg: EvalConfig, ctx: DistContext) -> GenerateFn:
+    """INTEGRATION POINT (issue 8): build the VideoAR sampler from ``checkpoint`` and return
+    ``generate(labels_B, sample_ids_B) -> videos (B, 3, protocol.num_frames, protocol.resolution,
+    protocol.resolution)`` in [-1, 1] on ``ctx.device``, seeding each sample from its id so results
+    do not depend on the world size. Until the sampler lands this refuses to run."""
+    raise NotImplementedError(
+        "videoar eval fvd needs the VideoAR sampler (issue 8), which is not in this build yet; "
+        "wire it in videoar_megatron/cli/eval.py:load_generator. `videoar eval real-stats` works now.")
+
+
+def load_tokenizer_for_eval(path: str, device: torch.device):
+    """``tokenizer.load_tokenizer`` (issue 4): an object with encode / quantizer / decode."""
+    try:
+        from tokenizer import load_tokenizer
+    except ImportError as e:
+        raise SystemExit(f"videoar eval rfvd needs tokenizer.load_tokenizer (issue 4), not in this build: {e}")
+    return load_tokenizer(path, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands.
+# ----------------------------------------------------------------------------------------------
+
+def run_real_stats(args, cfg: EvalConfig, ctx: DistContext) -> int:
+    extractor = load_feature_extractor(cfg.extractor, ctx.device)
+    source = clip_source(cfg, ctx, cfg.data.train_manifest, cfg.data.clips_per_video, "data.train_manifest")
+    done = compute_real_stats(cfg.protocol, source=source, extractor=extractor, ctx=ctx,
+                              cache=RealStatsCache(cfg.cache_dir), progress=cfg.progress)
+    if ctx.is_main:
+        for k, (hit, path) in enumerate(done):
+            print(f"real set {k}: {'cached' if hit else 'computed'} {path}")
+        for path, reason in source.rejects:
+            print(f"rejected {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+def run_fvd(args, cfg: EvalConfig, ctx: DistContext) -> int:
+    generate = load_generator(args.checkpoint, cfg, ctx)
+    extractor = load_feature_extractor(cfg.extractor, ctx.device)
+    source = clip_source(cfg, ctx, cfg.data.train_manifest, cfg.data.clips_per_video, "data.train_manifest")
+    result = run_fvd_protocol(cfg.protocol, generate=generate, source=source, extractor=extractor, ctx=ctx,
+                              cache=RealStatsCache(cfg.cache_dir), progress=cfg.progress).to_dict()
+    if ctx.is_main:
+        save_resolved_config(cfg, args.out)
+        paths = write_report(args.out, "fvd_report", result, fvd_markdown(result),
+                             extra={"checkpoint": str(Path(args.checkpoint).resolve()), "rejects": source.rejects})
+        print(f"gFVD {result['mean']:.2f} ± {result['std']:.2f} → {paths[0]}, {paths[1]}")
+    return 0
+
+
+def run_rfvd(args, cfg: EvalConfig, ctx: DistContext) -> int:
+    tokenizer = load_tokenizer_for_eval(args.tokenizer, ctx.device)
+    extractor = load_feature_extractor(cfg.extractor, ctx.device)
+    source = clip_source(cfg, ctx, cfg.data.heldout_manifest, cfg.data.heldout_clips_per_video,
+                         "data.heldout_manifest")
+    result = evaluate_reconstruction(cfg.recon, reconstruct=tokenizer_reconstruct(tokenizer), source=source,
+                                     extractor=extractor, ctx=ctx, progress=cfg.progress).to_dict()
+    if ctx.is_main:
+        save_resolved_config(cfg, args.out)
+        extra = {"tokenizer": {"path": str(Path(args.tokenizer).resolve()),
+                               "content_hash": getattr(tokenizer, "content_hash", "")},
+                 "rejects": source.rejects}
+        paths = write_report(args.out, "rfvd_report", result, recon_markdown(result), extra=extra)
+        print(f"rFVD {result['rfvd']:.2f}, PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f} "
+              f"→ {paths[0]}, {paths[1]}")
+    return 0
+
+
+COMMANDS = {"fvd": run_fvd, "rfvd": run_rfvd, "real-stats": run_real_stats}
+
+
+def main(argv: list[str], prog: str = "videoar eval") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        cfg = load_config(EvalConfig, args.recipe, args.set)
+    except ConfigError as e:
+        raise SystemExit(f"{prog}: {e}")
+    ctx = init_distributed(device=cfg.device)
+    try:
+        return COMMANDS[args.command](args, cfg, ctx)
+    except (I3DWeightsError, ConfigError, NotImplementedError) as e:
+        raise SystemExit(f"{prog} {args.command}: {e}")
+    finally:
+        shutdown_distributed()
