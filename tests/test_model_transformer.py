@@ -103,11 +103,15 @@ def test_padded_caption_features_do_not_leak(groups):
 
 
 @pytest.mark.parametrize("kind", ["class", "text_tokens", "text_features", "none"])
-def test_parameter_count_matches_the_built_model(groups, kind):
+def test_every_condition_kind_runs_and_counts_its_parameters(groups, kind):
     cfg = make_cfg(condition={"kind": kind, "vocab_size": 50, "text_len": 4, "feature_dim": 12},
                    num_query_groups=2)
     model = model_of(cfg, groups)
     assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg)["total"]
+    cond = {"class": torch.tensor([1, 2]), "text_tokens": torch.randint(0, 50, (2, 4)),
+            "text_features": torch.randn(2, 4, 12), "none": None}[kind]
+    batch = make_batch(cfg, cond=cond)  # kind none: the default labels are ignored
+    bit_loss(model(batch), batch.targets_BNd, batch.layout, cfg.loss).loss.backward()
 
 
 def test_named_sizes_are_near_the_paper():
@@ -152,3 +156,21 @@ def test_config_errors_name_the_knob():
         build_dataclass(ModelConfig, {"mask": {"rfm_p_mask": 1.5}})
     with pytest.raises(ValueError, match="size=custom needs"):
         ModelConfig(size="custom")
+
+
+@pytest.mark.parametrize("window", [0, 1])
+def test_kv_cached_steps_equal_the_teacher_forced_forward(groups, window):
+    """Sampling's path: prefix, then one forward per (frame, scale) writing into the KV cache."""
+    from videoar_megatron.model.attention import KVCache
+    cfg = make_cfg(mask={"rfm_window": window, "rfm_p_mask": 0.0},
+                   condition={"kind": "class", "tokens_per_class": 2}, num_query_groups=2)
+    model = model_of(cfg, groups).eval()
+    batch = make_batch(cfg, training=False, frames=3)
+    layout = batch.layout
+    with torch.no_grad():
+        full = model(batch)
+        cache = KVCache(layout.seq_len)
+        assert model(batch, kv_cache=cache, positions=slice(0, layout.prefix_len)).shape[1] == 0
+        steps = [model(batch, kv_cache=cache, positions=layout.step_slice(t, k))
+                 for t in range(layout.frames) for k in range(layout.num_scales)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
