@@ -21,6 +21,7 @@ import functools
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
@@ -51,6 +52,7 @@ class VideoARModel(MegatronModule):
     def __init__(self, cfg: ModelConfig, config: TransformerConfig, pg_collection: ProcessGroupCollection, *,
                  pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None):
         super().__init__(config=config)
+        self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
         self.cfg, self.pg_collection = cfg, pg_collection
         self.pre_process, self.post_process = pre_process, post_process
         self.tp_size = pg_collection.tp.size()
