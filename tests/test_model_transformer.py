@@ -174,3 +174,14 @@ def test_kv_cached_steps_equal_the_teacher_forced_forward(groups, window):
         steps = [model(batch, kv_cache=cache, positions=layout.step_slice(t, k))
                  for t in range(layout.frames) for k in range(layout.num_scales)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_unconditional_branch_for_cfg(groups):
+    cfg = make_cfg(condition={"kind": "text_tokens", "vocab_size": 50, "text_len": 4})
+    model = model_of(cfg, groups).eval()
+    a = make_batch(cfg, training=False, cond=torch.randint(0, 50, (2, 4)), text_len_B=torch.tensor([1, 3]))
+    b = make_batch(cfg, training=False, cond=torch.randint(0, 50, (2, 4)), text_len_B=torch.tensor([4, 2]))
+    with torch.no_grad():
+        ua, ub = model(a.unconditional()), model(b.unconditional())
+        assert torch.equal(ua, ub)                         # captions (and their lengths) ignored
+        assert not torch.allclose(ua, model(a))

@@ -63,6 +63,11 @@ class VideoARBatch:
     def batch_size(self) -> int:
         return self.inputs_BNd.shape[0]
 
+    def unconditional(self) -> "VideoARBatch":
+        """The same batch with every sample's condition replaced by the learned null condition:
+        the unconditional branch of classifier-free guidance."""
+        return replace(self, cond_drop_B=torch.ones_like(self.cond_drop_B))
+
     def to(self, device: torch.device | str) -> "VideoARBatch":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()}
@@ -88,7 +93,10 @@ def _condition_fields(cfg: ModelConfig, B: int, cond, text_len_B, device) -> dic
     key = "text_ids_BP" if kind == "text_tokens" else "text_feat_BPD"
     out[key] = cond.to(device)
     if text_len_B is not None:
-        out["text_len_B"] = torch.as_tensor(text_len_B, dtype=torch.long, device=device).clamp(1, P)
+        lengths = torch.as_tensor(text_len_B, dtype=torch.long, device=device).reshape(B)
+        if lengths.min() < 1 or lengths.max() > P:
+            raise ValueError(f"caption lengths must be in [1, condition.text_len={P}], got {lengths.tolist()}")
+        out["text_len_B"] = lengths
     return out
 
 
