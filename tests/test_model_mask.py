@@ -129,3 +129,14 @@ def test_padded_caption_keys_are_invisible_and_rows_never_empty():
     assert not m[0, :, 1:4].any(dim=0)[4:].any()              # sample 0: text keys 1..3 masked for video
     assert m[1, 4:4 + 10, :4].all()                           # sample 1: every video token sees all text
     assert m.any(-1).all()
+
+
+def test_row_chunks_and_row_ranges_agree_with_the_whole_mask(monkeypatch):
+    import videoar_megatron.model.mask as mask_lib
+    layout = TokenLayout(2, ((1, 1), (2, 2), (3, 3)), 4, pad=1)
+    text_len = torch.tensor([1, 2])
+    vis = draw_frame_visibility(2, 4, window=2, p_mask=0.4, generator=torch.Generator().manual_seed(2))
+    whole = dense_mask(layout.tables(), vis, text_len)
+    monkeypatch.setattr(mask_lib, "DENSE_ROWS", 5)
+    assert torch.equal(dense_mask(layout.tables(), vis, text_len), whole)
+    assert torch.equal(dense_mask(layout.tables(), vis, text_len, 9, 23), whole[:, :, 9:23, :23])

@@ -26,6 +26,9 @@ import torch
 
 from videoar_megatron.model.layout import PAD, TEXT, VIDEO, LayoutTables
 
+DENSE_ROWS = 1024
+"""Query rows per chunk when building the dense mask."""
+
 
 def frame_visibility(keep_BTT: torch.Tensor, window: int = 0) -> torch.Tensor:
     """``frame_visible_BTT[b, t, t']``: earlier frame t' is in query frame t's context (Eq. 9):
@@ -82,9 +85,11 @@ def dense_mask(tables: LayoutTables, frame_visible_BTT: torch.Tensor, text_len_B
     kv_end = q_end if kv_end is None else kv_end
     device = tables.kind_S.device
     b = torch.arange(frame_visible_BTT.shape[0], device=device)[:, None, None]
-    q = torch.arange(q_start, q_end, device=device)[None, :, None]
     kv = torch.arange(kv_end, device=device)[None, None, :]
-    return mask_rule(b, q, kv, tables, frame_visible_BTT, text_len_B)[:, None]
+    # Row chunks bound the broadcast int64 index grids of the frame-table lookup (B x rows x KV).
+    chunks = [mask_rule(b, torch.arange(r, min(r + DENSE_ROWS, q_end), device=device)[None, :, None], kv,
+                        tables, frame_visible_BTT, text_len_B) for r in range(q_start, q_end, DENSE_ROWS)]
+    return torch.cat(chunks, dim=1)[:, None]
 
 
 def mask_mod(tables: LayoutTables, frame_visible_BTT: torch.Tensor, text_len_B: torch.Tensor):
