@@ -8,6 +8,7 @@ normalised to sum to one per sample; the batch loss is the mean over samples.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -31,20 +32,27 @@ class LossOutput:
 
 def token_weights(layout: TokenLayout, cfg: LossConfig, device=None) -> torch.Tensor:
     """Per-token weights ``(N,)`` of the video tokens, summing to one."""
+    weights = None if cfg.scale_weights is None else tuple(cfg.scale_weights)
+    return _token_weights(layout, cfg.scale_reweight, cfg.max_reweight, weights, str(device or "cpu"))
+
+
+@functools.lru_cache(maxsize=32)
+def _token_weights(layout: TokenLayout, reweight: int, cap: float, scale_weights, device: str) -> torch.Tensor:
     sizes = torch.tensor([h * w for h, w in layout.scales], dtype=torch.float64)
     per_scale = torch.ones_like(sizes)
-    if cfg.scale_reweight > 0:
-        per_scale = (sizes[-1] / sizes).pow(1.0 / (1 + cfg.scale_reweight)).clamp(max=cfg.max_reweight)
-    if cfg.scale_weights is not None:
-        if len(cfg.scale_weights) != len(sizes):
-            raise ValueError(f"loss.scale_weights has {len(cfg.scale_weights)} entries, the schedule "
+    if reweight > 0:
+        per_scale = (sizes[-1] / sizes).pow(1.0 / (1 + reweight)).clamp(max=cap)
+    if scale_weights is not None:
+        if len(scale_weights) != len(sizes):
+            raise ValueError(f"loss.scale_weights has {len(scale_weights)} entries, the schedule "
                              f"has {len(sizes)} scales")
-        per_scale = per_scale * torch.tensor(cfg.scale_weights, dtype=torch.float64)
+        per_scale = per_scale * torch.tensor(scale_weights, dtype=torch.float64)
     per_token = torch.repeat_interleave(per_scale, sizes.long()).repeat(layout.frames)
     return (per_token / per_token.sum()).float().to(device)
 
 
-def video_scale_ids(layout: TokenLayout, device=None) -> torch.Tensor:
+@functools.lru_cache(maxsize=32)
+def video_scale_ids(layout: TokenLayout, device: str = "cpu") -> torch.Tensor:
     """Scale index of each video token ``(N,)``."""
     sizes = torch.tensor([h * w for h, w in layout.scales])
     return torch.repeat_interleave(torch.arange(len(sizes)), sizes).repeat(layout.frames).to(device)
@@ -60,9 +68,11 @@ def bit_loss(logits_BNd: torch.Tensor, targets_BNd: torch.Tensor, layout: TokenL
     loss = (bce_BN * w_N).sum(-1).mean()
     with torch.no_grad():
         correct_BN = ((logits > 0) == targets_BNd.bool()).float().mean(-1)
-        scale_N = video_scale_ids(layout, logits.device)
+        scale_N = video_scale_ids(layout, str(logits.device))
         K = layout.num_scales
-        count_K = torch.bincount(scale_N, minlength=K).float() * logits.shape[0]
+        # Static counts (no bincount: its data-dependent size would sync the host every step).
+        sizes = [h * w * layout.frames * logits.shape[0] for h, w in layout.scales]
+        count_K = torch.tensor(sizes, dtype=torch.float32).to(logits.device, non_blocking=True)
         per_loss = torch.zeros(K, device=logits.device).index_add_(0, scale_N, bce_BN.sum(0)) / count_K
         per_acc = torch.zeros(K, device=logits.device).index_add_(0, scale_N, correct_BN.sum(0)) / count_K
     return LossOutput(loss=loss, per_scale_loss_K=per_loss, per_scale_acc_K=per_acc,
