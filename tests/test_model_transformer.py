@@ -197,3 +197,11 @@ def test_model_config_yaml_round_trip(tmp_path):
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.ffn_hidden_size) == (24, 1536, 12, 6144)
     assert cfg.rope.axis_split == (22, 21, 21) and cfg.prefix_len == 32
     assert load_config(ModelConfig, save_resolved_config(cfg, tmp_path / "run")) == cfg
+
+
+def test_sharded_state_dict_covers_every_parameter(groups):
+    """Megatron dist_checkpointing (reshardable checkpoints) sees every weight, ours included."""
+    cfg = make_cfg(condition={"kind": "text_features", "text_len": 4, "feature_dim": 12})
+    model = model_of(cfg, groups)
+    sharded = model.sharded_state_dict()
+    assert {name for name, _ in model.named_parameters()} <= set(sharded)
