@@ -1,0 +1,96 @@
+"""Attention forward+backward under the VideoAR mask: FlexAttention vs dense-mask SDPA vs causal SDPA.
+
+One run, two lengths (UCF-101: 650 video tokens + prefix; stage III: ~13.8k tokens). Every figure is
+printed next to the baseline measured in the same run (causal SDPA, i.e. flash attention on a plain
+causal mask of the same length) with the ratio; FlexAttention is also compared with dense-mask SDPA
+(the CPU path's kernel), and the per-step cost of building the BlockMask is reported (the Random
+Frame Mask is drawn per sample, so the block mask is rebuilt every step, once for all layers).
+
+    python benchmarks/bench_ar_attention.py [--layouts ucf,stage3] [--p-mask 0.0] [--window 0]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.ar_common import LAYOUTS, attended_pairs, attention_flops, cuda_time_ms, row  # noqa: E402
+from videoar_megatron.model.mask import (block_mask, compiled_flex_attention, dense_mask,  # noqa: E402
+                                         draw_frame_visibility)
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layouts", default="ucf,stage3", help="comma list of: " + ", ".join(LAYOUTS))
+    p.add_argument("--heads", type=int, default=12, help="attention heads (VideoAR-L: 12)")
+    p.add_argument("--head-dim", type=int, default=128, help="head dim (VideoAR-L: 1536/12 = 128)")
+    p.add_argument("--batch", default="ucf=16,stage3=1", help="samples per layout, e.g. ucf=16,stage3=1")
+    p.add_argument("--window", type=int, default=0, help="Random Frame Mask window (0 = unlimited)")
+    p.add_argument("--p-mask", type=float, default=0.0, help="Random Frame Mask drop probability")
+    p.add_argument("--iters", type=int, default=20, help="timed iterations (median reported)")
+    return p.parse_args(argv)
+
+
+def fwd_bwd(attn, q, k, v, grad):
+    def step():
+        out = attn(q, k, v)
+        torch.autograd.grad(out, (q, k, v), grad)
+    return step
+
+
+def bench_layout(name: str, batch: int, args) -> None:
+    layout = LAYOUTS[name]
+    S, H, D = layout.seq_len, args.heads, args.head_dim
+    tables = layout.tables("cuda")
+    vis = draw_frame_visibility(batch, layout.frames, window=args.window, p_mask=args.p_mask,
+                                generator=torch.Generator().manual_seed(0), device="cuda")
+    text_len = torch.full((batch,), layout.prefix_len, device="cuda")
+    q, k, v, grad = (torch.randn(batch, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+
+    build_ms = cuda_time_ms(lambda: block_mask(tables, vis, text_len), iters=args.iters)
+    bm = block_mask(tables, vis, text_len)
+    dense = dense_mask(tables, vis, text_len)
+    flex = compiled_flex_attention()
+    times = {
+        "causal SDPA (baseline)": fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
+                                          q, k, v, grad),
+        "FlexAttention, VideoAR mask": fwd_bwd(lambda a, b, c: flex(a, b, c, block_mask=bm), q, k, v, grad),
+        "dense-mask SDPA, VideoAR mask": fwd_bwd(
+            lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=dense), q, k, v, grad),
+    }
+    ms = {label: cuda_time_ms(fn, iters=args.iters) for label, fn in times.items()}
+    pairs = attended_pairs(dense)
+    causal_pairs = S * (S + 1) / 2
+    base = ms["causal SDPA (baseline)"]
+    print(f"\n[{name}] S={S} tokens ({layout.video_len} video + {layout.prefix_len} prefix + {layout.pad} pad), "
+          f"batch {batch}, {H} heads x {D}, bf16, RFM window={args.window} p_mask={args.p_mask}")
+    print(f"  mask density {pairs / S ** 2:.3f} (causal {causal_pairs / S ** 2:.3f}); "
+          f"BlockMask sparsity {bm.sparsity():.1f}%")
+    for label, t in ms.items():
+        useful = pairs if "VideoAR" in label else causal_pairs
+        tflops = attention_flops(useful, H, D) * batch / (t * 1e-3) / 1e12
+        print(row(label, t, base) + f"  [{tflops:6.1f} TFLOP/s useful]")
+    print(row("FlexAttention vs dense-mask SDPA", ms["FlexAttention, VideoAR mask"],
+              ms["dense-mask SDPA, VideoAR mask"]))
+    print(row("BlockMask build (per step)", build_ms, base))
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if not torch.cuda.is_available():
+        print("bench_ar_attention needs a CUDA GPU", file=sys.stderr)
+        return 2
+    batches = dict(item.split("=") for item in args.batch.split(","))
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for name in args.layouts.split(","):
+        bench_layout(name, int(batches.get(name, 1)), args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

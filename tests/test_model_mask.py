@@ -1,0 +1,142 @@
+"""The VideoAR attention mask equals a brute-force reference written straight from the paper's rules.
+
+The reference below knows nothing of the implementation's tables: it enumerates tokens with loops and
+applies the rules of §4.2 / Eq. 9 one pair at a time.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from videoar_megatron.model.layout import TokenLayout
+from videoar_megatron.model.mask import (block_mask, dense_mask, draw_frame_visibility, frame_visibility,
+                                         mask_mod)
+
+
+def reference_tokens(prefix_len, scales, frames, pad):
+    """[(kind, frame, scale)] in sequence order, enumerated from the layout's definition."""
+    tokens = [("text", None, None)] * prefix_len
+    for t in range(frames):
+        for k, (h, w) in enumerate(scales):
+            tokens += [("video", t, k)] * (h * w)
+    return tokens + [("pad", None, None)] * pad
+
+
+def reference_mask(tokens, text_len, keep, window):
+    """Python loops over the rules: keep[t][t'] is query frame t's Bernoulli keep bit for frame t'."""
+    S = len(tokens)
+    out = torch.zeros(S, S, dtype=torch.bool)
+    for q, (kind_q, t_q, k_q) in enumerate(tokens):
+        for kv, (kind_k, t_k, k_k) in enumerate(tokens):
+            if q == kv:
+                visible = True                                   # nobody has an empty row
+            elif kind_q == "pad" or kind_k == "pad":
+                visible = False
+            elif kind_k == "text":
+                visible = kv < text_len                          # text↔text and video→text, valid keys
+            elif kind_q == "text":
+                visible = False                                  # text never sees video
+            elif t_k == t_q:
+                visible = k_k <= k_q                             # block-causal over scales
+            elif t_k < t_q:
+                in_window = window == 0 or t_q - window <= t_k
+                visible = in_window and bool(keep[t_q][t_k])     # Random Frame Mask
+            else:
+                visible = False
+            out[q, kv] = visible
+    return out
+
+
+def random_case(rng: random.Random, batch: int = 2):
+    K = rng.randint(1, 4)
+    scales, h, w = [], 1, 1
+    for _ in range(K):
+        scales.append((h, w))
+        h, w = h + rng.randint(0, 2), w + rng.randint(0, 2)
+    layout = TokenLayout(rng.choice([0, 1, 3]), tuple(scales), rng.randint(1, 4), rng.choice([0, 0, 2]))
+    text_len = [rng.randint(1, layout.prefix_len) if layout.prefix_len else 0 for _ in range(batch)]
+    return layout, torch.tensor(text_len)
+
+
+@pytest.mark.parametrize("rfm", [False, True], ids=["no_rfm", "rfm"])
+def test_dense_mask_equals_reference(rfm):
+    rng = random.Random(0 if rfm else 1)
+    for _ in range(25):
+        layout, text_len = random_case(rng)
+        B, T = 2, layout.frames
+        window = rng.choice([0, 1, 2]) if rfm else 0
+        keep = torch.rand(B, T, T, generator=torch.Generator().manual_seed(rng.randint(0, 999))) > 0.5 if rfm \
+            else torch.ones(B, T, T, dtype=torch.bool)
+        tables = layout.tables()
+        got = dense_mask(tables, frame_visibility(keep, window), text_len)
+        assert got.shape == (B, 1, layout.seq_len, layout.seq_len)
+        tokens = reference_tokens(layout.prefix_len, layout.scales, T, layout.pad)
+        for b in range(B):
+            want = reference_mask(tokens, int(text_len[b]), keep[b].tolist(), window)
+            assert torch.equal(got[b, 0], want), f"layout {layout}, window {window}, sample {b}"
+
+
+def test_without_rfm_video_part_is_lexicographic_block_causal():
+    layout = TokenLayout(2, ((1, 1), (2, 2), (3, 3)), 3)
+    tables = layout.tables()
+    m = dense_mask(tables, draw_frame_visibility(1, 3), torch.tensor([2]))[0, 0]
+    video = tables.kind_S == 1
+    key = tables.frame_S * 100 + tables.scale_S
+    want = key[:, None] >= key[None, :]
+    assert torch.equal(m[video][:, video], want[video][:, video])
+
+
+def test_flex_mask_mod_equals_dense_mask_and_flex_forward_matches_sdpa():
+    """The GPU path's mask_mod, evaluated through FlexAttention's own machinery on CPU."""
+    from torch.nn.attention.flex_attention import create_mask, flex_attention
+    rng = random.Random(3)
+    for _ in range(3):
+        layout, text_len = random_case(rng)
+        B, T = 2, layout.frames
+        vis = draw_frame_visibility(B, T, window=1, p_mask=0.5, generator=torch.Generator().manual_seed(1))
+        tables = layout.tables()
+        dense = dense_mask(tables, vis, text_len)
+        S = layout.seq_len
+        assert torch.equal(create_mask(mask_mod(tables, vis, text_len), B, 1, S, S, device="cpu"), dense)
+        q, k, v = torch.randn(3, B, 2, S, 8).unbind(0)
+        with torch.no_grad():  # FlexAttention has no CPU backward
+            out = flex_attention(q, k, v, block_mask=block_mask(tables, vis, text_len))
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_frame_drop_rate_and_window():
+    B, T, p = 4000, 5, 0.3
+    vis = draw_frame_visibility(B, T, window=2, p_mask=p, generator=torch.Generator().manual_seed(0))
+    t = torch.arange(T)
+    in_window = (t[None, :] < t[:, None]) & (t[:, None] - t[None, :] <= 2)
+    assert not vis[:, ~in_window].any()                       # never outside the window, never later
+    kept = vis[:, in_window].float().mean().item()
+    n = B * int(in_window.sum())
+    assert abs(kept - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5
+    # Drawn independently per query frame: two query frames' bits for frame 0 are uncorrelated.
+    a, b = vis[:, 1, 0].float(), vis[:, 2, 0].float()
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.06
+
+
+def test_padded_caption_keys_are_invisible_and_rows_never_empty():
+    layout = TokenLayout(4, ((1, 1), (2, 2)), 2, pad=3)
+    tables = layout.tables()
+    m = dense_mask(tables, draw_frame_visibility(2, 2), torch.tensor([1, 4]))[:, 0]
+    assert not m[0, :, 1:4].any(dim=0)[4:].any()              # sample 0: text keys 1..3 masked for video
+    assert m[1, 4:4 + 10, :4].all()                           # sample 1: every video token sees all text
+    assert m.any(-1).all()
+
+
+def test_row_chunks_and_row_ranges_agree_with_the_whole_mask(monkeypatch):
+    import videoar_megatron.model.mask as mask_lib
+    layout = TokenLayout(2, ((1, 1), (2, 2), (3, 3)), 4, pad=1)
+    text_len = torch.tensor([1, 2])
+    vis = draw_frame_visibility(2, 4, window=2, p_mask=0.4, generator=torch.Generator().manual_seed(2))
+    whole = dense_mask(layout.tables(), vis, text_len)
+    monkeypatch.setattr(mask_lib, "DENSE_ROWS", 5)
+    assert torch.equal(dense_mask(layout.tables(), vis, text_len), whole)
+    assert torch.equal(dense_mask(layout.tables(), vis, text_len, 9, 23), whole[:, :, 9:23, :23])

@@ -1,0 +1,252 @@
+"""Typed configuration of the VideoAR transformer, with the paper's named sizes.
+
+Design decision: one ``ModelConfig`` holds every knob that changes the model's numerics (sizes,
+RoPE, mask, cross-frame error correction, conditioning, loss); ``ParallelConfig`` holds the knobs
+that must *not* change them (TP, PP, sequence parallel, recompute). A named ``size`` fills the
+transformer dimensions; explicit ``num_layers``/``hidden_size``/... override the preset, so a resolved
+config written to a run directory loads back equal.
+
+Sizes (paper supp. A): L = 24 x 1536 x 12 heads (926M), XL = 32 x 2048 x 16 (2.0B), 4B = 36 x 2560 x 32.
+The FFN width defaults to 4 x hidden with SwiGLU, i.e. 16·h² weights per layer: that is the only
+LLaMA-style choice that lands on the paper's parameter counts (L: 24·16·1536² = 906M + embeddings/head
+≈ 926M). LLaMA's 8/3 x hidden would give 12·h² per layer (L ≈ 0.68B), far below 926M. See
+:func:`parameter_report` for the counts next to the paper's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+# Named sizes from the paper (supp. A); "tiny" is ours, for CPU tests.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4},
+    "L": {"num_layers": 24, "hidden_size": 1536, "num_attention_heads": 12},
+    "XL": {"num_layers": 32, "hidden_size": 2048, "num_attention_heads": 16},
+    "4B": {"num_layers": 36, "hidden_size": 2560, "num_attention_heads": 32},
+}
+PAPER_PARAMS: dict[str, float | None] = {"tiny": None, "L": 926e6, "XL": 2.0e9, "4B": None}
+"""Parameter counts the paper reports (Tab. 3); the 4B model's exact count is not given."""
+
+
+@dataclass(kw_only=True)
+class RopeConfig:
+    base: float = 10000.0
+    """RoPE base θ: pair j of a head rotates by position · base^(-2j/head_dim)."""
+    axis_split: tuple[int, int, int] | None = None
+    """Rotary pairs given to the (t, h, w) axes; must sum to head_dim/2. None: equal thirds, the
+    remainder to t."""
+    axis_layout: Literal["interleaved", "sectioned"] = "interleaved"
+    """How pairs are assigned to axes over the one frequency ladder base^(-2j/head_dim).
+    'interleaved' (t,h,w,t,h,w,...): every axis spans high and low frequencies. 'sectioned'
+    (M-RoPE): t takes the highest frequencies, w the lowest, which leaves w almost unencoded for
+    small grids. Both keep text tokens (i,i,i) exactly equal to 1-D RoPE."""
+    grid: Literal["own", "final"] = "own"
+    """Spatial indices of a coarse scale: 'own' = 0..h_k-1 on the scale's own grid (paper Fig. 2);
+    'final' = round(i·H_K/h_k), rescaled to the final grid (Infinity/InfinityStar)."""
+
+    def __post_init__(self):
+        if self.base <= 1:
+            raise ValueError(f"rope.base must be > 1, got {self.base}")
+        if self.axis_split is not None and min(self.axis_split) < 0:
+            raise ValueError(f"rope.axis_split must be non-negative, got {self.axis_split}")
+
+
+@dataclass(kw_only=True)
+class MaskConfig:
+    rfm_window: int = 0
+    """Random Frame Mask window w (Eq. 9): a query in frame t sees earlier frames t' with
+    t - w <= t' < t. 0: unlimited. Applies in training and at inference."""
+    rfm_p_mask: float = 0.0
+    """Probability of dropping each earlier frame inside the window (training only), drawn per sample
+    and per query frame. 0 disables the random drop."""
+
+    def __post_init__(self):
+        if self.rfm_window < 0:
+            raise ValueError(f"mask.rfm_window must be >= 0 (0 = unlimited), got {self.rfm_window}")
+        if not 0.0 <= self.rfm_p_mask < 1.0:
+            raise ValueError(f"mask.rfm_p_mask must be in [0, 1), got {self.rfm_p_mask}")
+
+
+@dataclass(kw_only=True)
+class CorrectionConfig:
+    p_min: float = 0.0
+    """Cross-frame error correction (Eq. 8): lower end of the flip-ratio range of frame 0."""
+    p_max: float = 0.25
+    """Upper end of the flip-ratio range of frame 0. p_min = p_max = 0 disables the correction."""
+    delta: float = 0.01
+    """Per-latent-frame increase of both ends of the range: frame t draws from
+    U(p_min + delta·t, p_max + delta·t)."""
+    inherit: bool = True
+    """Error inheritance: the first scale of frame t > 0 draws from U(p_final(t-1), p_max + delta·t),
+    p_final(t-1) being the ratio drawn for the last scale of frame t-1."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.p_min <= self.p_max <= 1.0:
+            raise ValueError(f"correction.p_min/p_max must satisfy 0 <= p_min <= p_max <= 1, "
+                             f"got {self.p_min}, {self.p_max}")
+        if self.delta < 0:
+            raise ValueError(f"correction.delta must be >= 0, got {self.delta}")
+
+    @property
+    def enabled(self) -> bool:
+        """p_max = 0 switches the correction off (whatever delta is)."""
+        return self.p_max > 0
+
+
+@dataclass(kw_only=True)
+class ConditionConfig:
+    kind: Literal["class", "text_tokens", "text_features", "none"] = "class"
+    """'class': a label → learned prefix tokens; 'text_tokens': token ids → a learned embedding;
+    'text_features': precomputed frozen-encoder features (B, L, feature_dim) → a linear projection;
+    'none': unconditional (no prefix, no CFG)."""
+    num_classes: int = 101
+    """Number of class labels (kind=class; UCF-101: 101)."""
+    tokens_per_class: int = 1
+    """Prefix length |Ψ| for kind=class: each label is embedded as this many learned tokens."""
+    vocab_size: int = 32000
+    """Vocabulary of kind=text_tokens."""
+    text_len: int = 64
+    """Prefix length |Ψ| for text kinds: captions are padded/truncated to this many tokens; padded
+    keys are masked per sample. The video's RoPE offset is this padded length."""
+    feature_dim: int = 2048
+    """Width of the precomputed text-encoder features (kind=text_features)."""
+    dropout: float = 0.1
+    """Condition dropout for classifier-free guidance: a sample's condition is replaced by the learned
+    null condition with this probability during training."""
+
+    def __post_init__(self):
+        for name in ("num_classes", "tokens_per_class", "vocab_size", "text_len", "feature_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"condition.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"condition.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def prefix_len(self) -> int:
+        """|Ψ|: the number of prefix tokens before the video."""
+        return {"class": self.tokens_per_class, "text_tokens": self.text_len,
+                "text_features": self.text_len, "none": 0}[self.kind]
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    scale_reweight: int = 0
+    """Per-scale loss reweighting as in InfinityStar: 0 = every token weighs the same; r > 0 = a token
+    of scale k weighs min(max_reweight, (n_K / n_k)^(1/(1+r))), n_k = h_k·w_k, so coarse scales
+    count more."""
+    max_reweight: float = 4.0
+    """Cap of the per-token weight when scale_reweight > 0."""
+    scale_weights: list[float] | None = None
+    """Optional explicit per-scale multipliers (one per scale of the schedule), applied on top."""
+
+    def __post_init__(self):
+        if self.scale_reweight < 0:
+            raise ValueError(f"loss.scale_reweight must be >= 0, got {self.scale_reweight}")
+        if self.max_reweight <= 0:
+            raise ValueError(f"loss.max_reweight must be > 0, got {self.max_reweight}")
+        if self.scale_weights is not None and min(self.scale_weights) < 0:
+            raise ValueError(f"loss.scale_weights must be non-negative, got {self.scale_weights}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    size: Literal["tiny", "L", "XL", "4B", "custom"] = "tiny"
+    """Named size; fills num_layers, hidden_size and num_attention_heads unless they are given.
+    'custom' requires all three."""
+    num_layers: int | None = None
+    """Transformer layers (None: from size)."""
+    hidden_size: int | None = None
+    """Hidden width (None: from size)."""
+    num_attention_heads: int | None = None
+    """Attention heads (None: from size)."""
+    num_query_groups: int | None = None
+    """Key/value heads for grouped-query attention (None: one per attention head)."""
+    ffn_hidden_size: int | None = None
+    """SwiGLU inner width (None: 4 x hidden_size, which matches the paper's parameter counts)."""
+    latent_dim: int = 48
+    """d: bits per token = channels of the tokenizer latent (paper 48). Must match the tokenizer."""
+    max_scales: int = 16
+    """Rows of the learnable scale embedding s_k: the longest scale schedule this model will see."""
+    norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    init_std: float = 0.02
+    """Std of the normal initialisation (output projections are scaled by 1/sqrt(2·layers))."""
+    attention_backend: Literal["auto", "flex", "sdpa"] = "auto"
+    """'flex': FlexAttention block-sparse masks (CUDA); 'sdpa': a dense boolean mask with
+    scaled_dot_product_attention; 'auto': flex on CUDA, sdpa on CPU. Both use one mask definition."""
+    pad_to_multiple: int = 1
+    """Pad the sequence at its end to a multiple of this (padded tokens are masked and carry no loss);
+    sequence parallelism needs a multiple of the TP size, which the builder adds on its own."""
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    """Multi-scale temporal 3-D RoPE (Eq. 7)."""
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    """Attention mask: Random Frame Mask (Eq. 9)."""
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
+    """Cross-frame error correction (Eq. 8), applied when building training batches."""
+    condition: ConditionConfig = field(default_factory=ConditionConfig)
+    """Conditioning prefix and condition dropout."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Bitwise cross-entropy weighting."""
+
+    def __post_init__(self):
+        self._fill_from_size()
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} must be divisible by "
+                             f"num_query_groups {groups}")
+        if self.head_dim % 2:
+            raise ValueError(f"head dim {self.head_dim} (hidden_size / num_attention_heads) must be even "
+                             "for RoPE")
+        split = self.rope.axis_split
+        if split is not None and sum(split) != self.head_dim // 2:
+            raise ValueError(f"rope.axis_split {split} must sum to head_dim/2 = {self.head_dim // 2}")
+        for name in ("latent_dim", "max_scales", "pad_to_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.norm_eps <= 0 or self.init_std <= 0:
+            raise ValueError("norm_eps and init_std must be > 0")
+        if self.loss.scale_weights is not None and len(self.loss.scale_weights) > self.max_scales:
+            raise ValueError(f"loss.scale_weights has {len(self.loss.scale_weights)} entries but "
+                             f"max_scales is {self.max_scales}")
+
+    def _fill_from_size(self) -> None:
+        preset = SIZES.get(self.size, {})
+        for name in ("num_layers", "hidden_size", "num_attention_heads"):
+            if getattr(self, name) is None:
+                if not preset:
+                    raise ValueError(f"size=custom needs {name}")
+                setattr(self, name, preset[name])
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def prefix_len(self) -> int:
+        return self.condition.prefix_len
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tensor_parallel: int = 1
+    """Tensor-parallel size (Megatron column/row parallel linears; heads and FFN split)."""
+    pipeline_parallel: int = 1
+    """Pipeline stages; layers are split evenly, the prefix/embeddings live on the first stage and the
+    bit head on the last."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tensor_parallel > 1): norms and residuals hold S/TP tokens."""
+    recompute: Literal["none", "full", "core_attn"] = "none"
+    """Activation recompute: 'full' recomputes every layer in backward, 'core_attn' only attention."""
+
+    def __post_init__(self):
+        if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
+            raise ValueError("parallel.tensor_parallel and parallel.pipeline_parallel must be >= 1")
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ValueError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")

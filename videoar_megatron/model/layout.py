@@ -1,0 +1,129 @@
+"""The token layout of one VideoAR sequence: which token is text, which is (frame, scale, row, col).
+
+Layout (S = |Ψ| + T·L + P tokens, identical for every sample of a batch)::
+
+    [ prefix: |Ψ| text/class tokens | frame 0: scale 0 … K-1 | frame 1: scale 0 … K-1 | … | P pads ]
+
+L = Σ_k h_k·w_k tokens per latent frame; inside a scale tokens are row-major over the scale's own
+grid (the order of ``MultiScaleBSQ.flatten_bits``). Frames and scales are 0-based in code (the paper
+counts from 1). Images are one-frame videos (T = 1). Trailing pads exist only so that the length
+divides the tensor-parallel size under sequence parallelism; they are masked and carry no loss.
+
+Every per-token property that the mask, RoPE, input embedding and loss need comes from one place,
+:class:`LayoutTables`, so that they can never disagree about where a token sits.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+Scale = tuple[int, int]
+
+TEXT, VIDEO, PAD = 0, 1, 2
+"""Token kinds in ``LayoutTables.kind_S``."""
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Static shape of a batch's sequence (hashable: tables are cached per layout and device)."""
+
+    prefix_len: int
+    """|Ψ|: prefix tokens (class tokens or padded caption length)."""
+    scales: tuple[Scale, ...]
+    """Scale schedule (h_k, w_k); the last is the latent grid."""
+    frames: int
+    """T: latent frames (1 for images)."""
+    pad: int = 0
+    """Trailing pad tokens."""
+
+    def __post_init__(self):
+        if self.frames < 1 or self.prefix_len < 0 or self.pad < 0 or not self.scales:
+            raise ValueError(f"invalid layout {self}")
+
+    @staticmethod
+    def padded(prefix_len: int, scales, frames: int, multiple: int = 1) -> "TokenLayout":
+        """Layout whose total length is a multiple of ``multiple``."""
+        scales = tuple((int(h), int(w)) for h, w in scales)
+        core = prefix_len + frames * sum(h * w for h, w in scales)
+        return TokenLayout(prefix_len, scales, frames, (-core) % multiple)
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.scales)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return sum(h * w for h, w in self.scales)
+
+    @property
+    def video_len(self) -> int:
+        """N = T·L video tokens."""
+        return self.frames * self.tokens_per_frame
+
+    @property
+    def seq_len(self) -> int:
+        """S = |Ψ| + N + P."""
+        return self.prefix_len + self.video_len + self.pad
+
+    @property
+    def scale_offsets(self) -> tuple[int, ...]:
+        """Start of each scale inside a frame, plus the frame length at the end."""
+        out, acc = [0], 0
+        for h, w in self.scales:
+            acc += h * w
+            out.append(acc)
+        return tuple(out)
+
+    def step_slice(self, frame: int, scale: int) -> slice:
+        """Sequence positions of the tokens of (frame, scale): one AR step of sampling."""
+        start = self.prefix_len + frame * self.tokens_per_frame + self.scale_offsets[scale]
+        h, w = self.scales[scale]
+        return slice(start, start + h * w)
+
+    def tables(self, device: torch.device | str = "cpu") -> "LayoutTables":
+        return _tables(self, str(device))
+
+
+@dataclass(frozen=True)
+class LayoutTables:
+    """Per-token tables over the whole sequence (length S); text and pads use -1 where undefined."""
+
+    kind_S: torch.Tensor
+    """TEXT / VIDEO / PAD."""
+    frame_S: torch.Tensor
+    """Latent frame of a video token, -1 otherwise."""
+    scale_S: torch.Tensor
+    """Scale index of a video token, -1 otherwise."""
+    row_S: torch.Tensor
+    """Row on the scale's own grid (video), prefix index (text), 0 (pads)."""
+    col_S: torch.Tensor
+    """Column on the scale's own grid (video), prefix index (text), 0 (pads)."""
+
+
+def _video_tables(layout: TokenLayout) -> tuple[torch.Tensor, ...]:
+    frame, scale, row, col = [], [], [], []
+    for k, (h, w) in enumerate(layout.scales):
+        rr, cc = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        scale.append(torch.full((h * w,), k))
+        row.append(rr.reshape(-1))
+        col.append(cc.reshape(-1))
+    scale_L, row_L, col_L = (torch.cat(x) for x in (scale, row, col))
+    T, L = layout.frames, layout.tokens_per_frame
+    frame_N = torch.arange(T).repeat_interleave(L)
+    return frame_N, scale_L.repeat(T), row_L.repeat(T), col_L.repeat(T)
+
+
+@functools.lru_cache(maxsize=64)
+def _tables(layout: TokenLayout, device: str) -> LayoutTables:
+    P, N, pad = layout.prefix_len, layout.video_len, layout.pad
+    frame_N, scale_N, row_N, col_N = _video_tables(layout)
+    text = torch.arange(P)
+    kind = torch.cat([torch.full((P,), TEXT), torch.full((N,), VIDEO), torch.full((pad,), PAD)])
+    minus = torch.full((P,), -1)
+    frame = torch.cat([minus, frame_N, torch.full((pad,), -1)])
+    scale = torch.cat([minus, scale_N, torch.full((pad,), -1)])
+    row = torch.cat([text, row_N, torch.zeros(pad, dtype=torch.long)])
+    col = torch.cat([text, col_N, torch.zeros(pad, dtype=torch.long)])
+    return LayoutTables(*(t.to(device=device, dtype=torch.long) for t in (kind, frame, scale, row, col)))

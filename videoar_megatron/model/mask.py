@@ -1,0 +1,117 @@
+"""The VideoAR attention mask: one rule, evaluated by every kernel.
+
+Rules (paper §4.2, Eq. 9; 0-based frames t and scales k):
+
+- text ↔ text: bidirectional inside the prefix; text never sees video.
+- video → text: always (only valid prefix keys: a caption shorter than |Ψ| masks its padding).
+- video (t, k) → video (t', k'): visible iff t' = t and k' <= k (block-causal over scales,
+  bidirectional inside a scale), or t' < t and frame t' is in query frame t's context.
+- Random Frame Mask: query frame t's context is {t' : t - w <= t' < t, m_{t,t'} = 1} with
+  m_{t,t'} ~ Bernoulli(1 - p_mask), drawn per sample and per query frame (training only; w = 0 means
+  unlimited). Its own frame t is always visible through the block-causal rule.
+- Pads (and any token with nothing else to see) see themselves, so no softmax row is empty.
+
+Design decision: the rule is written once, :func:`mask_rule`, as tensor arithmetic over per-token
+tables (:class:`LayoutTables`) and two per-sample tables: ``frame_visible_BTT`` (earlier frames in
+context, the RFM draw) and ``text_len_B``. The same function is the FlexAttention ``mask_mod`` (GPU:
+compiled block-sparse ``BlockMask``) and, evaluated over broadcast index grids, the dense boolean mask
+for SDPA (CPU, and the KV-cached rows of sampling). The random draw lives in the batch, never in
+the model forward, so every tensor/pipeline rank of one replica sees the same mask.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from videoar_megatron.model.layout import PAD, TEXT, VIDEO, LayoutTables
+
+DENSE_ROWS = 1024
+"""Query rows per chunk when building the dense mask."""
+
+
+def frame_visibility(keep_BTT: torch.Tensor, window: int = 0) -> torch.Tensor:
+    """``frame_visible_BTT[b, t, t']``: earlier frame t' is in query frame t's context (Eq. 9):
+    t - w <= t' < t (w = 0: unlimited) and the keep bit ``keep_BTT[b, t, t']``."""
+    T = keep_BTT.shape[-1]
+    t = torch.arange(T, device=keep_BTT.device)
+    context_TT = t[None, :] < t[:, None]
+    if window > 0:
+        context_TT &= (t[:, None] - t[None, :]) <= window
+    return context_TT & keep_BTT.bool()
+
+
+def draw_frame_visibility(batch: int, frames: int, *, window: int = 0, p_mask: float = 0.0,
+                          generator: torch.Generator | None = None,
+                          device: torch.device | str = "cpu") -> torch.Tensor:
+    """Random Frame Mask draw: keep bits m_{t,t'} ~ Bernoulli(1 - p_mask) per sample and query frame.
+
+    ``p_mask = 0`` gives the deterministic (inference) table: every earlier frame inside the window.
+    """
+    keep = torch.ones(batch, frames, frames, dtype=torch.bool)
+    if p_mask > 0:
+        gen_device = generator.device if generator is not None else "cpu"
+        keep = (torch.rand(batch, frames, frames, generator=generator, device=gen_device) >= p_mask).cpu()
+    return frame_visibility(keep, window).to(device)
+
+
+def mask_rule(b, q_idx, kv_idx, tables: LayoutTables, frame_visible_BTT: torch.Tensor,
+              text_len_B: torch.Tensor) -> torch.Tensor:
+    """True where query ``q_idx`` of sample ``b`` may attend to key ``kv_idx``.
+
+    Arguments are integer tensors that broadcast together (0-d under FlexAttention's vmap; grids for
+    the dense mask).
+    """
+    kind_q, kind_k = tables.kind_S[q_idx], tables.kind_S[kv_idx]
+    frame_q, frame_k = tables.frame_S[q_idx], tables.frame_S[kv_idx]
+    text_key = (kind_k == TEXT) & (kv_idx < text_len_B[b])
+    to_text = (kind_q != PAD) & text_key
+    video_pair = (kind_q == VIDEO) & (kind_k == VIDEO)
+    same_frame = (frame_q == frame_k) & (tables.scale_S[kv_idx] <= tables.scale_S[q_idx])
+    in_context = frame_visible_BTT[b, frame_q.clamp(min=0), frame_k.clamp(min=0)]
+    earlier = (frame_k < frame_q) & in_context
+    return to_text | (video_pair & (same_frame | earlier)) | (q_idx == kv_idx)
+
+
+def dense_mask(tables: LayoutTables, frame_visible_BTT: torch.Tensor, text_len_B: torch.Tensor,
+               q_start: int = 0, q_end: int | None = None, kv_end: int | None = None) -> torch.Tensor:
+    """Boolean mask ``(B, 1, Q, KV)`` for SDPA (True = attend), rows ``q_start:q_end``.
+
+    The row range serves KV-cached sampling: the queries of one (frame, scale) step against every
+    key cached so far.
+    """
+    S = tables.kind_S.shape[0]
+    q_end = S if q_end is None else q_end
+    kv_end = q_end if kv_end is None else kv_end
+    device = tables.kind_S.device
+    b = torch.arange(frame_visible_BTT.shape[0], device=device)[:, None, None]
+    kv = torch.arange(kv_end, device=device)[None, None, :]
+    # Row chunks bound the broadcast int64 index grids of the frame-table lookup (B x rows x KV).
+    chunks = [mask_rule(b, torch.arange(r, min(r + DENSE_ROWS, q_end), device=device)[None, :, None], kv,
+                        tables, frame_visible_BTT, text_len_B) for r in range(q_start, q_end, DENSE_ROWS)]
+    return torch.cat(chunks, dim=1)[:, None]
+
+
+def mask_mod(tables: LayoutTables, frame_visible_BTT: torch.Tensor, text_len_B: torch.Tensor):
+    """The rule as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` (heads share one mask)."""
+    def videoar_mask(b, h, q_idx, kv_idx):
+        return mask_rule(b, q_idx, kv_idx, tables, frame_visible_BTT, text_len_B)
+    return videoar_mask
+
+
+def block_mask(tables: LayoutTables, frame_visible_BTT: torch.Tensor, text_len_B: torch.Tensor,
+               block_size: int = 128):
+    """FlexAttention ``BlockMask`` from the same rule (block-sparse; compiled on CUDA)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    S = tables.kind_S.shape[0]
+    device = tables.kind_S.device
+    return create_block_mask(mask_mod(tables, frame_visible_BTT, text_len_B), frame_visible_BTT.shape[0],
+                             None, S, S, device=device, BLOCK_SIZE=block_size,
+                             _compile=device.type == "cuda")
+
+
+@functools.lru_cache(maxsize=1)
+def compiled_flex_attention():
+    """``torch.compile(flex_attention)``, built once per process (eager flex is a slow reference)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)

@@ -1,0 +1,152 @@
+"""The VideoAR transformer on Megatron-core: embeddings → ``TransformerBlock`` → bit head.
+
+Forward of one pipeline stage, given a :class:`VideoARBatch` (every stage gets the batch: the mask and
+RoPE need its layout, frame-mask table and prefix lengths; only the first stage reads the inputs and
+only the last the targets):
+
+1. first stage: embed the prefix and the video inputs → ``[S, B, C]``; with sequence parallelism,
+   scatter to ``[S/TP, B, C]``. Other stages: the block's input comes from ``set_input_tensor``.
+2. every stage: 3-D RoPE angles ``[S, 1, 1, head_dim]`` (Megatron ``rotary_pos_emb``) and the
+   :class:`AttentionInputs` (dense mask or FlexAttention ``BlockMask``; passed as ``attention_bias``,
+   see :mod:`.attention` for why), then the Megatron ``TransformerBlock``.
+3. last stage: (gather the sequence,) final RMSNorm (inside the block), bit head on the video tokens
+   → logits ``(B, N, d)``; :func:`videoar_megatron.model.loss.bit_loss` turns them into the loss.
+
+Sampling (issue 8) calls :meth:`VideoARModel.forward` with a :class:`KVCache` and the sequence slice of
+one (frame, scale) step; the mask rows and RoPE angles of that slice come from the same definitions.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import nn
+
+from videoar_megatron.model import mask as mask_lib
+from videoar_megatron.model.attention import AttentionInputs, KVCache
+from videoar_megatron.model.config import ModelConfig, ParallelConfig
+from videoar_megatron.model.embedding import VideoAREmbedding
+from videoar_megatron.model.layer_spec import get_videoar_block_spec, transformer_config
+from videoar_megatron.model.layout import TokenLayout
+from videoar_megatron.model.parallel import stage_flags
+from videoar_megatron.model.rope import positions, rotary_angles
+from videoar_megatron.model.sequence import VideoARBatch
+
+
+@functools.lru_cache(maxsize=32)
+def _rope_angles(layout: TokenLayout, device: str, head_dim: int, base: float, split, axis_layout: str,
+                 grid: str) -> torch.Tensor:
+    tables = layout.tables(device)
+    return rotary_angles(positions(layout, tables, grid), head_dim, base=base, split=split, layout=axis_layout)
+
+
+class VideoARModel(MegatronModule):
+    """One pipeline stage (or the whole model) of the VideoAR transformer."""
+
+    def __init__(self, cfg: ModelConfig, config: TransformerConfig, pg_collection: ProcessGroupCollection, *,
+                 pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None):
+        super().__init__(config=config)
+        self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
+        self.cfg, self.pg_collection = cfg, pg_collection
+        self.pre_process, self.post_process = pre_process, post_process
+        self.tp_size = pg_collection.tp.size()
+        if pre_process:
+            self.embedding = VideoAREmbedding(cfg, config.params_dtype)
+        spec = get_videoar_block_spec(config, vp_stage, pg_collection.pp.rank())
+        self.decoder = TransformerBlock(config, spec, pre_process=pre_process, post_process=post_process,
+                                        pg_collection=pg_collection, vp_stage=vp_stage)
+        if post_process:
+            self.head = nn.Linear(cfg.hidden_size, cfg.latent_dim, bias=False, dtype=config.params_dtype)
+            nn.init.normal_(self.head.weight, std=cfg.init_std)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline schedules hand the previous stage's output here."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    # --- per-forward inputs -----------------------------------------------------------------
+    def backend(self, device: torch.device) -> str:
+        if self.cfg.attention_backend == "auto":
+            return "flex" if device.type == "cuda" else "sdpa"
+        return self.cfg.attention_backend
+
+    def rope(self, layout: TokenLayout, device: torch.device) -> torch.Tensor:
+        r = self.cfg.rope
+        return _rope_angles(layout, str(device), self.cfg.head_dim, r.base, r.axis_split, r.axis_layout, r.grid)
+
+    def attention_inputs(self, batch: VideoARBatch, positions: slice, kv_cache: KVCache | None) -> AttentionInputs:
+        device = batch.frame_visible_BTT.device
+        tables = batch.layout.tables(device)
+        text_len = batch.text_len_B.masked_fill(batch.cond_drop_B, batch.layout.prefix_len)
+        if kv_cache is not None or positions != slice(0, batch.layout.seq_len):
+            rows = mask_lib.dense_mask(tables, batch.frame_visible_BTT, text_len, positions.start, positions.stop)
+            return AttentionInputs(mask_B1QK=rows, kv_cache=kv_cache, q_start=positions.start)
+        if self.backend(device) == "flex":
+            return AttentionInputs(block_mask=mask_lib.block_mask(tables, batch.frame_visible_BTT, text_len))
+        return AttentionInputs(mask_B1QK=mask_lib.dense_mask(tables, batch.frame_visible_BTT, text_len))
+
+    # --- forward ------------------------------------------------------------------------------
+    def forward(self, batch: VideoARBatch, *, kv_cache: KVCache | None = None,
+                positions: slice | None = None) -> torch.Tensor:
+        """Logits ``(B, n_video, d)`` on the last stage, hidden states ``[s(/TP), B, C]`` elsewhere.
+
+        ``positions``: the sequence slice to run (default: all of it); slices other than the whole
+        sequence need ``kv_cache`` holding every earlier position (sampling).
+        """
+        layout = batch.layout
+        positions = positions or slice(0, layout.seq_len)
+        if positions != slice(0, layout.seq_len) and kv_cache is None:
+            raise ValueError("a partial forward needs the KV cache of the positions before it")
+        sp = self.config.sequence_parallel
+        if sp and (kv_cache is not None or layout.seq_len % self.tp_size):
+            raise ValueError(f"sequence parallelism needs the full sequence with a length divisible by "
+                             f"parallel.tensor_parallel={self.tp_size} (got {layout.seq_len}); build the "
+                             f"batch with pad_to_multiple={self.tp_size}")
+        device = batch.frame_visible_BTT.device
+        hidden = None
+        if self.pre_process:
+            hidden = self.embedding(batch, layout.tables(device), positions)
+            if sp:
+                hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden, group=self.pg_collection.tp)
+        rope = self.rope(layout, device)[positions]
+        attn = self.attention_inputs(batch, positions, kv_cache)
+        hidden = self.decoder(hidden, None, rotary_pos_emb=rope, attention_bias=attn)
+        if not self.post_process:
+            return hidden
+        if sp:
+            # The head is replicated: every rank holds the full loss, so backward just splits.
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False, group=self.pg_collection.tp)
+        return self.head(self._video_rows(hidden, layout, positions)).transpose(0, 1)
+
+    @staticmethod
+    def _video_rows(hidden_sBC: torch.Tensor, layout: TokenLayout, positions: slice) -> torch.Tensor:
+        P, N = layout.prefix_len, layout.video_len
+        start, stop = max(positions.start, P), min(positions.stop, P + N)
+        return hidden_sBC[start - positions.start:max(stop, start) - positions.start]
+
+
+def build_model(cfg: ModelConfig, parallel: ParallelConfig, groups: ProcessGroupCollection, *,
+                device: torch.device | str = "cpu", params_dtype: torch.dtype = torch.float32,
+                pre_process: bool | None = None, post_process: bool | None = None,
+                vp_stage: int | None = None) -> VideoARModel:
+    """This rank's VideoAR model (stage flags from the pipeline rank unless given), on ``device``."""
+    device = torch.device(device)
+    if groups.tp.size() != parallel.tensor_parallel or groups.pp.size() != parallel.pipeline_parallel:
+        raise ValueError(f"process groups (tp={groups.tp.size()}, pp={groups.pp.size()}) do not match "
+                         f"parallel.tensor_parallel={parallel.tensor_parallel}, "
+                         f"parallel.pipeline_parallel={parallel.pipeline_parallel}")
+    first, last = stage_flags(groups)
+    config = transformer_config(cfg, parallel, device=device, params_dtype=params_dtype)
+    with torch.device(device):
+        model = VideoARModel(cfg, config, groups, vp_stage=vp_stage,
+                             pre_process=first if pre_process is None else pre_process,
+                             post_process=last if post_process is None else post_process)
+    return model.to(device)

@@ -1,0 +1,47 @@
+"""Megatron model parallelism set up from our ``DistContext``.
+
+Megatron's ``parallel_state`` is process-global by design; we initialise it once from the explicit
+context and hand its groups back as a ``ProcessGroupCollection`` stored in ``ctx.groups``. Our code
+takes its groups from there (modules receive ``pg_collection``), never from module globals of our own.
+
+RNG: on CUDA, Megatron's tracker is seeded (``model_parallel_cuda_manual_seed``: TP ranks get distinct
+init/dropout streams). On CPU there is no CUDA generator to track; the model has no dropout, so the
+tracker is replaced by Megatron's no-op (inference) tracker, which sequence parallelism's
+``tracker.fork()`` needs.
+"""
+from __future__ import annotations
+
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from videoar_megatron.common.distributed import DistContext
+from videoar_megatron.model.config import ParallelConfig
+
+
+def init_model_parallel(ctx: DistContext, parallel: ParallelConfig, seed: int = 1234) -> ProcessGroupCollection:
+    """Create TP/PP/DP groups for ``parallel``; returns (and stores in ``ctx.groups``) the collection."""
+    model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel
+    if ctx.world_size % model_parallel:
+        raise ValueError(f"world size {ctx.world_size} is not divisible by parallel.tensor_parallel "
+                         f"({parallel.tensor_parallel}) x parallel.pipeline_parallel ({parallel.pipeline_parallel})")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor_parallel,
+                                             pipeline_model_parallel_size=parallel.pipeline_parallel)
+    if ctx.device.type == "cuda":
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    ctx.groups = ProcessGroupCollection.use_mpu_process_groups()
+    return ctx.groups
+
+
+def destroy_model_parallel(ctx: DistContext) -> None:
+    parallel_state.destroy_model_parallel()
+    ctx.groups = None
+
+
+def stage_flags(groups: ProcessGroupCollection) -> tuple[bool, bool]:
+    """(pre_process, post_process) of this pipeline rank: first stage embeds, last stage has the head."""
+    pp = groups.pp
+    return pp.rank() == 0, pp.rank() == pp.size() - 1
