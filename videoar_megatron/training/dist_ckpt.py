@@ -107,3 +107,30 @@ def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
     out: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+MODEL_KEY = "model"
+OPTIMIZER_KEY = "optimizer"
+
+
+def model_sharded_state_dict(model, ctx: DistContext) -> dict:
+    """The model's Megatron sharded state dict under the checkpoint's ``model.`` prefix."""
+    from megatron.core import parallel_state
+    metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    return model.sharded_state_dict(prefix=f"{MODEL_KEY}.", metadata=metadata)
+
+
+def load_model_weights(path: str | Path, model, ctx: DistContext) -> dict:
+    """Load only the model weights of a committed checkpoint into ``model`` (any TP/PP layout);
+    returns the checkpoint's train_state (which holds the resolved config)."""
+    state, train_state = load_checkpoint(path, model_sharded_state_dict(model, ctx))
+    missing, unexpected = model.load_state_dict(_strip_prefix(state, f"{MODEL_KEY}."), strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: checkpoint does not fit the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    return train_state
+
+
+def _strip_prefix(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
