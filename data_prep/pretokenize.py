@@ -438,6 +438,8 @@ class ClipStream:
 class PartitionStats:
     partition: str
     videos: int = 0
+    videos_done: int = 0
+    """Videos of the partition handled so far (for progress bars)."""
     clips: int = 0
     rejects: int = 0
     decode_s: float = 0.0
@@ -502,6 +504,12 @@ class Pretokenizer:
         self.maybe_merge()
         return stats
 
+    def pending(self) -> dict[int, int]:
+        """Partition → number of videos, for this worker's partitions not committed yet."""
+        return {p: len(shards.partition_range(p, self.num_partitions, len(self.records)))
+                for p in self.worker.partitions(self.num_partitions)
+                if not is_committed(self.out / shards.partition_name(p, self.num_partitions))}
+
     def maybe_merge(self) -> dict | None:
         if len(shards.committed_partitions(self.out, self.num_partitions)) == self.num_partitions:
             return shards.merge_partitions(self.out, self.num_partitions)
@@ -525,6 +533,9 @@ class Pretokenizer:
         rejects.sort(key=lambda r: (r.row, -1 if r.clip_start is None else r.clip_start))
         shards.write_jsonl(tmp / shards.REJECTS_FILE, [r.to_json() for r in rejects])
         stats.videos, stats.rejects = len(rows), len(rejects)
+        stats.videos_done = len(rows)
+        if progress is not None:
+            progress(stats)
         mark_committed(tmp, {"samples": stats.clips, "rejects": stats.rejects, "videos": stats.videos})
         os.rename(tmp, final)
         _fsync_dir(self.out)
@@ -554,6 +565,7 @@ class Pretokenizer:
                     self._encode_and_write(writer, good, stats)
                 if progress is not None:
                     stats.rejects = len(rejects)
+                    stats.videos_done = jobs[-1].row - rows[0][0] + 1
                     progress(stats)
         return rejects
 
