@@ -79,6 +79,7 @@ def main(argv: list[str], prog: str = "videoar pretokenize") -> int:
         return 0
     worker = worker_from_env()
     log = setup_console_logging(worker.index)
+    log.setLevel("INFO")  # workers are independent (own partitions, own log files): all report
     try:
         if args.merge_only:
             summary = merge_only(cfg)
