@@ -246,3 +246,38 @@ def test_merge_matches_streaming_merge_index(clean_run, tmp_path):
     theirs = json.loads((copy / "index.json").read_text())
     assert ours == theirs
     assert np.sum([s["samples"] for s in ours["shards"]]) == 10
+
+
+KILL_SCRIPT = """
+import sys
+from pathlib import Path
+from data_prep.pretokenize import Pretokenizer, Worker
+from tests.pretok_helpers import pretok_config
+tok, corpus, out = map(Path, sys.argv[1:4])
+Pretokenizer(pretok_config(tok, corpus, out, num_partitions=3, batch_size=1, shard_size_limit=1024), Worker(0, 1)).run()
+"""
+
+
+def test_sigkill_mid_partition_then_resume_is_byte_identical(tok, clean, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    args = [str(tok), str(clean)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    reference = tmp_path / "reference"
+    subprocess.run([sys.executable, "-c", KILL_SCRIPT, *args, str(reference)], env=env, check=True, timeout=300)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, *args, str(out)], env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(out.glob(".tmp-part-00001-of-00003/shard.*.mds"))) >= 2:  # mid-partition, shards on disk
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+    assert shards.committed_partitions(out, 3) == [0] and not (out / "COMMITTED").exists()
+    subprocess.run([sys.executable, "-c", KILL_SCRIPT, *args, str(out)], env=env, check=True, timeout=300)
+    assert tree_bytes(out) == tree_bytes(reference)
+    assert len(list(reference.glob("part-00001-of-00003/shard.*.mds"))) >= 2
