@@ -91,6 +91,10 @@ class PretokenizeConfig:
     """Maximum bytes per MDS shard file."""
     deterministic: bool = True
     """Deterministic cuDNN kernels (needed for byte-identical reruns on GPU)."""
+    max_decode_error_rate: float = 0.5
+    """Abort a partition (nothing committed; the error quotes the first decode error) when more than this
+    fraction of its clips fail to decode after at least 32 tries: that is a broken decoder setup (driver,
+    NVDEC, DALI build), not a broken corpus, and must not turn into a corpus of rejects. 1.0 = never."""
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     """Optional frozen text encoder; its caption features are stored per sample."""
     progress_bar: bool = True
@@ -113,6 +117,8 @@ class PretokenizeConfig:
         for knob in ("batch_size", "decode_threads", "probe_workers", "prefetch_batches", "shard_size_limit"):
             if getattr(self, knob) < 1:
                 raise ValueError(f"{knob} must be >= 1, got {getattr(self, knob)}")
+        if not 0.0 < self.max_decode_error_rate <= 1.0:
+            raise ValueError(f"max_decode_error_rate must be in (0, 1], got {self.max_decode_error_rate}")
         if self.num_partitions < 0:
             raise ValueError(f"num_partitions must be >= 0 (0 = one per worker), got {self.num_partitions}")
         if self.compression not in ("", "zstd", "gz", "bz2", "br", "snappy", "zstd:3", "zstd:9"):
@@ -288,6 +294,13 @@ def build_run_manifest(cfg: PretokenizeConfig, enc: ClipEncoder, *, num_partitio
 # ----------------------------------------------------------------------------------------------
 # The clip stream: probe (thread pool) → plan → decode (background thread), in manifest order
 # ----------------------------------------------------------------------------------------------
+
+class DecoderBroken(RuntimeError):
+    """Too many clips of a partition failed to decode: the decoder setup, not the data, is at fault."""
+
+
+MIN_DECODE_TRIES = 32
+
 
 @dataclass(frozen=True)
 class ClipJob:
@@ -547,6 +560,7 @@ class Pretokenizer:
         writer_cls = _mds_writer()
         rejects: list[Reject] = []
         columns = shards.mds_columns(self.encoder.text is not None)
+        tries, fails, first_error = 0, 0, None
         with writer_cls(out=str(tmp), columns=columns, compression=self.cfg.compression or None,
                         size_limit=self.cfg.shard_size_limit) as writer:
             batches = self.stream(rows, rejects)
@@ -559,8 +573,12 @@ class Pretokenizer:
                 stats.wait_s += time.perf_counter() - t_wait
                 stats.decode_s += decode_s
                 good = [(j, r) for j, r in zip(jobs, results) if isinstance(r, torch.Tensor)]
-                rejects += [Reject(j.row, j.source, j.plan.start_frame, r.kind, r.reason)
-                            for j, r in zip(jobs, results) if not isinstance(r, torch.Tensor)]
+                failed = [Reject(j.row, j.source, j.plan.start_frame, r.kind, r.reason)
+                          for j, r in zip(jobs, results) if not isinstance(r, torch.Tensor)]
+                rejects += failed
+                tries, fails = tries + len(jobs), fails + len(failed)
+                first_error = first_error or (failed[0] if failed else None)
+                self._check_decode_rate(tries, fails, first_error)
                 if good:
                     self._encode_and_write(writer, good, stats)
                 if progress is not None:
@@ -568,6 +586,14 @@ class Pretokenizer:
                     stats.videos_done = jobs[-1].row - rows[0][0] + 1
                     progress(stats)
         return rejects
+
+    def _check_decode_rate(self, tries: int, fails: int, first: Reject | None) -> None:
+        if tries >= MIN_DECODE_TRIES and fails > self.cfg.max_decode_error_rate * tries:
+            raise DecoderBroken(
+                f"{fails} of {tries} clips failed to decode with {self.cfg.decoder} on {self.decode_device} "
+                f"(max_decode_error_rate={self.cfg.max_decode_error_rate}); first: {first.source} @ frame "
+                f"{first.clip_start}: {first.reason}. Check the decoder setup on this host; nothing of this "
+                f"partition was committed")
 
     def _encode_and_write(self, writer, good, stats: PartitionStats) -> None:
         t0 = time.perf_counter()

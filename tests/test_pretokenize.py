@@ -281,3 +281,42 @@ def test_sigkill_mid_partition_then_resume_is_byte_identical(tok, clean, tmp_pat
     subprocess.run([sys.executable, "-c", KILL_SCRIPT, *args, str(out)], env=env, check=True, timeout=300)
     assert tree_bytes(out) == tree_bytes(reference)
     assert len(list(reference.glob("part-00001-of-00003/shard.*.mds"))) >= 2
+
+
+class FlakyDecoder:
+    """Wraps the real decoder; fails the clips whose (file name, start) are listed, or every clip."""
+
+    def __init__(self, inner, fail: set | None):
+        self.inner, self.fail, self.device = inner, fail, inner.device
+
+    def decode(self, plans):
+        from data_prep.video import VideoUnusable
+        out = self.inner.decode(plans)
+        return [VideoUnusable("decode error: injected", "decode_error")
+                if self.fail is None or (Path(p.path).name, p.start_frame) in self.fail else r
+                for p, r in zip(plans, out)]
+
+
+def test_a_clip_that_fails_to_decode_is_rejected_alone(tok, clean, clean_run, tmp_path, monkeypatch):
+    records = read_manifest(clean)
+    victim = (Path(records[1].path).name, 3)  # the second clip (start 3) of video 1
+    real = pretokenize.ClipStream._decoder
+    monkeypatch.setattr(pretokenize.ClipStream, "_decoder", lambda self: FlakyDecoder(real(self), {victim}))
+    out = tmp_path / "shards"
+    Pretokenizer(pretok_config(tok, clean, out, num_partitions=3), Worker(0, 1)).run()
+    (reject,) = shards.read_rejects(out / shards.REJECTS_FILE)
+    assert (reject["row"], reject["clip_start"], reject["kind"]) == (1, 3, "decode_error")
+    got = {s["sample_id"]: s for s in read_all(out)}
+    want = {s["sample_id"]: s for s in read_all(clean_run)}
+    assert set(want) - set(got) == {shards.sample_id(reject["source"], 3)}
+    assert len(got) == 9  # the other clip of that video is kept; nothing substituted
+
+
+def test_a_broken_decoder_aborts_instead_of_rejecting_everything(tok, tmp_path, monkeypatch):
+    corpus = make_clean_corpus(tmp_path / "corpus", num=17)  # 34 clips
+    real = pretokenize.ClipStream._decoder
+    monkeypatch.setattr(pretokenize.ClipStream, "_decoder", lambda self: FlakyDecoder(real(self), None))
+    out = tmp_path / "shards"
+    with pytest.raises(pretokenize.DecoderBroken, match=r"32 of 32 clips failed to decode with dali on cpu"):
+        Pretokenizer(pretok_config(tok, corpus, out, num_partitions=1, batch_size=8), Worker(0, 1)).run()
+    assert shards.committed_partitions(out, 1) == []

@@ -66,7 +66,7 @@ class _Progress:
 
 def main(argv: list[str], prog: str = "videoar pretokenize") -> int:
     args = build_parser(prog).parse_args(argv)
-    from data_prep.pretokenize import PretokenizeConfig, Pretokenizer, merge_only, worker_from_env
+    from data_prep.pretokenize import DecoderBroken, PretokenizeConfig, Pretokenizer, merge_only, worker_from_env
     from data_prep.shards import ShardManifestMismatch, ShardsIncomplete
     from videoar_megatron.common.run_logging import setup_console_logging
     try:
@@ -96,7 +96,7 @@ def main(argv: list[str], prog: str = "videoar pretokenize") -> int:
             stats = pretok.run(progress)
         finally:
             progress.close()
-    except (ShardManifestMismatch, ShardsIncomplete, ValueError, FileNotFoundError) as e:
+    except (ShardManifestMismatch, ShardsIncomplete, DecoderBroken, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"{prog}: {e}")
     for s in stats:
         if not s.skipped:
