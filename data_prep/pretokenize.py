@@ -501,12 +501,18 @@ class Pretokenizer:
         self.decode_device = ("gpu" if self.device.type == "cuda" else "cpu") if dd == "auto" else dd
         if cfg.decoder == "pyav":
             self.decode_device = "cpu"
+        if self.decode_device == "gpu" and not torch.cuda.is_available():
+            raise ValueError("decode_device=gpu needs CUDA (NVDEC), which this host does not have; "
+                             "use decode_device=cpu (and `videoar transcode` for codecs DALI CPU cannot decode)")
         self.num_partitions = cfg.num_partitions or worker.count
         self.encoder = ClipEncoder(cfg, self.device)
         self.manifest = build_run_manifest(cfg, self.encoder, num_partitions=self.num_partitions,
                                            decode_device=self.decode_device)
-        device_id = self.device.index if self.device.type == "cuda" else 0
-        self.stream = ClipStream(cfg, self.decode_device, device_id or 0, self.manifest_root)
+        if self.device.type == "cuda":
+            device_id = self.device.index or 0
+        else:  # encoder on CPU, NVDEC decode: still one GPU per local rank
+            device_id = worker.local_rank % max(torch.cuda.device_count(), 1)
+        self.stream = ClipStream(cfg, self.decode_device, device_id, self.manifest_root)
 
     def run(self, progress: Callable[[PartitionStats], None] | None = None) -> list[PartitionStats]:
         """Write this worker's unfinished partitions, then merge if every partition is committed."""

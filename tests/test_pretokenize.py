@@ -320,3 +320,9 @@ def test_a_broken_decoder_aborts_instead_of_rejecting_everything(tok, tmp_path, 
     with pytest.raises(pretokenize.DecoderBroken, match=r"32 of 32 clips failed to decode with dali on cpu"):
         Pretokenizer(pretok_config(tok, corpus, out, num_partitions=1, batch_size=8), Worker(0, 1)).run()
     assert shards.committed_partitions(out, 1) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only host error")
+def test_gpu_decode_on_a_cpu_host_is_an_early_error(tok, clean, tmp_path):
+    with pytest.raises(ValueError, match="decode_device=gpu needs CUDA"):
+        Pretokenizer(pretok_config(tok, clean, tmp_path, decode_device="gpu"), Worker(0, 1))
