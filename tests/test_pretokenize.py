@@ -326,3 +326,19 @@ def test_a_broken_decoder_aborts_instead_of_rejecting_everything(tok, tmp_path, 
 def test_gpu_decode_on_a_cpu_host_is_an_early_error(tok, clean, tmp_path):
     with pytest.raises(ValueError, match="decode_device=gpu needs CUDA"):
         Pretokenizer(pretok_config(tok, clean, tmp_path, decode_device="gpu"), Worker(0, 1))
+
+
+def test_manifest_start_end_and_fps_columns_shape_the_clips(tok, tmp_path):
+    # 12-frame videos at 8 fps (1.5 s). Row 0: clips between 0.25 s and 1.5 s; row 1: the fps column
+    # says 16 fps, so target_fps 8 strides by 2 and one 9-frame clip needs 17 frames (rejected).
+    corpus = make_clean_corpus(tmp_path / "corpus", num=2)
+    header, row0, row1 = corpus.read_text().splitlines()
+    assert header == "path,caption,label,start,end,fps"
+    corpus.write_text("\n".join([header, row0.removesuffix(",,,") + ",0.25,1.5,", row1.removesuffix(",,,") + ",,,16"]))
+    out = tmp_path / "shards"
+    Pretokenizer(pretok_config(tok, corpus, out, num_partitions=1), Worker(0, 1)).run()
+    assert [int(s["clip_start"]) for s in read_all(out)] == [2, 3, 0, 3]  # fps only matters with target_fps
+    out2 = tmp_path / "shards_fps"
+    Pretokenizer(pretok_config(tok, corpus, out2, num_partitions=1, clips={"target_fps": 8.0}), Worker(0, 1)).run()
+    (reject,) = shards.read_rejects(out2 / shards.REJECTS_FILE)
+    assert reject["row"] == 1 and "a clip needs 17 (9 frames at stride 2)" in reject["reason"]
