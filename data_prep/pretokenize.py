@@ -231,6 +231,12 @@ class ClipEncoder:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             latent_BdTHW = self.tokenizer.encode(video_BCTHW)
         latent_BTdHW = shards.round_latent(latent_BdTHW.permute(0, 2, 1, 3, 4), self.cfg.latent_dtype)
+        if not torch.isfinite(latent_BTdHW).all():  # never write NaN/inf (nor bits derived from them)
+            bad = (~torch.isfinite(latent_BTdHW)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise FloatingPointError(
+                f"non-finite latent for clips {bad} of a batch ({', '.join(captions[i] for i in bad[:3])}) after "
+                f"rounding to latent_dtype={self.cfg.latent_dtype} (float16 overflows past 65504: use bfloat16); "
+                f"the tokenizer output was finite: {bool(torch.isfinite(latent_BdTHW).all())}")
         b, t, d, h, w = latent_BTdHW.shape
         bits = self.quantizer.latent_to_bits(latent_BTdHW.reshape(b * t, d, h, w))
         bits_BTLd = self.quantizer.flatten_bits(bits).reshape(b, t, -1, d).cpu().numpy()

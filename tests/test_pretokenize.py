@@ -342,3 +342,18 @@ def test_manifest_start_end_and_fps_columns_shape_the_clips(tok, tmp_path):
     Pretokenizer(pretok_config(tok, corpus, out2, num_partitions=1, clips={"target_fps": 8.0}), Worker(0, 1)).run()
     (reject,) = shards.read_rejects(out2 / shards.REJECTS_FILE)
     assert reject["row"] == 1 and "a clip needs 17 (9 frames at stride 2)" in reject["reason"]
+
+
+def test_non_finite_latents_fail_loudly_instead_of_being_written(tok, clean, tmp_path, monkeypatch):
+    real = pretokenize.ClipEncoder.__init__
+
+    def huge(self, cfg, device):  # a tokenizer whose latents overflow float16 storage
+        real(self, cfg, device)
+        encode = self.tokenizer.encode
+        self.tokenizer.encode = lambda video: encode(video) * 1e6
+
+    monkeypatch.setattr(pretokenize.ClipEncoder, "__init__", huge)
+    out = tmp_path / "shards"
+    with pytest.raises(FloatingPointError, match=r"latent_dtype=float16 \(float16 overflows past 65504"):
+        Pretokenizer(pretok_config(tok, clean, out, latent_dtype="float16"), Worker(0, 1)).run()
+    assert shards.committed_partitions(out, 2) == []
