@@ -394,6 +394,7 @@ class ClipStream:
     def __init__(self, cfg: PretokenizeConfig, decode_device: str, device_id: int, manifest_root: Path):
         self.cfg, self.decode_device, self.device_id = cfg, decode_device, device_id
         self.root = manifest_root
+        self._cached_decoder = None
 
     def _probe(self, item: tuple[int, VideoRecord]) -> list[ClipJob] | Reject:
         row, rec = item
@@ -427,7 +428,10 @@ class ClipStream:
                                device_id=self.device_id, batch_size=c.batch_size, num_threads=c.decode_threads)
 
     def _decoded(self, rows, rejects) -> Iterator[tuple[list[ClipJob], list, float]]:
-        decoder = self._decoder()
+        # One decoder (DALI pipeline) per process, built on first use and reused by later partitions.
+        if self._cached_decoder is None:
+            self._cached_decoder = self._decoder()
+        decoder = self._cached_decoder
         # GPU: DALI's output is copied into torch tensors on a stream of this thread, which is
         # synchronised before the batch is handed over, so the encoder's stream never waits on it.
         stream = torch.cuda.Stream(self.device_id) if decoder.device == "gpu" else None
