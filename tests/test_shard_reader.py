@@ -132,3 +132,19 @@ def test_global_batches_are_the_same_at_two_ranks_and_resume_across_world_sizes(
     assert [sorted(b) for b in full2] == [sorted(b) for b in full]  # same samples per global step
     resumed2 = [a + b for a, b in zip(ranks[0]["resumed"], ranks[1]["resumed"])]
     assert [sorted(b) for b in resumed2] == [sorted(b) for b in full[4:]]
+
+
+def test_resume_is_exact_with_dataloader_workers(shard_dir):
+    cfg = ShardReaderConfig(path=str(shard_dir), batch_size=4, seed=5, num_workers=2)
+    full, _ = epoch_ids(cfg)
+    assert sorted(i for b in full for i in b) == [f"{i:04d}" for i in range(NUM)]
+    head, state = epoch_ids(cfg, stop_after=3)
+    tail, _ = epoch_ids(cfg, state=state)
+    assert head == full[:3] and head + tail == full
+    with pytest.raises(ValueError, match="num_workers was 2 when the state was saved and is 0 now"):
+        loader = build_shard_loader(ShardReaderConfig(path=str(shard_dir), batch_size=4, seed=5))
+        try:
+            loader.load_state_dict(state)
+        finally:
+            del loader
+            gc.collect()
