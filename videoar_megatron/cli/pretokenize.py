@@ -68,6 +68,7 @@ def main(argv: list[str], prog: str = "videoar pretokenize") -> int:
     args = build_parser(prog).parse_args(argv)
     from data_prep.pretokenize import DecoderBroken, PretokenizeConfig, Pretokenizer, merge_only, worker_from_env
     from data_prep.shards import ShardManifestMismatch, ShardsIncomplete
+    from tokenizer.checkpoint import TokenizerCheckpointError
     from videoar_megatron.common.run_logging import setup_console_logging
     try:
         cfg = load_config(PretokenizeConfig, args.recipe, args.overrides)
@@ -96,14 +97,24 @@ def main(argv: list[str], prog: str = "videoar pretokenize") -> int:
             stats = pretok.run(progress)
         finally:
             progress.close()
-    except (ShardManifestMismatch, ShardsIncomplete, DecoderBroken, ValueError, FileNotFoundError) as e:
+    except (ShardManifestMismatch, ShardsIncomplete, DecoderBroken, TokenizerCheckpointError, ValueError,
+            FileNotFoundError) as e:
         raise SystemExit(f"{prog}: {e}")
     for s in stats:
         if not s.skipped:
             log.info("%s: %d clips from %d videos, %d rejects, %.1f clips/s (decode %.1fs, waited %.1fs, "
                      "encode %.1fs, write %.1fs)", s.partition, s.clips, s.videos, s.rejects, s.clips_per_s,
                      s.decode_s, s.wait_s, s.encode_s, s.write_s)
-    merged = (Path(cfg.output_dir) / "COMMITTED").is_file()
-    log.info("done: %s", "all partitions committed and merged" if merged else
-             "this worker's partitions are committed; the merge waits for the other workers")
+    marker = Path(cfg.output_dir) / "COMMITTED"
+    if not marker.is_file():
+        log.info("done: this worker's partitions are committed; the merge waits for the other workers")
+        return 0
+    import json
+    summary = json.loads(marker.read_text())
+    log.info("done: all %d partitions merged: %d samples, %d rejects (see %s/rejects.jsonl, "
+             "`videoar shards inspect %s`)", summary["partitions"], summary["samples"], summary["rejects"],
+             cfg.output_dir, cfg.output_dir)
+    if summary["samples"] == 0:
+        log.warning("the shard set is EMPTY: every video was rejected; check rejects.jsonl (clip length, "
+                    "codecs, paths)")
     return 0
