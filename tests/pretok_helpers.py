@@ -13,6 +13,7 @@ from data_prep.video import ClipSamplingConfig
 
 FRAMES = 9          # 1 + 4k: 3 latent frames
 SIZE = (48, 64)     # source videos; clips are cropped to 32x32 (latent grid 2x2)
+GPU_SIZE = (144, 192)  # NVDEC has minimum sizes (VP9: 128x128): GPU tests use larger sources
 CLIP = dict(num_frames=FRAMES, frame_stride=1, clips_per_video=2, height=32, width=32)
 SCHEDULE = [[1, 1], [2, 2]]
 
@@ -28,16 +29,16 @@ def make_tiny_tokenizer(directory: Path, seed: int = 0, schedule=None) -> Path:
     return directory
 
 
-def make_clean_corpus(root: Path, num: int = 5) -> Path:
+def make_clean_corpus(root: Path, num: int = 5, size: tuple[int, int] = SIZE) -> Path:
     """``num`` VP9 videos of 12 frames (two 9-frame clips each)."""
-    return make_corpus(root, num=num, classes=3, codec="vp9", frames=12, size=SIZE, fps=8, seed=1)
+    return make_corpus(root, num=num, classes=3, codec="vp9", frames=12, size=size, fps=8, seed=1)
 
 
-def make_mixed_corpus(root: Path) -> tuple[Path, dict[str, str]]:
+def make_mixed_corpus(root: Path, size: tuple[int, int] = SIZE) -> tuple[Path, dict[str, str]]:
     """4 good VP9 videos plus one of each reject kind; returns (manifest, source → expected kind)."""
-    good = make_corpus(root / "good", num=4, classes=2, codec="vp9", frames=12, size=SIZE, seed=2)
-    h264 = make_corpus(root / "h264", num=1, classes=1, codec="h264", frames=12, size=SIZE, seed=3)
-    short = make_corpus(root / "short", num=1, classes=1, codec="vp9", frames=5, size=SIZE, seed=4)
+    good = make_corpus(root / "good", num=4, classes=2, codec="vp9", frames=12, size=size, seed=2)
+    h264 = make_corpus(root / "h264", num=1, classes=1, codec="h264", frames=12, size=size, seed=3)
+    short = make_corpus(root / "short", num=1, classes=1, codec="vp9", frames=5, size=size, seed=4)
     rows = []
     for m in (good, h264, short):
         with open(m) as f:

@@ -12,8 +12,8 @@ from data_prep import shards
 from data_prep.manifest import read_manifest
 from data_prep.pretokenize import Pretokenizer, Worker
 from data_prep.video import ClipPlan, DaliClipDecoder, frames_to_model_input, plan_clips, probe_video
-from tests.pretok_helpers import (CLIP, SCHEDULE, make_clean_corpus, make_mixed_corpus, make_tiny_tokenizer,
-                                  pretok_config, tree_bytes)
+from tests.pretok_helpers import (CLIP, GPU_SIZE, SCHEDULE, make_clean_corpus, make_mixed_corpus,
+                                  make_tiny_tokenizer, pretok_config, tree_bytes)
 from tests.test_pretokenize import read_all
 from tests.test_transcode_ucf101 import write_mpeg4_avi
 from tokenizer import load_tokenizer
@@ -31,7 +31,7 @@ def tok(tmp_path_factory):
 
 
 def test_nvdec_frames_stay_on_the_gpu(tmp_path):
-    records = read_manifest(make_clean_corpus(tmp_path, num=2))
+    records = read_manifest(make_clean_corpus(tmp_path, num=2, size=GPU_SIZE))
     plans = [ClipPlan(path=r.path, start_frame=1, stride=2, num_frames=5) for r in records]
     gpu = DaliClipDecoder(height=32, width=32, device="gpu", batch_size=2).decode(plans)
     cpu = DaliClipDecoder(height=32, width=32, device="cpu", batch_size=2).decode(plans)
@@ -41,8 +41,8 @@ def test_nvdec_frames_stay_on_the_gpu(tmp_path):
 
 
 def test_gpu_accepts_h264_and_mpeg4_and_still_rejects_the_broken(tok, tmp_path):
-    manifest, expected = make_mixed_corpus(tmp_path / "mixed")
-    write_mpeg4_avi(tmp_path / "mixed" / "ucf" / "v_x.avi", label=1, seed=5)
+    manifest, expected = make_mixed_corpus(tmp_path / "mixed", size=GPU_SIZE)
+    write_mpeg4_avi(tmp_path / "mixed" / "ucf" / "v_x.avi", label=1, seed=5, size=GPU_SIZE)
     with open(manifest, "a") as f:
         f.write("ucf/v_x.avi,a mpeg4 part 2 clip,1\n")
     out = tmp_path / "shards"
@@ -56,7 +56,7 @@ def test_gpu_accepts_h264_and_mpeg4_and_still_rejects_the_broken(tok, tmp_path):
 
 
 def test_gpu_pipeline_equals_direct_bf16_encode_and_is_close_to_cpu_fp32(tok, tmp_path):
-    corpus = make_clean_corpus(tmp_path / "corpus", num=4)
+    corpus = make_clean_corpus(tmp_path / "corpus", num=4, size=GPU_SIZE)
     gpu_out, cpu_out = tmp_path / "gpu", tmp_path / "cpu"
     Pretokenizer(gpu_config(tok, corpus, gpu_out, num_partitions=1), Worker(0, 1)).run()
     Pretokenizer(pretok_config(tok, corpus, cpu_out, num_partitions=1), Worker(0, 1)).run()
@@ -86,7 +86,7 @@ def test_gpu_pipeline_equals_direct_bf16_encode_and_is_close_to_cpu_fp32(tok, tm
 
 
 def test_gpu_rerun_is_byte_identical(tok, tmp_path):
-    corpus = make_clean_corpus(tmp_path / "corpus", num=4)
+    corpus = make_clean_corpus(tmp_path / "corpus", num=4, size=GPU_SIZE)
     a, b = tmp_path / "a", tmp_path / "b"
     Pretokenizer(gpu_config(tok, corpus, a, latent_dtype="bfloat16"), Worker(0, 1)).run()
     Pretokenizer(gpu_config(tok, corpus, b, latent_dtype="bfloat16"), Worker(0, 1)).run()
