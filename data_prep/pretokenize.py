@@ -22,7 +22,6 @@ Design decisions:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import queue
 import shutil
@@ -446,10 +445,9 @@ class ClipStream:
             yield jobs, results, time.perf_counter() - t0
 
     def __call__(self, rows: Sequence[tuple[int, VideoRecord]], rejects: list[Reject]) -> Iterator:
-        setup = None
-        if self.decode_device == "gpu":
-            def setup():
-                torch.cuda.set_device(self.device_id)
+        def on_gpu() -> None:  # the decode thread's CUDA device (DALI output copies, its stream)
+            torch.cuda.set_device(self.device_id)
+        setup = on_gpu if self.decode_device == "gpu" else None
         return _background(self._decoded(rows, rejects), self.cfg.prefetch_batches, setup)
 
 
@@ -639,6 +637,3 @@ def merge_only(cfg_or_dir: PretokenizeConfig | str | Path) -> dict:
     manifest = shards.read_shard_manifest(out)
     return shards.merge_partitions(out, int(manifest["num_partitions"]))
 
-
-def manifest_digest(manifest: dict) -> str:
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:12]
