@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "numpy",
     "safetensors>=0.4",
+    "transformers>=4.40",  # frozen text encoders for pre-tokenization (also required by mosaicml-streaming)
 ]
 
 EXTRAS_REQUIRE = {

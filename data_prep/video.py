@@ -25,11 +25,16 @@ DALI_GPU_CODECS = DALI_CPU_CODECS | {"h264", "hevc", "av1", "mpeg4"}
 
 
 class VideoUnusable(Exception):
-    """A video cannot be used; ``reason`` is what goes into rejects.jsonl."""
+    """A video cannot be used; ``reason`` is what goes into rejects.jsonl.
 
-    def __init__(self, reason: str):
+    ``kind`` is a short category for summaries: missing, unreadable, codec, no_frames, too_short,
+    decode_error, frame_count (or ``unusable`` when unspecified).
+    """
+
+    def __init__(self, reason: str, kind: str = "unusable"):
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -93,11 +98,11 @@ def probe_video(path: str | Path, device: str = "cpu") -> VideoInfo:
     import av
     path = Path(path)
     if not path.is_file():
-        raise VideoUnusable(f"missing file: {path}")
+        raise VideoUnusable(f"missing file: {path}", "missing")
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise VideoUnusable("no video stream")
+                raise VideoUnusable("no video stream", "unreadable")
             stream = container.streams.video[0]
             codec = stream.codec_context.name
             fps = float(stream.average_rate or stream.guessed_rate or 0)
@@ -107,14 +112,14 @@ def probe_video(path: str | Path, device: str = "cpu") -> VideoInfo:
     except VideoUnusable:
         raise
     except Exception as e:  # PyAV raises many types for corrupt input
-        raise VideoUnusable(f"unreadable container: {type(e).__name__}: {e}") from None
+        raise VideoUnusable(f"unreadable container: {type(e).__name__}: {e}", "unreadable") from None
     supported = DALI_GPU_CODECS if device == "gpu" else DALI_CPU_CODECS
     if codec not in supported:
         where = "GPU (NVDEC)" if device == "gpu" else "CPU"
         hint = "" if device == "gpu" else " (transcode with `videoar transcode`, or run on a GPU host)"
-        raise VideoUnusable(f"codec '{codec}' cannot be decoded by DALI on {where}{hint}")
+        raise VideoUnusable(f"codec '{codec}' cannot be decoded by DALI on {where}{hint}", "codec")
     if num_frames == 0 or fps <= 0:
-        raise VideoUnusable(f"no decodable frames (frames={num_frames}, fps={fps})")
+        raise VideoUnusable(f"no decodable frames (frames={num_frames}, fps={fps})", "no_frames")
     return VideoInfo(path=str(path), codec=codec, num_frames=num_frames, fps=fps, height=height, width=width)
 
 
@@ -136,7 +141,7 @@ def plan_clips(info: VideoInfo, cfg: ClipSamplingConfig, *, start_s: float | Non
     room = last - first - span
     if room < 0:
         raise VideoUnusable(f"too short: {last - first} usable frames, a clip needs {span} "
-                            f"({cfg.num_frames} frames at stride {stride})")
+                            f"({cfg.num_frames} frames at stride {stride})", "too_short")
     n = cfg.clips_per_video
     starts = [first + (room * i // (n - 1) if n > 1 else room // 2) for i in range(n)]
     return [ClipPlan(path=info.path, start_frame=s, stride=stride, num_frames=cfg.num_frames)
@@ -210,7 +215,7 @@ class DaliClipDecoder:
         expected = (plan.num_frames, self.height, self.width, 3)
         if tuple(frames.shape) != expected:
             return VideoUnusable(f"decoded {tuple(frames.shape)} but expected {expected} "
-                                 f"(truncated or corrupt stream)")
+                                 f"(truncated or corrupt stream)", "frame_count")
         return frames
 
     def decode(self, plans: Sequence[ClipPlan]) -> list[torch.Tensor | VideoUnusable]:
@@ -230,7 +235,7 @@ class DaliClipDecoder:
             return self._check(plan, self._run([plan])[0])
         except Exception as e:
             self._pipe = None
-            return VideoUnusable(f"decode error: {_first_dali_error(str(e))}")
+            return VideoUnusable(f"decode error: {_first_dali_error(str(e))}", "decode_error")
 
 
 def _first_dali_error(text: str) -> str:
@@ -241,3 +246,66 @@ def _first_dali_error(text: str) -> str:
         if rest:
             return rest[0][:500]
     return (lines[0] if lines else text)[:500]
+
+
+def resize_cover_crop(frames_FHWC: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 ``(F, h, w, 3)`` → uint8 ``(F, height, width, 3)``: scale so the frame covers the
+    output (shorter side fits, aspect kept, antialiased bilinear), then centre-crop. The torch
+    counterpart of the DALI pipeline's resize + crop (pixel values differ slightly between the two)."""
+    import torch.nn.functional as F
+    f, h, w, _ = frames_FHWC.shape
+    scale = max(height / h, width / w)
+    rh, rw = max(height, round(h * scale)), max(width, round(w * scale))
+    x = frames_FHWC.permute(0, 3, 1, 2).float()
+    if (rh, rw) != (h, w):
+        x = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (rh - height + 1) // 2, (rw - width + 1) // 2  # DALI crop_pos 0.5 rounds half up
+    x = x[:, :, top:top + height, left:left + width]
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+class PyAVClipDecoder:
+    """CPU clip decoder on PyAV (libavcodec) with the same interface as :class:`DaliClipDecoder`.
+
+    It is the baseline the pre-tokenization benchmark compares DALI against, and an independent
+    reference for which source frames a :class:`ClipPlan` selects. Every codec libavcodec knows is
+    decoded (so it does not reproduce DALI's codec limits; probe with the DALI device for that).
+    Clips of a batch decode in parallel threads (libavcodec releases the GIL); each clip decodes
+    from the start of the file up to its last frame, so long videos are slow: it is a baseline.
+    """
+
+    def __init__(self, *, height: int, width: int, num_threads: int = 2, device: str = "cpu"):
+        if device != "cpu":
+            raise ValueError(f"PyAVClipDecoder decodes on cpu only, got device={device!r}")
+        self.height, self.width, self.num_threads = height, width, num_threads
+        self.device = "cpu"
+
+    def _decode_one(self, plan: ClipPlan) -> torch.Tensor | VideoUnusable:
+        import av
+        wanted = plan.frame_indices
+        frames: list[np.ndarray] = []
+        try:
+            with av.open(plan.path) as container:
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
+                next_i = 0
+                for index, frame in enumerate(container.decode(stream)):
+                    if index == wanted[next_i]:
+                        frames.append(frame.to_ndarray(format="rgb24"))
+                        next_i += 1
+                        if next_i == len(wanted):
+                            break
+        except Exception as e:
+            return VideoUnusable(f"decode error: {type(e).__name__}: {e}", "decode_error")
+        if len(frames) != plan.num_frames:
+            return VideoUnusable(f"decoded {len(frames)} frames but expected {plan.num_frames} "
+                                 f"(truncated or corrupt stream)", "frame_count")
+        return resize_cover_crop(torch.from_numpy(np.stack(frames)), self.height, self.width)
+
+    def decode(self, plans: Sequence[ClipPlan]) -> list[torch.Tensor | VideoUnusable]:
+        """Decode clips; each result is frames ``(F, H, W, 3)`` uint8 (CPU) or the reason it failed."""
+        if self.num_threads <= 1 or len(plans) <= 1:
+            return [self._decode_one(p) for p in plans]
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(self.num_threads) as pool:
+            return list(pool.map(self._decode_one, plans))

@@ -13,6 +13,10 @@ import sys
 # name → (module with `main(argv, prog)`, summary). Add a subcommand only when it works.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("videoar_megatron.cli.synth", "write a synthetic class-labelled video corpus (PyAV)"),
+    "pretokenize": ("videoar_megatron.cli.pretokenize", "videos → DALI clips → tokenizer bits + latents → MDS token shards"),
+    "shards": ("videoar_megatron.cli.shards", "inspect token shards (counts, shapes, rejects, PNG) or merge partitions"),
+    "transcode": ("videoar_megatron.cli.transcode", "re-encode videos DALI cannot decode on the target device (PyAV)"),
+    "manifest": ("videoar_megatron.cli.manifest", "build an input manifest for a known corpus (UCF-101 splits)"),
 }
 
 
