@@ -13,6 +13,8 @@ import sys
 # name → (module with `main(argv, prog)`, summary). Add a subcommand only when it works.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("videoar_megatron.cli.synth", "write a synthetic class-labelled video corpus (PyAV)"),
+    "sample": ("videoar_megatron.cli.sample", "sample videos from an AR checkpoint (KV cache, CFG, V2V/I2V)"),
+    "eval": ("videoar_megatron.cli.eval", "gFVD of an AR checkpoint, tokenizer rFVD/PSNR/SSIM, real-set statistics"),
 }
 
 

@@ -29,6 +29,9 @@ def to_uint8(video_CTHW: torch.Tensor) -> np.ndarray:
 def _temp_path(path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     return Path(tmp)
 
 
