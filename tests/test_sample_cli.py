@@ -64,6 +64,7 @@ def test_class_samples_files_index_and_grid(assets, tmp_path):
     assert [s["id"] for s in index["samples"]] == list(range(6))
     assert [s["condition"]["class"] for s in index["samples"]] == [1, 1, 1, 3, 3, 3]
     assert index["tokenizer_hash"] and index["seed"] == 0 and index["resolution"] == [64, 64]
+    assert all(s["seed"] == 0 for s in index["samples"])
     for s in index["samples"]:
         frames = decode(out / s["file"])
         assert frames.shape == (WINDOW, 64, 64, 3) and s["frames"] == WINDOW
@@ -116,7 +117,8 @@ def test_video_to_video_and_image_to_video(assets, tmp_path):
 
 
 def test_refusals_name_the_problem(assets, tmp_path):
-    with pytest.raises(SystemExit, match="tokenizer mismatch.*other_tokenizer.*content hash"):
+    hashes = [json.loads((assets / d / "meta.json").read_text())["content_hash"] for d in ("other_tokenizer", "tokenizer")]
+    with pytest.raises(SystemExit, match=f"tokenizer mismatch.*other_tokenizer.*{hashes[0]}.*{hashes[1]}"):
         videoar(["sample", "--ckpt", str(assets / "run"), "--tokenizer", str(assets / "other_tokenizer"),
                  "--recipe", str(TINY), "--out", str(tmp_path / "x"), "--class", "1"])
     with pytest.raises(SystemExit, match="class-conditional: give --class"):
@@ -129,3 +131,35 @@ def test_refusals_name_the_problem(assets, tmp_path):
                  str(assets / "tokenizer"), "--out", str(tmp_path / "w"), "--class", "1"])
     with pytest.raises(SystemExit, match="top_p"):
         sample(assets, tmp_path / "v", "--class", "1", "--set", "top_p=2")
+
+
+def test_prompts_through_a_local_text_tokenizer(assets, tmp_path):
+    """kind text_tokens: prompts are tokenized by the local Hugging Face tokenizer the shards used."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "a", "cat", "dog", "runs", "on", "the", "beach"]
+    core = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(
+        tmp_path / "text_tokenizer")
+    ctx = init_distributed(device="cpu")
+    groups = init_model_parallel(ctx, ParallelConfig())
+    cfg = model_config(condition={"kind": "text_tokens", "vocab_size": len(words), "text_len": 6})
+    digest = json.loads((assets / "tokenizer" / "meta.json").read_text())["content_hash"]
+    write_ar_checkpoint(tmp_path / "t2v", 3, cfg, digest, ctx, groups)
+    destroy_model_parallel(ctx)
+    out = tmp_path / "out"
+    args = ["sample", "--ckpt", str(tmp_path / "t2v"), "--tokenizer", str(assets / "tokenizer"),
+            "--recipe", str(TINY), "--set", "guidance.schedule=t2v"]
+    assert videoar([*args, "--out", str(out), "--prompt", "a cat runs", "--prompt", "the dog on the beach",
+                    "--num", "2", "--text-encoder", str(tmp_path / "text_tokenizer")]) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert [s["condition"]["prompt"] for s in index["samples"]] == ["a cat runs"] * 2 + ["the dog on the beach"] * 2
+    assert decode(out / "videos/sample_00003.mp4").shape[0] == WINDOW
+    with pytest.raises(SystemExit, match="--prompt needs --text-encoder"):
+        videoar([*args, "--out", str(tmp_path / "x"), "--prompt", "a cat"])
+    with pytest.raises(SystemExit, match="text-conditioned"):
+        videoar([*args, "--out", str(tmp_path / "y"), "--class", "1"])

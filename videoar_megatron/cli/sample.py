@@ -176,7 +176,8 @@ def generate_all(args, cfg: SamplingConfig, loaded: LoadedSampler, out: Path) ->
                     write_mp4(out / name, frames, cfg.output.fps, cfg.output.codec)
                 if i < cfg.output.grid_max_videos:
                     grid[i] = frames
-                entries.append({"id": i, "file": name, "condition": meta[i], "frames": int(frames.shape[0])})
+                entries.append({"id": i, "file": name, "condition": meta[i], "frames": int(frames.shape[0]),
+                                "seed": cfg.seed})
             bar.update(len(ids))
     return entries, grid
 
