@@ -8,7 +8,6 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from sample_helpers import LATENT_FRAMES, model_config, write_ar_checkpoint, write_tokenizer
@@ -117,7 +116,8 @@ def test_video_to_video_and_image_to_video(assets, tmp_path):
 
 
 def test_refusals_name_the_problem(assets, tmp_path):
-    hashes = [json.loads((assets / d / "meta.json").read_text())["content_hash"] for d in ("other_tokenizer", "tokenizer")]
+    hashes = [json.loads((assets / d / "meta.json").read_text())["content_hash"]
+              for d in ("other_tokenizer", "tokenizer")]
     with pytest.raises(SystemExit, match=f"tokenizer mismatch.*other_tokenizer.*{hashes[0]}.*{hashes[1]}"):
         videoar(["sample", "--ckpt", str(assets / "run"), "--tokenizer", str(assets / "other_tokenizer"),
                  "--recipe", str(TINY), "--out", str(tmp_path / "x"), "--class", "1"])

@@ -126,7 +126,8 @@ def test_known_frames_are_teacher_forced_and_the_rest_continues(groups):
     assert not cont.logits_BTLd[:, 0].any()                              # known frames are not sampled
     other = torch.zeros_like(full.bits_BTLd[:, :2])
     diverted = sampler.generate(LABELS, keys(3), known_bits_BTLd=other)
-    assert torch.equal(diverted.bits_BTLd[:, :2], other) and not torch.equal(diverted.bits_BTLd[:, 2], full.bits_BTLd[:, 2])
+    assert torch.equal(diverted.bits_BTLd[:, :2], other)
+    assert not torch.equal(diverted.bits_BTLd[:, 2], full.bits_BTLd[:, 2])
     short = sampler.generate(LABELS, keys(3), frames=2)
     assert torch.equal(short.bits_BTLd, full.bits_BTLd[:, :2])          # a shorter window is a prefix
 

@@ -11,7 +11,6 @@ spread samples over ranks (``--set tensor_parallel=2`` splits the model too). Ou
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
