@@ -112,6 +112,7 @@ def run_engine(name, args, model, cfg, tokenizer, quantizer, B, device) -> dict:
     sync(device)
     warmup_s = time.perf_counter() - t0
     ar_s, out = timed(lambda: sampler.generate(cond, window_keys(0, ids, 0)), device, iters)
+    decode_latent(tokenizer, out.latent_BdTHW)                      # warm-up (cuDNN autotuning)
     dec_s, _ = timed(lambda: decode_latent(tokenizer, out.latent_BdTHW), device, iters)
     total_s, video = timed(lambda: generate_videos(sampler, tokenizer, cond, ids, seed=0, frames=frames), device,
                            iters)
