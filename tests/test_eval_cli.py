@@ -1,6 +1,6 @@
 """``videoar eval`` end to end on CPU: a synthetic VP9 corpus decoded by DALI, a random-weight I3D
-written to disk, real statistics computed then read back from the cache; rFVD through a real
-tokenizer checkpoint where the tokenizer package provides ``load_tokenizer``."""
+written to disk, real statistics computed then read back from the cache; gFVD of an AR checkpoint
+through the sampler; rFVD through a real tokenizer checkpoint."""
 from __future__ import annotations
 
 import json
@@ -20,6 +20,7 @@ from videoar_megatron.evaluation.i3d import FeatureExtractorConfig, load_feature
 from videoar_megatron.evaluation.protocols import FVDPlan, FVDProtocolConfig, real_cache_fields
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "eval" / "tiny.yaml"
+SAMPLE_TINY = Path(__file__).resolve().parents[1] / "recipes" / "sample" / "tiny.yaml"
 SINGLE = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"),
                      backend="gloo")
 
@@ -74,10 +75,47 @@ def test_real_stats_are_computed_once_then_read_from_the_cache(corpus, tmp_path,
     np.testing.assert_allclose(cached.mean_cov()[0], direct.mean_cov()[0], rtol=1e-10)
 
 
-def test_fvd_refuses_until_the_sampler_is_wired(corpus, tmp_path):
-    with pytest.raises(SystemExit, match="issue 8"):
-        main(["fvd", "--recipe", str(TINY), "--checkpoint", str(tmp_path), "--out", str(tmp_path / "out"),
-              *overrides(corpus, tmp_path / "cache")])
+@pytest.fixture(scope="module")
+def ar_checkpoint(tmp_path_factory):
+    """A tokenizer and a class-conditional AR checkpoint (random weights) for 9-frame 64x64 clips."""
+    from sample_helpers import model_config, write_ar_checkpoint, write_tokenizer
+    from videoar_megatron.common.distributed import init_distributed
+    from videoar_megatron.model.config import ParallelConfig
+    from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel
+
+    root = tmp_path_factory.mktemp("ar")
+    digest = write_tokenizer(root / "tokenizer")
+    ctx = init_distributed(device="cpu")
+    groups = init_model_parallel(ctx, ParallelConfig())
+    write_ar_checkpoint(root / "run", 5, model_config(), digest, ctx, groups)
+    destroy_model_parallel(ctx)
+    return root
+
+
+def fvd_args(ar_checkpoint, out: Path) -> list[str]:
+    return ["fvd", "--recipe", str(TINY), "--checkpoint", str(ar_checkpoint / "run"),
+            "--tokenizer", str(ar_checkpoint / "tokenizer"), "--sample-recipe", str(SAMPLE_TINY), "--out", str(out)]
+
+
+def test_fvd_of_an_ar_checkpoint_runs_end_to_end(corpus, ar_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    assert main([*fvd_args(ar_checkpoint, out), *overrides(corpus, tmp_path / "cache")]) == 0
+    report = json.loads((out / "fvd_report.json").read_text())
+    result = report["result"]
+    assert result["num_samples"] == 3 and result["num_folds"] == 2
+    assert all(np.isfinite(f) and f > 0 for f in result["fvd_per_fold"])
+    assert report["step"] == 5 and report["sampling"]["guidance"]["schedule"] == "ucf101"
+    assert report["tokenizer"]["content_hash"]
+    # the same recipe again gives the same numbers (samples are seeded by their global id)
+    again = tmp_path / "again"
+    assert main([*fvd_args(ar_checkpoint, again), *overrides(corpus, tmp_path / "cache")]) == 0
+    assert json.loads((again / "fvd_report.json").read_text())["result"]["fvd_per_fold"] == result["fvd_per_fold"]
+
+
+def test_fvd_refuses_a_checkpoint_of_another_resolution(corpus, ar_checkpoint, tmp_path):
+    with pytest.raises(SystemExit, match=r"makes \(64, 64\) videos but protocol.resolution=128"):
+        main([*fvd_args(ar_checkpoint, tmp_path / "out"), *overrides(corpus, tmp_path / "cache"),
+              "--set", "protocol.resolution=128"])
 
 
 def test_missing_i3d_weights_stop_the_command_with_the_expected_file(corpus, tmp_path):

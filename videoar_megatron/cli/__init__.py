@@ -17,6 +17,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("videoar_megatron.cli.shards", "inspect token shards (counts, shapes, rejects, PNG) or merge partitions"),
     "transcode": ("videoar_megatron.cli.transcode", "re-encode videos DALI cannot decode on the target device (PyAV)"),
     "manifest": ("videoar_megatron.cli.manifest", "build an input manifest for a known corpus (UCF-101 splits)"),
+    "sample": ("videoar_megatron.cli.sample", "sample videos from an AR checkpoint (KV cache, CFG, V2V/I2V)"),
+    "eval": ("videoar_megatron.cli.eval", "gFVD of an AR checkpoint, tokenizer rFVD/PSNR/SSIM, real-set statistics"),
 }
 
 

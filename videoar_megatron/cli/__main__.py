@@ -1,4 +1,4 @@
-"""`python -m videoar_megatron.cli ...` runs the `videoar` command."""
+"""``python -m videoar_megatron.cli COMMAND ...``: the ``videoar`` console script without installing."""
 import sys
 
 from videoar_megatron.cli import main

@@ -5,8 +5,9 @@ Parse → build → run → close; the work is in ``videoar_megatron.evaluation`
 to spread generation, decoding and I3D features over ranks; rank 0 writes ``<out>/config.yaml``, the
 JSON report and a Markdown table next to the paper's numbers.
 
-Not yet registered in ``videoar_megatron.cli.SUBCOMMANDS``: ``fvd`` waits for the sampler (issue 8,
-see :func:`load_generator`) and ``rfvd`` for ``tokenizer.load_tokenizer`` (issue 4).
+``fvd`` samples with :mod:`videoar_megatron.sampling` (``--tokenizer`` and a sampling recipe,
+``--sample-recipe``); each rank holds the whole model (tensor_parallel 1) and generates its share of
+every fold, each sample seeded by its global sample id, so the videos do not depend on the world size.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from videoar_megatron.common.config import ConfigError, iter_fields, load_config, save_resolved_config
+from videoar_megatron.common.config import (ConfigError, config_to_dict, iter_fields, load_config,
+                                            save_resolved_config)
 from videoar_megatron.common.distributed import DistContext, init_distributed, shutdown_distributed
 from videoar_megatron.evaluation.clips import ManifestClipSource
 from videoar_megatron.evaluation.config import EvalConfig
@@ -24,6 +26,10 @@ from videoar_megatron.evaluation.fvd import RealStatsCache
 from videoar_megatron.evaluation.i3d import I3DWeightsError, load_feature_extractor
 from videoar_megatron.evaluation.protocols import GenerateFn, compute_real_stats, run_fvd_protocol
 from videoar_megatron.evaluation.recon import evaluate_reconstruction, tokenizer_reconstruct
+from videoar_megatron.sampling.config import SamplingConfig
+from videoar_megatron.sampling.extend import generate_videos
+from videoar_megatron.sampling.loading import LoadedSampler, SamplerLoadError, load_sampler
+from videoar_megatron.sampling.sampler import Conditions
 from videoar_megatron.evaluation.report import fvd_markdown, recon_markdown, write_report
 
 
@@ -41,7 +47,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                     "(MAGVIT-v2/NBP folds or a single run), tokenizer rFVD/PSNR/SSIM.",
         epilog=_knobs_epilog())
     sub = p.add_subparsers(dest="command", required=True, metavar="{fvd,rfvd,real-stats}")
-    specs = {"fvd": "gFVD of an AR checkpoint under recipe.protocol (needs the sampler)",
+    specs = {"fvd": "gFVD of an AR checkpoint under recipe.protocol, sampled with --sample-recipe",
              "rfvd": "rFVD, PSNR and SSIM of a tokenizer on data.heldout_manifest",
              "real-stats": "compute and cache the real-set statistics of recipe.protocol"}
     for name, help_text in specs.items():
@@ -52,7 +58,16 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                        help="override a recipe knob (repeatable), e.g. --set protocol.num_samples=2000")
         s.add_argument("--out", required=name != "real-stats",
                        help="output directory for config.yaml and the reports")
-    sub.choices["fvd"].add_argument("--checkpoint", required=True, help="VideoAR AR checkpoint directory")
+    fvd = sub.choices["fvd"]
+    fvd.add_argument("--checkpoint", required=True,
+                     help="VideoAR AR checkpoint: a committed step directory or a run's checkpoint root (newest)")
+    fvd.add_argument("--tokenizer", required=True,
+                     help="tokenizer directory (its hash must match the checkpoint's tokenizer_hash)")
+    fvd.add_argument("--sample-recipe", required=True,
+                     help="sampling recipe (guidance schedule, temperature, top-p, seed), e.g. "
+                          "recipes/sample/ucf101.yaml; its frames knob is replaced by protocol.num_frames")
+    fvd.add_argument("--sample-set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a sampling-recipe knob (repeatable), e.g. --sample-set seed=1")
     sub.choices["rfvd"].add_argument("--tokenizer", required=True, help="tokenizer checkpoint directory")
     return p
 
@@ -79,14 +94,34 @@ def clip_source(cfg: EvalConfig, ctx: DistContext, manifest: str, clips_per_vide
                               num_threads=cfg.data.decode_threads)
 
 
-def load_generator(checkpoint: str, cfg: EvalConfig, ctx: DistContext) -> GenerateFn:
-    """INTEGRATION POINT (issue 8): build the VideoAR sampler from ``checkpoint`` and return
-    ``generate(labels_B, sample_ids_B) -> videos (B, 3, protocol.num_frames, protocol.resolution,
-    protocol.resolution)`` in [-1, 1] on ``ctx.device``, seeding each sample from its id so results
-    do not depend on the world size. Until the sampler lands this refuses to run."""
-    raise NotImplementedError(
-        "videoar eval fvd needs the VideoAR sampler (issue 8), which is not in this build yet; "
-        "wire it in videoar_megatron/cli/eval.py:load_generator. `videoar eval real-stats` works now.")
+def load_generator(args, cfg: EvalConfig, ctx: DistContext) -> tuple[GenerateFn, LoadedSampler, SamplingConfig]:
+    """The VideoAR sampler of ``args.checkpoint`` as the protocol's ``generate(labels_B, sample_ids_B) ->
+    videos (B, 3, protocol.num_frames, protocol.resolution, protocol.resolution)`` in [-1, 1]: sample
+    ``i`` draws its bits from the stream keyed by (sampling seed, i), whatever rank or batch makes it."""
+    scfg = load_config(SamplingConfig, args.sample_recipe, args.sample_set)
+    if scfg.tensor_parallel != 1:
+        raise ConfigError("videoar eval fvd runs tensor_parallel=1 per rank (data parallel over ranks); "
+                          f"the sampling recipe sets tensor_parallel={scfg.tensor_parallel}")
+    loaded = load_sampler(args.checkpoint, args.tokenizer, scfg, ctx)
+    p = cfg.protocol
+    kind = loaded.info.model_cfg.condition.kind
+    if kind != "class":
+        loaded.close()
+        raise ConfigError(f"gFVD protocols are class-conditional; the checkpoint's condition.kind is {kind!r}")
+    if loaded.resolution != (p.resolution, p.resolution):
+        loaded.close()
+        raise ConfigError(f"the checkpoint makes {loaded.resolution} videos but protocol.resolution={p.resolution}")
+
+    def generate(labels_B: torch.Tensor, sample_ids_B: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(0, len(labels_B), scfg.batch_size):
+            ids = sample_ids_B[i:i + scfg.batch_size].tolist()
+            out.append(generate_videos(loaded.sampler, loaded.tokenizer,
+                                       Conditions.labels(labels_B[i:i + scfg.batch_size]), ids, seed=scfg.seed,
+                                       frames=p.num_frames, context_latent_frames=scfg.context_latent_frames))
+        return torch.cat(out)
+
+    return generate, loaded, scfg
 
 
 def load_tokenizer_for_eval(path: str, device: torch.device):
@@ -116,15 +151,21 @@ def run_real_stats(args, cfg: EvalConfig, ctx: DistContext) -> int:
 
 
 def run_fvd(args, cfg: EvalConfig, ctx: DistContext) -> int:
-    generate = load_generator(args.checkpoint, cfg, ctx)
-    extractor = load_feature_extractor(cfg.extractor, ctx.device)
-    source = clip_source(cfg, ctx, cfg.data.train_manifest, cfg.data.clips_per_video, "data.train_manifest")
-    result = run_fvd_protocol(cfg.protocol, generate=generate, source=source, extractor=extractor, ctx=ctx,
-                              cache=RealStatsCache(cfg.cache_dir), progress=cfg.progress).to_dict()
+    generate, loaded, scfg = load_generator(args, cfg, ctx)
+    try:
+        extractor = load_feature_extractor(cfg.extractor, ctx.device)
+        source = clip_source(cfg, ctx, cfg.data.train_manifest, cfg.data.clips_per_video, "data.train_manifest")
+        result = run_fvd_protocol(cfg.protocol, generate=generate, source=source, extractor=extractor, ctx=ctx,
+                                  cache=RealStatsCache(cfg.cache_dir), progress=cfg.progress).to_dict()
+    finally:
+        loaded.close()
     if ctx.is_main:
         save_resolved_config(cfg, args.out)
-        paths = write_report(args.out, "fvd_report", result, fvd_markdown(result),
-                             extra={"checkpoint": str(Path(args.checkpoint).resolve()), "rejects": source.rejects})
+        extra = {"checkpoint": str(loaded.info.path.resolve()), "step": loaded.info.step,
+                 "tokenizer": {"path": str(Path(args.tokenizer).resolve()),
+                               "content_hash": loaded.tokenizer.content_hash},
+                 "sampling": config_to_dict(scfg), "rejects": source.rejects}
+        paths = write_report(args.out, "fvd_report", result, fvd_markdown(result), extra=extra)
         print(f"gFVD {result['mean']:.2f} ± {result['std']:.2f} → {paths[0]}, {paths[1]}")
     return 0
 
@@ -159,7 +200,7 @@ def main(argv: list[str], prog: str = "videoar eval") -> int:
     ctx = init_distributed(device=cfg.device)
     try:
         return COMMANDS[args.command](args, cfg, ctx)
-    except (I3DWeightsError, ConfigError, NotImplementedError) as e:
+    except (I3DWeightsError, ConfigError, SamplerLoadError, NotImplementedError) as e:
         raise SystemExit(f"{prog} {args.command}: {e}")
     finally:
         shutdown_distributed()
