@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from videoar_megatron.model.layout import TokenLayout
 from videoar_megatron.model.mask import (block_mask, dense_mask, draw_frame_visibility, frame_visibility,
-                                         mask_mod)
+                                         is_full_context, mask_mod)
 
 
 def reference_tokens(prefix_len, scales, frames, pad):
@@ -71,12 +71,15 @@ def test_dense_mask_equals_reference(rfm):
         keep = torch.rand(B, T, T, generator=torch.Generator().manual_seed(rng.randint(0, 999))) > 0.5 if rfm \
             else torch.ones(B, T, T, dtype=torch.bool)
         tables = layout.tables()
-        got = dense_mask(tables, frame_visibility(keep, window), text_len)
+        visible = frame_visibility(keep, window)
+        got = dense_mask(tables, visible, text_len)
         assert got.shape == (B, 1, layout.seq_len, layout.seq_len)
         tokens = reference_tokens(layout.prefix_len, layout.scales, T, layout.pad)
         for b in range(B):
             want = reference_mask(tokens, int(text_len[b]), keep[b].tolist(), window)
             assert torch.equal(got[b, 0], want), f"layout {layout}, window {window}, sample {b}"
+        if is_full_context(visible):  # the cheaper rule GPU training takes without RFM drops
+            assert torch.equal(dense_mask(tables, visible, text_len, full_context=True), got)
 
 
 def test_without_rfm_video_part_is_lexicographic_block_causal():
@@ -101,6 +104,11 @@ def test_flex_mask_mod_equals_dense_mask_and_flex_forward_matches_sdpa():
         dense = dense_mask(tables, vis, text_len)
         S = layout.seq_len
         assert torch.equal(create_mask(mask_mod(tables, vis, text_len), B, 1, S, S, device="cpu"), dense)
+        full = draw_frame_visibility(B, T)
+        assert is_full_context(full)
+        assert not is_full_context(frame_visibility(torch.ones(1, 3, 3, dtype=torch.bool), window=1))
+        assert torch.equal(create_mask(mask_mod(tables, full, text_len, full_context=True), B, 1, S, S,
+                                       device="cpu"), dense_mask(tables, full, text_len))
         q, k, v = torch.randn(3, B, 2, S, 8).unbind(0)
         with torch.no_grad():  # FlexAttention has no CPU backward
             out = flex_attention(q, k, v, block_mask=block_mask(tables, vis, text_len))

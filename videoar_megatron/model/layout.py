@@ -100,6 +100,14 @@ class LayoutTables:
     """Row on the scale's own grid (video), prefix index (text), 0 (pads)."""
     col_S: torch.Tensor
     """Column on the scale's own grid (video), prefix index (text), 0 (pads)."""
+    frame_start_S: torch.Tensor
+    """Sequence position of the first token of the token's frame (video); own position otherwise."""
+    block_end_S: torch.Tensor
+    """One past the last position of the token's (frame, scale) block (video); own position + 1
+    otherwise. Tokens of a frame are ordered by scale, so 'same frame, scale <= k' is the range
+    [frame_start, block_end): the mask tests ranges instead of gathering frame and scale ids."""
+    prefix_len: int
+    """|Ψ|: positions below it are the prefix."""
 
 
 def _video_tables(layout: TokenLayout) -> tuple[torch.Tensor, ...]:
@@ -126,4 +134,20 @@ def _tables(layout: TokenLayout, device: str) -> LayoutTables:
     scale = torch.cat([minus, scale_N, torch.full((pad,), -1)])
     row = torch.cat([text, row_N, torch.zeros(pad, dtype=torch.long)])
     col = torch.cat([text, col_N, torch.zeros(pad, dtype=torch.long)])
-    return LayoutTables(*(t.to(device=device, dtype=torch.long) for t in (kind, frame, scale, row, col)))
+    frame_start, block_end = _ranges(layout)
+    tensors = (kind, frame, scale, row, col, frame_start, block_end)
+    return LayoutTables(*(t.to(device=device, dtype=torch.long) for t in tensors), prefix_len=P)
+
+
+def _ranges(layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(frame_start_S, block_end_S): see :class:`LayoutTables`."""
+    S, P, L = layout.seq_len, layout.prefix_len, layout.tokens_per_frame
+    pos = torch.arange(S)
+    frame_start, block_end = pos.clone(), pos + 1
+    ends = torch.tensor(layout.scale_offsets[1:])  # end of each scale within a frame
+    for t in range(layout.frames):
+        start = P + t * L
+        scale_end_L = torch.repeat_interleave(ends, ends - torch.tensor(layout.scale_offsets[:-1]))
+        frame_start[start:start + L] = start
+        block_end[start:start + L] = start + scale_end_L
+    return frame_start, block_end

@@ -56,25 +56,38 @@ def draw_frame_visibility(batch: int, frames: int, *, window: int = 0, p_mask: f
 
 
 def mask_rule(b, q_idx, kv_idx, tables: LayoutTables, frame_visible_BTT: torch.Tensor,
-              text_len_B: torch.Tensor) -> torch.Tensor:
+              text_len_B: torch.Tensor, full_context: bool = False) -> torch.Tensor:
     """True where query ``q_idx`` of sample ``b`` may attend to key ``kv_idx``.
 
     Arguments are integer tensors that broadcast together (0-d under FlexAttention's vmap; grids for
-    the dense mask).
+    the dense mask). Written as range tests over per-token tables (``frame_start_S``, ``block_end_S``)
+    because FlexAttention evaluates it per element of every partially-masked block: each gather costs.
+    ``full_context=True`` is the promise that every earlier frame is in context for every sample (no
+    Random Frame Mask drop, unlimited window), which turns the frame-table lookup into a range test.
     """
-    kind_q, kind_k = tables.kind_S[q_idx], tables.kind_S[kv_idx]
-    frame_q, frame_k = tables.frame_S[q_idx], tables.frame_S[kv_idx]
-    text_key = (kind_k == TEXT) & (kv_idx < text_len_B[b])
-    to_text = (kind_q != PAD) & text_key
-    video_pair = (kind_q == VIDEO) & (kind_k == VIDEO)
-    same_frame = (frame_q == frame_k) & (tables.scale_S[kv_idx] <= tables.scale_S[q_idx])
-    in_context = frame_visible_BTT[b, frame_q.clamp(min=0), frame_k.clamp(min=0)]
-    earlier = (frame_k < frame_q) & in_context
-    return to_text | (video_pair & (same_frame | earlier)) | (q_idx == kv_idx)
+    kind_q = tables.kind_S[q_idx]
+    # text_len <= |Ψ|: a key below it is a valid (unpadded) prefix key
+    to_text = (kind_q != PAD) & (kv_idx < text_len_B[b])
+    frame_start_q = tables.frame_start_S[q_idx]
+    # same frame, scale <= k: tokens of a frame are ordered by scale
+    own_frame = (kv_idx >= frame_start_q) & (kv_idx < tables.block_end_S[q_idx])
+    earlier = (kv_idx >= tables.prefix_len) & (kv_idx < frame_start_q)
+    if not full_context:
+        frame_q, frame_k = tables.frame_S[q_idx], tables.frame_S[kv_idx]
+        earlier = earlier & frame_visible_BTT[b, frame_q.clamp(min=0), frame_k.clamp(min=0)]
+    return to_text | ((kind_q == VIDEO) & (own_frame | earlier)) | (q_idx == kv_idx)
+
+
+def is_full_context(frame_visible_BTT: torch.Tensor) -> bool:
+    """Whether every earlier frame is visible to every query frame of every sample (host sync)."""
+    T = frame_visible_BTT.shape[-1]
+    lower = torch.ones(T, T, dtype=torch.bool, device=frame_visible_BTT.device).tril(-1)
+    return bool((frame_visible_BTT == lower).all())
 
 
 def dense_mask(tables: LayoutTables, frame_visible_BTT: torch.Tensor, text_len_B: torch.Tensor,
-               q_start: int = 0, q_end: int | None = None, kv_end: int | None = None) -> torch.Tensor:
+               q_start: int = 0, q_end: int | None = None, kv_end: int | None = None,
+               full_context: bool = False) -> torch.Tensor:
     """Boolean mask ``(B, 1, Q, KV)`` for SDPA (True = attend), rows ``q_start:q_end``.
 
     The row range serves KV-cached sampling: the queries of one (frame, scale) step against every
@@ -88,24 +101,32 @@ def dense_mask(tables: LayoutTables, frame_visible_BTT: torch.Tensor, text_len_B
     kv = torch.arange(kv_end, device=device)[None, None, :]
     # Row chunks bound the broadcast int64 index grids of the frame-table lookup (B x rows x KV).
     chunks = [mask_rule(b, torch.arange(r, min(r + DENSE_ROWS, q_end), device=device)[None, :, None], kv,
-                        tables, frame_visible_BTT, text_len_B) for r in range(q_start, q_end, DENSE_ROWS)]
+                        tables, frame_visible_BTT, text_len_B, full_context)
+              for r in range(q_start, q_end, DENSE_ROWS)]
     return torch.cat(chunks, dim=1)[:, None]
 
 
-def mask_mod(tables: LayoutTables, frame_visible_BTT: torch.Tensor, text_len_B: torch.Tensor):
+def mask_mod(tables: LayoutTables, frame_visible_BTT: torch.Tensor, text_len_B: torch.Tensor,
+             full_context: bool = False):
     """The rule as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` (heads share one mask)."""
     def videoar_mask(b, h, q_idx, kv_idx):
-        return mask_rule(b, q_idx, kv_idx, tables, frame_visible_BTT, text_len_B)
+        return mask_rule(b, q_idx, kv_idx, tables, frame_visible_BTT, text_len_B, full_context)
     return videoar_mask
 
 
 def block_mask(tables: LayoutTables, frame_visible_BTT: torch.Tensor, text_len_B: torch.Tensor,
-               block_size: int = 128):
-    """FlexAttention ``BlockMask`` from the same rule (block-sparse; compiled on CUDA)."""
+               block_size: int = 128, full_context: bool | None = None):
+    """FlexAttention ``BlockMask`` from the same rule (block-sparse; compiled on CUDA).
+
+    ``full_context=None`` checks the frame table (one host sync) and takes the cheaper rule when no
+    frame is masked."""
     from torch.nn.attention.flex_attention import create_block_mask
     S = tables.kind_S.shape[0]
     device = tables.kind_S.device
-    return create_block_mask(mask_mod(tables, frame_visible_BTT, text_len_B), frame_visible_BTT.shape[0],
+    if full_context is None:
+        full_context = is_full_context(frame_visible_BTT)
+    rule = mask_mod(tables, frame_visible_BTT, text_len_B, full_context)
+    return create_block_mask(rule, frame_visible_BTT.shape[0],
                              None, S, S, device=device, BLOCK_SIZE=block_size,
                              _compile=device.type == "cuda")
 
