@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("videoar_megatron.cli.shards", "inspect token shards (counts, shapes, rejects, PNG) or merge partitions"),
     "transcode": ("videoar_megatron.cli.transcode", "re-encode videos DALI cannot decode on the target device (PyAV)"),
     "manifest": ("videoar_megatron.cli.manifest", "build an input manifest for a known corpus (UCF-101 splits)"),
+    "train": ("videoar_megatron.cli.train", "train the VideoAR transformer on token shards (Megatron-core TP x PP x DP)"),
 }
 
 

@@ -1,0 +1,165 @@
+"""What an AR training checkpoint holds, and how a run resumes from one or starts from weights.
+
+A checkpoint (``<run_dir>/checkpoints/step_XXXXXXXX/``, written by :mod:`.dist_ckpt`, committed by a
+marker written last) holds, in Megatron ``dist_checkpointing`` format:
+
+- ``model.*``: the weights (``model_sharded_state_dict``; reshardable over TP/PP);
+- ``optimizer.*``: the optimizer state from the optimizer's own ``sharded_state_dict`` (Megatron's
+  reshardable formats: per-parameter state for the CPU ``FP32Optimizer``; ``fully_reshardable`` for the
+  distributed optimizer), so it loads at another TP/PP/DP layout;
+- ``rng_state``: every rank's RNG states (torch, CUDA, Megatron's tracker, numpy, random). They are
+  restored when the layout is unchanged; at another layout they cannot be mapped to ranks and are
+  re-seeded instead, which changes nothing in training: every random draw of the batches is derived
+  from (seed, step, sample id) (see :mod:`.data`), and the model has no dropout;
+
+and ``train_state.json`` (rank 0): step, consumed samples, LR-schedule and numerics-guard state, the
+data-loader position, the logger run id, the layout, the model config and the resolved training
+config (the AR checkpoint contract the sampler relies on; fields may be added, never removed).
+
+Resume rules (each refusal names the knob): the model config must be unchanged; the optimizer state
+must come from the same optimizer kind (CPU fp32 vs GPU mixed precision / distributed); the data
+position needs the same global batch size and the same shards. At another TP/PP/DP layout everything
+else reshards: weights and optimizer through ``dist_checkpointing``, the data position through
+streaming's elastic determinism (same samples per step at any DP size).
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from videoar_megatron.common.config import config_to_dict
+from videoar_megatron.common.distributed import DistContext
+from videoar_megatron.training import dist_ckpt
+
+FORMAT_VERSION = 1
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+"""Megatron distributed-optimizer checkpoint format that reshards over TP, PP and DP."""
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint cannot continue this run; the message says which knob differs and what to do."""
+
+
+# --- RNG ----------------------------------------------------------------------------------------
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+    if device.type == "cuda":
+        from megatron.core import tensor_parallel
+        state["cuda"] = torch.cuda.get_rng_state(device)
+        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["random"])
+    if device.type == "cuda" and "cuda" in state:
+        from megatron.core import tensor_parallel
+        torch.cuda.set_rng_state(state["cuda"], device)
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_object(ctx: DistContext) -> ShardedObject:
+    return ShardedObject("rng_state", rng_state(ctx.device), (ctx.world_size,), (ctx.rank,), replica_id=0)
+
+
+# --- state dicts --------------------------------------------------------------------------------
+
+def optimizer_format(optimizer) -> str:
+    """A name for the optimizer's checkpoint format (resume refuses a different one)."""
+    from megatron.core.optimizer.optimizer import ChainedOptimizer
+    inner = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
+    names = sorted({type(o).__name__ for o in inner})
+    return "+".join("FP32Optimizer" if n == "HostFP32Optimizer" else n for n in names)
+
+
+def sharded_state(model, optimizer, ctx: DistContext, *, is_loading: bool, with_optimizer: bool = True,
+                  with_rng: bool = True) -> dict:
+    """The sharded state dict of a checkpoint (for saving, or as the load template)."""
+    model_sd = dist_ckpt.model_sharded_state_dict(model, ctx)
+    state = dict(model_sd)
+    if with_optimizer:
+        state[dist_ckpt.OPTIMIZER_KEY] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                                      metadata=OPTIMIZER_SHARDING)
+    if with_rng:
+        state["rng_state"] = _rng_object(ctx)
+    return state
+
+
+def train_state(*, step: int, consumed_samples: int, cfg, layout, data_state: dict, manifest: dict,
+                schedule: list, run_id: str, scheduler, guard, optimizer, skipped_steps: int) -> dict:
+    """Rank 0's ``train_state.json`` (the AR checkpoint contract plus what resuming needs)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "consumed_samples": consumed_samples,
+        "model_config": config_to_dict(cfg.model),
+        "scale_schedule": [list(s) for s in schedule],
+        "latent_frames": manifest.get("latent_frames"),
+        "tokenizer_hash": manifest.get("tokenizer_hash"),
+        "logger_run_id": run_id,
+        "layout": layout.as_dict(),
+        "data_state": data_state,
+        "data": {"path": cfg.data.path, "manifest": manifest},
+        "scheduler": scheduler.state_dict(),
+        "numerics": guard.state_dict(),
+        "skipped_steps": skipped_steps,
+        "optimizer_format": optimizer_format(optimizer),
+        "config": config_to_dict(cfg),
+    }
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            diff = _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+            if diff:
+                return diff
+        return None
+    return None if json.dumps(a) == json.dumps(b) else f"{path}: {a!r} in the checkpoint, {b!r} now"
+
+
+def check_resumable(saved: dict, *, cfg, manifest: dict, optimizer) -> None:
+    """Raise :class:`ResumeError` if this run cannot continue from ``saved`` (a train_state)."""
+    diff = _first_difference(saved["model_config"], config_to_dict(cfg.model))
+    if diff:
+        raise ResumeError(f"the model config changed since the checkpoint (model.{diff}); resume with the "
+                          f"same model, or start a new run with checkpoint.load for the weights")
+    have = optimizer_format(optimizer)
+    if saved.get("optimizer_format") != have:
+        raise ResumeError(f"the checkpoint's optimizer state was written by {saved.get('optimizer_format')} and "
+                          f"this run uses {have} (CPU fp32 vs GPU mixed precision / optim.distributed_optimizer); "
+                          f"resume with the same settings, or start a new run with checkpoint.load (weights only)")
+    diff = _first_difference(saved["data"]["manifest"], manifest)
+    if diff:
+        raise ResumeError(f"the token shards differ from the checkpoint's (manifest {diff}); the data "
+                          f"position cannot continue on other shards: start a new stage with checkpoint.load")
+
+
+def same_layout(saved: dict, layout) -> bool:
+    s = saved["layout"]
+    return (s["tp"], s["pp"], s["world_size"]) == (layout.tp, layout.pp, layout.world_size)
+
+
+def resolve_weights_path(path: str | Path) -> Path:
+    """``checkpoint.load``: a committed step directory, or a checkpoint root (its newest step)."""
+    path = Path(path)
+    if dist_ckpt.is_committed(path):
+        return path
+    latest = dist_ckpt.find_resume_checkpoint(path)
+    if latest is None:
+        latest = dist_ckpt.find_resume_checkpoint(path / "checkpoints")
+    if latest is None:
+        raise FileNotFoundError(f"checkpoint.load={path}: neither a committed checkpoint (step_*/COMMITTED) "
+                                f"nor a directory holding one")
+    return latest
