@@ -35,6 +35,7 @@ from videoar_megatron.model.model import build_model
 from videoar_megatron.model.parallel import REPLICA_CONSECUTIVE_ORDER, destroy_model_parallel, init_model_parallel
 from videoar_megatron.training import checkpoint as ckpt
 from videoar_megatron.training import dist_ckpt
+from videoar_megatron.training.audit import SAMPLE_IDS_FILE
 from videoar_megatron.training.config import TrainConfig
 from videoar_megatron.training.data import TrainData, check_replicas_are_consecutive, manifest_summary
 from videoar_megatron.training.engine import LocalEngine, MegatronEngine
@@ -46,7 +47,6 @@ from videoar_megatron.training.preemption import (REQUEUE_EXIT_CODE, PreemptionW
                                                   request_requeue)
 
 CHECKPOINT_DIR = "checkpoints"
-SAMPLE_IDS_FILE = "sample_ids.jsonl"
 LOSS_CURVES_FILE = "loss_curves.png"
 PLOT_KEYS = ("loss", "bit_accuracy", "grad_norm", "lr", "tokens_per_s", "mfu")
 
