@@ -49,19 +49,22 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
-def load_recipe(args, prog: str):
-    from videoar_megatron.common.config import ConfigError, load_config
+def load_recipe(args):
+    """The resolved TrainConfig (raises ConfigError naming the key and its source)."""
+    from videoar_megatron.common.config import load_config
     from videoar_megatron.training.config import TrainConfig
     overrides = list(args.overrides) + ([f"checkpoint.load={args.load}"] if args.load else [])
-    try:
-        return load_config(TrainConfig, args.recipe, overrides)
-    except ConfigError as e:
-        raise SystemExit(f"{prog}: {e}")
+    return load_config(TrainConfig, args.recipe, overrides)
 
 
 def main(argv: list[str], prog: str = "videoar train") -> int:
+    from videoar_megatron.common.config import ConfigError
     args = build_parser(prog).parse_args(argv)
-    cfg = load_recipe(args, prog)
+    try:
+        cfg = load_recipe(args)
+    except ConfigError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.print_config:
         from videoar_megatron.common.config import dump_config
         print(dump_config(cfg), end="")
