@@ -192,6 +192,8 @@ class Trainer:
         cfg, step = self.cfg, self.step + 1
         t0 = time.perf_counter()
         batch = self.data.next_step(step)
+        if self.steps_this_job == 0:
+            self._check_replica_batch(batch.sample_ids)
         inject = step in cfg.debug.nan_at_steps and cfg.debug.nan_rank in (-1, self.ctx.rank)
         outs = self.engine.forward_backward(batch.microbatches, inject_nan=inject)
         losses = self._reduce_losses(outs)
@@ -241,6 +243,18 @@ class Trainer:
         return throughput(flops_per_sample=self._flops_per_sample, samples=samples,
                           tokens=samples * (layout.prefix_len + layout.video_len), seconds=seconds,
                           world_size=self.ctx.world_size, peak_tflops=peak)
+
+    def _check_replica_batch(self, sample_ids: list[str]) -> None:
+        """Collective, once per job: every rank of a model replica read the same samples (the reader's
+        replica-aware sharding is what TP/PP correctness rests on; fail loudly, not with garbage)."""
+        mp = self.groups.mp
+        if mp.size() == 1:
+            return
+        seen = [None] * mp.size()
+        dist.all_gather_object(seen, sample_ids, group=mp)
+        if any(s != seen[0] for s in seen):
+            raise RuntimeError(f"ranks of one model replica read different samples at step {self.step + 1}: "
+                               f"{[s[:2] for s in seen]}; the shard reader's replication must equal TP x PP")
 
     def _audit(self, sample_ids: list[str]) -> None:
         """Rank 0 appends every replica's sample ids of this step to ``sample_ids.jsonl``."""
