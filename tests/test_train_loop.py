@@ -4,6 +4,7 @@ contract fields; recipe mistakes are errors that name the key."""
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -92,3 +93,21 @@ def test_cli_reports_a_bad_recipe_without_a_traceback(tmp_path, capsys):
     assert "videoar train: unknown key 'model.sise'" in capsys.readouterr().err
     assert main(["--recipe", str(TINY_RECIPE), "--print-config"]) == 0
     assert "global_batch_size: 8" in capsys.readouterr().out
+
+
+def test_mixed_sources_alternate_by_weight_and_resume_exactly(tiny_shards, tiny_image_shards, tmp_path):
+    mix = (f"data.mix=[{{name: image, path: {tiny_image_shards}, weight: 0.5, num_frames: 1}}]", "data.name=video",
+           "train.steps=12", "checkpoint.save_every=6", "checkpoint.keep_last=0", "optim.warmup_steps=2")
+    run = tmp_path / "run"
+    run_train(1, run, tiny_shards, *mix)
+    records = step_metrics(run)
+    assert [records[s]["source"] for s in range(1, 7)] == ["video", "image", "video"] * 2  # weights 1 : 0.5
+    assert all(f"{r['source']}/loss_scale1" in r and f"loss_{r['source']}" in r for r in records.values())
+    state = json.loads((run / "checkpoints" / "step_00000006" / "train_state.json").read_text())
+    assert sorted(state["data_state"]["sources"]) == ["image", "video"]
+    assert state["data"]["sources"]["image"]["latent_frames"] == 1 and state["latent_frames"] == 3
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000012")
+    run_train(1, resumed, tiny_shards, *mix)
+    assert losses(resumed) == losses(run) and consumed_samples(resumed) == consumed_samples(run)

@@ -24,6 +24,18 @@ def make_tiny_shards(root: Path) -> Path:
     return out
 
 
+def make_tiny_image_shards(video_shards: Path) -> Path:
+    """One-frame clips (images: 1 latent frame) of the same corpus and tokenizer as ``video_shards``."""
+    from data_prep.pretokenize import Pretokenizer, Worker
+    from tests.pretok_helpers import pretok_config
+    root = video_shards.parent
+    out = root / "image_shards"
+    cfg = pretok_config(root / "tokenizer", root / "corpus" / "metadata.csv", out, num_partitions=1,
+                        clips={"num_frames": 1, "clips_per_video": 2})
+    Pretokenizer(cfg, Worker(0, 1)).run()
+    return out
+
+
 def train_command(nproc: int, run_dir: Path, shards: Path, *sets: str, recipe: Path = TINY_RECIPE) -> list[str]:
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",

@@ -94,9 +94,12 @@ def sharded_state(model, optimizer, ctx: DistContext, *, is_loading: bool, with_
     return state
 
 
-def train_state(*, step: int, consumed_samples: int, cfg, layout, data_state: dict, manifest: dict,
+def train_state(*, step: int, consumed_samples: int, cfg, layout, data_state: dict, manifests: dict,
                 schedule: list, run_id: str, scheduler, guard, optimizer, skipped_steps: int) -> dict:
-    """Rank 0's ``train_state.json`` (the AR checkpoint contract plus what resuming needs)."""
+    """Rank 0's ``train_state.json`` (the AR checkpoint contract plus what resuming needs).
+    ``manifests``: per data source, the manifest summary; the first is the main source, whose
+    schedule, latent frames and tokenizer the contract's top-level fields describe."""
+    manifest = next(iter(manifests.values()))
     return {
         "format_version": FORMAT_VERSION,
         "step": step,
@@ -108,7 +111,7 @@ def train_state(*, step: int, consumed_samples: int, cfg, layout, data_state: di
         "logger_run_id": run_id,
         "layout": layout.as_dict(),
         "data_state": data_state,
-        "data": {"path": cfg.data.path, "manifest": manifest},
+        "data": {"path": cfg.data.path, "manifest": manifest, "sources": manifests},
         "scheduler": scheduler.state_dict(),
         "numerics": guard.state_dict(),
         "skipped_steps": skipped_steps,
@@ -129,7 +132,7 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
     return None if json.dumps(a) == json.dumps(b) else f"{path}: {a!r} in the checkpoint, {b!r} now"
 
 
-def check_resumable(saved: dict, *, cfg, manifest: dict, optimizer) -> None:
+def check_resumable(saved: dict, *, cfg, manifests: dict, optimizer) -> None:
     """Raise :class:`ResumeError` if this run cannot continue from ``saved`` (a train_state)."""
     diff = _first_difference(saved["model_config"], config_to_dict(cfg.model))
     if diff:
@@ -140,7 +143,7 @@ def check_resumable(saved: dict, *, cfg, manifest: dict, optimizer) -> None:
         raise ResumeError(f"the checkpoint's optimizer state was written by {saved.get('optimizer_format')} and "
                           f"this run uses {have} (CPU fp32 vs GPU mixed precision / optim.distributed_optimizer); "
                           f"resume with the same settings, or start a new run with checkpoint.load (weights only)")
-    diff = _first_difference(saved["data"]["manifest"], manifest)
+    diff = _first_difference(saved["data"].get("sources"), manifests)
     if diff:
         raise ResumeError(f"the token shards differ from the checkpoint's (manifest {diff}); the data "
                           f"position cannot continue on other shards: start a new stage with checkpoint.load")

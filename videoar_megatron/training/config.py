@@ -20,12 +20,59 @@ from videoar_megatron.training.numerics import NumericsConfig
 from videoar_megatron.training.preemption import PreemptionConfig
 
 
+def _check_shape_knobs(prefix: str, num_frames: int, resolution, scale_schedule) -> None:
+    if num_frames < 0:
+        raise ValueError(f"{prefix}num_frames must be >= 0, got {num_frames}")
+    if resolution is not None and len(resolution) != 2:
+        raise ValueError(f"{prefix}resolution must be [height, width], got {resolution}")
+    if scale_schedule is not None and (not scale_schedule or any(len(s) != 2 for s in scale_schedule)):
+        raise ValueError(f"{prefix}scale_schedule must be a non-empty list of [h, w], got {scale_schedule}")
+
+
+@dataclass(kw_only=True)
+class SourceConfig:
+    """One more token shard set mixed into training (e.g. images next to videos)."""
+
+    name: str = ""
+    """Short name (metrics are logged per source as loss_<name>)."""
+    path: str = ""
+    """Merged token shard directory."""
+    weight: float = 1.0
+    """Relative share of optimizer steps that read this source (every step reads one source)."""
+    num_frames: int = 0
+    """Expected frames per clip (0 = any; 1 for images)."""
+    resolution: list[int] | None = None
+    """Expected [height, width] in pixels (None = any)."""
+    scale_schedule: list[list[int]] | None = None
+    """Scale schedule to train on (None: the shards' own)."""
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("_", "").isalnum():
+            raise ValueError(f"name must be a non-empty identifier, got {self.name!r}")
+        if not self.path:
+            raise ValueError(f"source {self.name!r}: path must be set")
+        if self.weight <= 0:
+            raise ValueError(f"source {self.name!r}: weight must be > 0, got {self.weight}")
+        _check_shape_knobs(f"source {self.name!r}: ", self.num_frames, self.resolution, self.scale_schedule)
+
+
 @dataclass(kw_only=True)
 class DataConfig:
-    """Token shards (``videoar pretokenize`` output) and how they are read."""
+    """Token shards (``videoar pretokenize`` output) and how they are read.
+
+    The fields without a section describe the main source; ``mix`` adds more shard sets (staged
+    recipes train on images and videos together). Each optimizer step reads one source: shapes differ
+    between sources, and one step's micro-batches must share a sequence layout."""
 
     path: str = ""
-    """Merged token shard directory (required)."""
+    """Merged token shard directory of the main source (required)."""
+    name: str = "main"
+    """Name of the main source (metrics are logged per source when there are several)."""
+    weight: float = 1.0
+    """Relative share of optimizer steps that read the main source (with data.mix)."""
+    mix: list[SourceConfig] = field(default_factory=list)
+    """More shard sets. Steps are dealt to sources by smooth weighted round-robin over the step
+    index (deterministic, resumable, same at every layout)."""
     shuffle: bool = True
     """Shuffle samples (mosaicml-streaming py1e); false reads in shard order."""
     seed: int = 0
@@ -34,27 +81,36 @@ class DataConfig:
     """Streaming's canonical node count: the sample order is the same at every node count that
     divides it or is a multiple of it. Keep it fixed for the whole run (a resume refuses a change)."""
     num_workers: int = 2
-    """DataLoader worker processes per rank (part of the order: keep it fixed across resumes)."""
+    """DataLoader worker processes per rank and source (part of the order: keep it fixed across resumes)."""
     tokenizer_hash: str = ""
-    """Expected tokenizer content hash of the shards ("" = accept the shards' tokenizer and record it)."""
+    """Expected tokenizer content hash of every source ("" = accept the shards' and record it)."""
     resolution: list[int] | None = None
-    """Expected clip [height, width] in pixels (None = any)."""
+    """Expected clip [height, width] in pixels of the main source (None = any)."""
     num_frames: int = 0
-    """Expected frames per clip (0 = any)."""
+    """Expected frames per clip of the main source (0 = any)."""
     scale_schedule: list[list[int]] | None = None
-    """Scale schedule to train on. None: the shard manifest's. Another schedule (same final grid) is
-    re-quantized from the stored latents, no re-tokenization needed."""
+    """Scale schedule to train the main source on. None: the shard manifest's. Another schedule (same
+    final grid) is re-quantized from the stored latents, no re-tokenization needed."""
 
     def __post_init__(self) -> None:
         if self.num_canonical_nodes < 1:
             raise ValueError(f"num_canonical_nodes must be >= 1, got {self.num_canonical_nodes}")
-        if self.num_workers < 0 or self.seed < 0 or self.num_frames < 0:
-            raise ValueError("num_workers, seed and num_frames must be >= 0")
-        if self.resolution is not None and len(self.resolution) != 2:
-            raise ValueError(f"resolution must be [height, width], got {self.resolution}")
-        if self.scale_schedule is not None and (not self.scale_schedule
-                                                or any(len(s) != 2 for s in self.scale_schedule)):
-            raise ValueError(f"scale_schedule must be a non-empty list of [h, w], got {self.scale_schedule}")
+        if self.num_workers < 0 or self.seed < 0:
+            raise ValueError("num_workers and seed must be >= 0")
+        if self.weight <= 0:
+            raise ValueError(f"weight must be > 0, got {self.weight}")
+        _check_shape_knobs("", self.num_frames, self.resolution, self.scale_schedule)
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names} (data.name and data.mix[].name)")
+
+    @property
+    def sources(self) -> list[SourceConfig]:
+        """The main source followed by ``mix``."""
+        main = SourceConfig(name=self.name, path=self.path or "<unset>", weight=self.weight,
+                            num_frames=self.num_frames, resolution=self.resolution,
+                            scale_schedule=self.scale_schedule)
+        return [main, *self.mix]
 
 
 @dataclass(kw_only=True)

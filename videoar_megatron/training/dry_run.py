@@ -3,9 +3,10 @@
 ``videoar train --recipe R --dry-run`` runs on a login node (no GPU, no process group): it checks the
 layout arithmetic at ``target.nodes x target.gpus_per_node`` (TP x PP divides the world, heads and
 query groups by TP, layers by PP, global batch by micro-batch x DP, enough micro-batches for the
-pipeline, sequence length padded for sequence parallelism), derives the sequence from the shard
-manifest when it is readable (else from ``data.num_frames`` / ``data.scale_schedule``), and prints
-the parameters per pipeline stage and an analytic memory estimate per GPU of the first and last stage.
+pipeline, sequence length padded for sequence parallelism), derives each data source's sequence from
+its shard manifest when it is readable (else from its ``num_frames`` / ``scale_schedule``), and prints
+the parameters per pipeline stage and an analytic memory estimate per GPU of the first and last stage
+(at the longest sequence of the recipe's data sources).
 
 Memory model (bytes per GPU; N = parameters of the stage on one TP rank; Megatron's accounting):
 
@@ -24,12 +25,13 @@ It is an estimate meant to catch a recipe that cannot fit before it waits in a q
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from videoar_megatron.model.layout import TokenLayout
 from videoar_megatron.model.params import condition_parameters, layer_parameters
-from videoar_megatron.training.config import TrainConfig
+from videoar_megatron.training.config import SourceConfig, TrainConfig
 
 PAPER_TEMPORAL_FACTOR = 4
 """Tokenizer time compression τ (paper): 1 + 4k frames → 1 + k latent frames."""
@@ -44,31 +46,41 @@ class DryRunError(ValueError):
     """The recipe cannot run at its target size; the message names the knob."""
 
 
-def sequence_layout(cfg: TrainConfig) -> tuple[TokenLayout, str]:
-    """(padded token layout, where it came from): the shard manifest if readable, else the recipe."""
-    manifest_path = Path(cfg.data.path) / "manifest.json" if cfg.data.path else None
-    if manifest_path is not None and manifest_path.is_file():
-        import json
+def source_layout(cfg: TrainConfig, source: SourceConfig) -> tuple[TokenLayout, str]:
+    """(padded token layout, where it came from) of one data source: its shard manifest if readable,
+    else the recipe's ``num_frames`` / ``scale_schedule`` (/ ``resolution``)."""
+    manifest_path = Path(source.path) / "manifest.json"
+    where = f"data source {source.name}"
+    if manifest_path.is_file():
         m = json.loads(manifest_path.read_text())
-        schedule = cfg.data.scale_schedule or m["scale_schedule"]
-        frames, source = int(m["latent_frames"]), f"shard manifest {manifest_path}"
+        schedule = source.scale_schedule or m["scale_schedule"]
+        frames, origin = int(m["latent_frames"]), f"shard manifest {manifest_path}"
     else:
-        if cfg.data.scale_schedule is None or not cfg.data.num_frames:
-            raise DryRunError("cannot derive the sequence: the shards are not readable here and the recipe "
-                              "lacks data.scale_schedule and data.num_frames")
-        if (cfg.data.num_frames - 1) % PAPER_TEMPORAL_FACTOR:
-            raise DryRunError(f"data.num_frames={cfg.data.num_frames} is not 1 + {PAPER_TEMPORAL_FACTOR}k")
-        schedule, source = cfg.data.scale_schedule, "recipe (data.num_frames, data.scale_schedule)"
-        frames = 1 + (cfg.data.num_frames - 1) // PAPER_TEMPORAL_FACTOR
-        if cfg.data.resolution is not None:
-            grid = [r // PAPER_SPATIAL_FACTOR for r in cfg.data.resolution]
-            if list(schedule[-1]) != grid or any(r % PAPER_SPATIAL_FACTOR for r in cfg.data.resolution):
-                raise DryRunError(f"data.scale_schedule ends at {list(schedule[-1])} but data.resolution "
-                                  f"{cfg.data.resolution} / {PAPER_SPATIAL_FACTOR} is {grid}")
+        if source.scale_schedule is None or not source.num_frames:
+            raise DryRunError(f"{where}: cannot derive the sequence: the shards are not readable here and the "
+                              f"recipe lacks its scale_schedule and num_frames")
+        if (source.num_frames - 1) % PAPER_TEMPORAL_FACTOR:
+            raise DryRunError(f"{where}: num_frames={source.num_frames} is not 1 + {PAPER_TEMPORAL_FACTOR}k")
+        schedule, origin = source.scale_schedule, "recipe"
+        frames = 1 + (source.num_frames - 1) // PAPER_TEMPORAL_FACTOR
+        if source.resolution is not None:
+            grid = [r // PAPER_SPATIAL_FACTOR for r in source.resolution]
+            if list(schedule[-1]) != grid or any(r % PAPER_SPATIAL_FACTOR for r in source.resolution):
+                raise DryRunError(f"{where}: scale_schedule ends at {list(schedule[-1])} but resolution "
+                                  f"{source.resolution} / {PAPER_SPATIAL_FACTOR} is {grid}")
     if len(schedule) > cfg.model.max_scales:
-        raise DryRunError(f"the schedule has {len(schedule)} scales > model.max_scales={cfg.model.max_scales}")
+        raise DryRunError(f"{where}: the schedule has {len(schedule)} scales > model.max_scales={cfg.model.max_scales}")
     multiple = cfg.model.pad_to_multiple * (cfg.parallel.tensor_parallel if cfg.parallel.sequence_parallel else 1)
-    return TokenLayout.padded(cfg.model.prefix_len, schedule, frames, multiple), source
+    return TokenLayout.padded(cfg.model.prefix_len, schedule, frames, multiple), origin
+
+
+def sequence_layouts(cfg: TrainConfig) -> dict[str, tuple[TokenLayout, str]]:
+    """Every source's (layout, origin); memory is estimated at the longest."""
+    return {s.name: source_layout(cfg, s) for s in cfg.data.sources}
+
+
+def longest(cfg: TrainConfig) -> TokenLayout:
+    return max((lay for lay, _ in sequence_layouts(cfg).values()), key=lambda lay: lay.seq_len)
 
 
 @dataclass
@@ -131,15 +143,17 @@ def dry_run(cfg: TrainConfig) -> tuple[bool, str]:
     """(fits, report). Raises :class:`DryRunError` / ``ValueError`` for a recipe that cannot run."""
     t = cfg.target
     layout = cfg.check_layout(t.world_size, f"the target {t.nodes} node(s) x {t.gpus_per_node} GPUs")
-    seq, source = sequence_layout(cfg)
+    layouts = sequence_layouts(cfg)
+    seq = longest(cfg)
     pp = cfg.parallel.pipeline_parallel
     stages = [stage_memory(cfg, seq, s, layout.dp, layout.accumulation) for s in sorted({0, pp - 1})]
     distributed, recompute = cfg.optim.distributed_optimizer, cfg.parallel.recompute == "full"
     lines = [f"recipe layout at {t.nodes} x {t.gpus_per_node} GPUs ({t.gpu_memory_gib:g} GiB each): "
              f"TP={layout.tp} PP={layout.pp} DP={layout.dp}, micro-batch {layout.micro_batch_size} x "
              f"{layout.accumulation} accumulation x {layout.dp} = global batch {layout.global_batch_size}",
-             f"sequence ({source}): {seq.prefix_len} prefix + {seq.frames} frames x {seq.tokens_per_frame} tokens "
-             f"({len(seq.scales)} scales, last {seq.scales[-1]}) + {seq.pad} pad = {seq.seq_len} tokens",
+             *[f"sequence of {name} ({origin}): {lay.prefix_len} prefix + {lay.frames} frames x "
+               f"{lay.tokens_per_frame} tokens ({len(lay.scales)} scales, last {lay.scales[-1]}) + {lay.pad} pad = "
+               f"{lay.seq_len} tokens" for name, (lay, origin) in layouts.items()],
              f"model: {cfg.model.size} {cfg.model.num_layers} x {cfg.model.hidden_size} x "
              f"{cfg.model.num_attention_heads} heads, precision {cfg.train.precision}, recompute "
              f"{cfg.parallel.recompute}, distributed optimizer {distributed}",
@@ -157,8 +171,8 @@ def dry_run(cfg: TrainConfig) -> tuple[bool, str]:
         for r in (False, True):
             mark = "  <- this recipe" if (d, r) == (distributed, recompute) else ""
             worst = max(s.total(d, r) for s in stages) / GIB
-            lines.append(f"  total, {'distributed' if d else 'replicated '} optimizer, "
-                         f"{'recompute   ' if r else 'no recompute'}{worst:>10.2f}{mark}")
+            label = f"total, {'dist.' if d else 'repl.'} optim, {'recompute' if r else 'no recompute'}"
+            lines.append(f"  {label:<32}{worst:>12.2f}{mark}")
     worst = max(s.total(distributed, recompute) for s in stages) / GIB
     fits = worst <= t.gpu_memory_gib
     lines.append(f"\nestimate {worst:.1f} GiB of {t.gpu_memory_gib:g} GiB per GPU: "
@@ -170,7 +184,7 @@ def dry_run(cfg: TrainConfig) -> tuple[bool, str]:
 def estimate_gib(cfg: TrainConfig) -> float:
     """Worst-stage memory estimate of the recipe as configured (for tests and benchmarks)."""
     layout = cfg.check_layout(cfg.target.world_size)
-    seq, _ = sequence_layout(cfg)
+    seq = longest(cfg)
     pp = cfg.parallel.pipeline_parallel
     stages = [stage_memory(cfg, seq, s, layout.dp, layout.accumulation) for s in sorted({0, pp - 1})]
     return max(s.total(cfg.optim.distributed_optimizer, cfg.parallel.recompute == "full") for s in stages) / GIB

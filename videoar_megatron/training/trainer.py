@@ -37,7 +37,7 @@ from videoar_megatron.training import checkpoint as ckpt
 from videoar_megatron.training import dist_ckpt
 from videoar_megatron.training.audit import SAMPLE_IDS_FILE
 from videoar_megatron.training.config import TrainConfig
-from videoar_megatron.training.data import TrainData, check_replicas_are_consecutive, manifest_summary
+from videoar_megatron.training.data import TrainData, check_replicas_are_consecutive
 from videoar_megatron.training.engine import LocalEngine, MegatronEngine
 from videoar_megatron.training.metrics import memory_stats, step_flops_per_sample, throughput
 from videoar_megatron.training.numerics import NumericsGuard
@@ -95,7 +95,7 @@ class Trainer:
         self._last_skipped = False
         self.run_id: str | None = None
         self.logger: RunLogger | None = None
-        self._flops_per_sample = None
+        self._flops_per_sample: dict = {}
 
     # --- construction -------------------------------------------------------------------------
     def _check_device(self) -> None:
@@ -150,8 +150,7 @@ class Trainer:
 
     def _resume(self, path: Path) -> str:
         saved = dist_ckpt.read_train_state(path)
-        ckpt.check_resumable(saved, cfg=self.cfg, manifest=manifest_summary(self.data.manifest),
-                             optimizer=self.optimizer)
+        ckpt.check_resumable(saved, cfg=self.cfg, manifests=self.data.manifests(), optimizer=self.optimizer)
         same = ckpt.same_layout(saved, self.layout)
         template = ckpt.sharded_state(self.model, self.optimizer, self.ctx, is_loading=True, with_rng=same)
         state, _ = dist_ckpt.load_checkpoint(path, template)
@@ -196,7 +195,7 @@ class Trainer:
             self._check_replica_batch(batch.sample_ids)
         inject = step in cfg.debug.nan_at_steps and cfg.debug.nan_rank in (-1, self.ctx.rank)
         outs = self.engine.forward_backward(batch.microbatches, inject_nan=inject)
-        losses = self._reduce_losses(outs)
+        losses = self._reduce_losses(outs, batch.microbatches[0].layout.num_scales, batch.source)
         lr = current_lr(self.optimizer)
         outcome = guarded_step(self.optimizer, self.scheduler, self.guard, losses["loss"], cfg.optim.clip_grad,
                                self.ctx)
@@ -206,7 +205,7 @@ class Trainer:
         self.step, self.steps_this_job = step, self.steps_this_job + 1
         self.consumed_samples += self.layout.global_batch_size
         self.skipped_steps += outcome.skipped is not None
-        self._audit(batch.sample_ids)
+        self._audit(batch.sample_ids, batch.source)
         record = {**losses, "lr": lr, "grad_norm": outcome.grad_norm, "skipped": int(outcome.skipped is not None),
                   "consumed_samples": self.consumed_samples, "step_time_s": seconds,
                   **self._throughput(batch.microbatches[0].layout, seconds), **memory_stats(self.ctx.device)}
@@ -215,9 +214,9 @@ class Trainer:
             self.log.warning("step %d skipped on every rank: %s", step, outcome.skipped)
         return record
 
-    def _reduce_losses(self, outs) -> dict:
-        """Mean loss / bit accuracy / per-scale metrics over all micro-batches of all replicas."""
-        K = len(self.data.schedule)
+    def _reduce_losses(self, outs, K: int, source: str) -> dict:
+        """Mean loss / bit accuracy / per-scale metrics over all micro-batches of all replicas (per-scale
+        keys and a per-source loss carry the source name when the run mixes sources)."""
         device = self.ctx.device if self.ctx.backend == "nccl" else torch.device("cpu")
         vec = torch.zeros(3 + 2 * K, dtype=torch.float64, device=device)
         if outs and self.groups.tp.rank() == 0:  # last pipeline stage, one rank per TP group
@@ -231,16 +230,19 @@ class Trainer:
             dist.all_reduce(vec)
         vec = (vec / vec[-1]).tolist()
         out = {"loss": vec[0], "bit_accuracy": vec[1]}
-        out.update({f"loss_scale{k}": vec[2 + k] for k in range(K)})
-        out.update({f"acc_scale{k}": vec[2 + K + k] for k in range(K)})
+        tag = f"{source}/" if len(self.data.sources) > 1 else ""
+        if tag:
+            out.update({"source": source, f"loss_{source}": vec[0]})
+        out.update({f"{tag}loss_scale{k}": vec[2 + k] for k in range(K)})
+        out.update({f"{tag}acc_scale{k}": vec[2 + K + k] for k in range(K)})
         return out
 
     def _throughput(self, layout, seconds: float) -> dict:
-        if self._flops_per_sample is None:
-            self._flops_per_sample = step_flops_per_sample(self.cfg.model, layout)
+        if layout not in self._flops_per_sample:
+            self._flops_per_sample[layout] = step_flops_per_sample(self.cfg.model, layout)
         samples = self.layout.global_batch_size
         peak = self.cfg.metrics.peak_tflops if self.ctx.device.type == "cuda" else None
-        return throughput(flops_per_sample=self._flops_per_sample, samples=samples,
+        return throughput(flops_per_sample=self._flops_per_sample[layout], samples=samples,
                           tokens=samples * (layout.prefix_len + layout.video_len), seconds=seconds,
                           world_size=self.ctx.world_size, peak_tflops=peak)
 
@@ -256,7 +258,7 @@ class Trainer:
             raise RuntimeError(f"ranks of one model replica read different samples at step {self.step + 1}: "
                                f"{[s[:2] for s in seen]}; the shard reader's replication must equal TP x PP")
 
-    def _audit(self, sample_ids: list[str]) -> None:
+    def _audit(self, sample_ids: list[str], source: str) -> None:
         """Rank 0 appends every replica's sample ids of this step to ``sample_ids.jsonl``."""
         if not self.cfg.metrics.audit_sample_ids:
             return
@@ -268,7 +270,8 @@ class Trainer:
             gathered = [mine]
         if self.ctx.is_main:
             with open(self.run_dir / SAMPLE_IDS_FILE, "a") as f:
-                f.write(json.dumps({"step": self.step, "ids": [g for g in gathered if g is not None]}) + "\n")
+                f.write(json.dumps({"step": self.step, "source": source,
+                                    "ids": [g for g in gathered if g is not None]}) + "\n")
 
     # --- the loop -----------------------------------------------------------------------------
     def train(self) -> int:
@@ -328,7 +331,7 @@ class Trainer:
         state = ckpt.sharded_state(self.model, self.optimizer, self.ctx, is_loading=False)
         meta = ckpt.train_state(step=self.step, consumed_samples=self.consumed_samples, cfg=self.cfg,
                                 layout=self.layout, data_state=self.data.state_dict(),
-                                manifest=manifest_summary(self.data.manifest), schedule=self.data.schedule,
+                                manifests=self.data.manifests(), schedule=self.data.main.schedule,
                                 run_id=self.run_id, scheduler=self.scheduler, guard=self.guard,
                                 optimizer=self.optimizer, skipped_steps=self.skipped_steps)
         hook = _crash_before_commit if self.cfg.debug.crash_in_save_at_step == self.step else None
@@ -372,7 +375,8 @@ class Trainer:
             return
         from videoar_megatron.common.run_logging import read_metrics
         have = {k for r in read_metrics(path) for k in r}
-        keys = [k for k in PLOT_KEYS if k in have] + sorted(k for k in have if k.startswith("loss_scale"))
+        keys = [k for k in PLOT_KEYS if k in have] + sorted(k for k in have if k.startswith("loss_")
+                                                              or "loss_scale" in k)
         if keys:
             plot_metrics(path, self.run_dir / LOSS_CURVES_FILE, keys=keys, title=f"{self.run_dir.name}")
 
