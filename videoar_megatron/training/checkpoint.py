@@ -149,6 +149,16 @@ def check_resumable(saved: dict, *, cfg, manifests: dict, optimizer) -> None:
                           f"position cannot continue on other shards: start a new stage with checkpoint.load")
 
 
+def check_same_tokenizer(saved: dict, manifest: dict, path) -> None:
+    """Initial weights must come from a model trained on the same tokenizer's bits (a new stage
+    continues the old one's token space); seed checkpoints carry no tokenizer and pass."""
+    have, want = saved.get("tokenizer_hash"), manifest.get("tokenizer_hash")
+    if have and want and have != want:
+        raise ResumeError(f"checkpoint.load={path} was trained on tokenizer {have[:12]}… but the shards of this "
+                          f"run come from tokenizer {want[:12]}…: the bits would mean something else; "
+                          f"pre-tokenize with the same tokenizer (data.tokenizer_hash pins it)")
+
+
 def same_layout(saved: dict, layout) -> bool:
     s = saved["layout"]
     return (s["tp"], s["pp"], s["world_size"]) == (layout.tp, layout.pp, layout.world_size)

@@ -143,6 +143,8 @@ def dry_run(cfg: TrainConfig) -> tuple[bool, str]:
     """(fits, report). Raises :class:`DryRunError` / ``ValueError`` for a recipe that cannot run."""
     t = cfg.target
     layout = cfg.check_layout(t.world_size, f"the target {t.nodes} node(s) x {t.gpus_per_node} GPUs")
+    if not cfg.data.path:
+        return True, _base_recipe_report(cfg, layout)
     layouts = sequence_layouts(cfg)
     seq = longest(cfg)
     pp = cfg.parallel.pipeline_parallel
@@ -179,6 +181,17 @@ def dry_run(cfg: TrainConfig) -> tuple[bool, str]:
                  + ("fits" if fits else "DOES NOT FIT (raise TP/PP, enable recompute / the distributed "
                                         "optimizer, or lower train.micro_batch_size)"))
     return fits, "\n".join(lines)
+
+
+def _base_recipe_report(cfg: TrainConfig, layout) -> str:
+    """A recipe without data (a base of other recipes): model and layout only."""
+    pp = cfg.parallel.pipeline_parallel
+    per_stage = ", ".join(f"stage {s}: {stage_parameters(cfg, s) / 1e6:.1f}M" for s in sorted({0, pp - 1}))
+    return (f"base recipe (no data.path): model and layout checks only\n"
+            f"layout at {cfg.target.nodes} x {cfg.target.gpus_per_node} GPUs: TP={layout.tp} PP={layout.pp} "
+            f"DP={layout.dp}, micro-batch {layout.micro_batch_size} x {layout.accumulation} accumulation\n"
+            f"model: {cfg.model.size} {cfg.model.num_layers} x {cfg.model.hidden_size} x "
+            f"{cfg.model.num_attention_heads} heads; parameters per GPU ({per_stage})")
 
 
 def estimate_gib(cfg: TrainConfig) -> float:
