@@ -36,24 +36,25 @@ def make_tiny_image_shards(video_shards: Path) -> Path:
     return out
 
 
-def train_command(nproc: int, run_dir: Path, shards: Path, *sets: str, recipe: Path = TINY_RECIPE) -> list[str]:
+def train_command(nproc: int, run_dir: Path, shards: Path, *sets: str, recipe: Path = TINY_RECIPE,
+                  args: tuple[str, ...] = ()) -> list[str]:
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
         f"--master_port={_free_port()}"]
-    args = ["-m", "videoar_megatron.cli", "train", "--recipe", str(recipe), "--run-dir", str(run_dir),
-            "--set", f"data.path={shards}", "--set", "logging.progress_bar=false"]
+    cli = ["-m", "videoar_megatron.cli", "train", "--recipe", str(recipe), "--run-dir", str(run_dir),
+           "--set", f"data.path={shards}", "--set", "logging.progress_bar=false", *args]
     for item in sets:
-        args += ["--set", item]
-    return launcher + args
+        cli += ["--set", item]
+    return launcher + cli
 
 
 def run_train(nproc: int, run_dir: Path, shards: Path, *sets: str, recipe: Path = TINY_RECIPE,
-              expect_rc: int | None = 0, timeout: float = 300) -> subprocess.CompletedProcess:
+              expect_rc: int | None = 0, timeout: float = 300, args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """Run ``videoar train``; checks the exit code unless ``expect_rc`` is None."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run(train_command(nproc, run_dir, shards, *sets, recipe=recipe), capture_output=True,
+    proc = subprocess.run(train_command(nproc, run_dir, shards, *sets, recipe=recipe, args=args), capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=REPO)
     if expect_rc is not None and proc.returncode != expect_rc:
         raise AssertionError(f"videoar train exited {proc.returncode}, expected {expect_rc}:\n"

@@ -363,8 +363,10 @@ class Trainer:
         a rank still finishing the first step is not killed by it (torchtitan's pattern)."""
         self.ctx.barrier()
         timeout = datetime.timedelta(seconds=self.cfg.comm.step_timeout_s)
-        setter = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout
+        setter = getattr(dist, "set_timeout", None) or getattr(dist.distributed_c10d, "_set_pg_timeout", None)
         try:
+            if setter is None:
+                raise NotImplementedError(f"torch {torch.__version__} cannot change a group's timeout")
             setter(timeout)
         except (RuntimeError, ValueError, NotImplementedError) as e:
             self.log.warning("could not shorten the collective timeout (%s); it stays %ss", e,
