@@ -75,10 +75,65 @@ def _rng_object(ctx: DistContext) -> ShardedObject:
 
 def optimizer_format(optimizer) -> str:
     """A name for the optimizer's checkpoint format (resume refuses a different one)."""
-    from megatron.core.optimizer.optimizer import ChainedOptimizer
-    inner = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
-    names = sorted({type(o).__name__ for o in inner})
+    names = sorted({type(o).__name__ for o in _leaves(optimizer)})
     return "+".join("FP32Optimizer" if n == "HostFP32Optimizer" else n for n in names)
+
+
+def _leaves(optimizer) -> list:
+    from megatron.core.optimizer.optimizer import ChainedOptimizer
+    return optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
+
+
+def prime_optimizer_state(optimizer) -> None:
+    """Give a freshly built distributed optimizer its (placeholder) state before a load template is
+    built: with torch's AdamW (no Apex / Transformer Engine) its ``state_dict`` asserts on an empty
+    state. Megatron's own helper steps once on zero gradients; the load then overwrites the main
+    weights, moments and step, and the model weights are not touched."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    for leaf in _leaves(optimizer):
+        if isinstance(leaf, DistributedOptimizer) and not leaf.optimizer.state:
+            leaf._init_optimizer_states_with_dummy_values()
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict`` for a loaded checkpoint, working around a Megatron-core bug
+    (0.16.1, every distributed-optimizer format, torch AdamW i.e. without Apex / Transformer Engine):
+    ``_set_main_param_and_optimizer_states`` copies every key of the AdamW state, but the loaded
+    tensors carry no per-parameter ``step`` (Megatron restores it from the param groups), so the copy
+    raises ``KeyError: 'step'``. During the load each parameter's ``step`` is set aside and put back;
+    with a fixed Megatron this is a no-op. Then every parameter gets its own ``step`` tensor (see below).
+    Both found by resuming the GPU engine on a CPU emulation; the GPU resume tests cover them."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    patched = [leaf for leaf in _leaves(optimizer) if isinstance(leaf, DistributedOptimizer)]
+    for leaf in patched:
+        leaf._set_main_param_and_optimizer_states = _without_step(leaf)
+    try:
+        optimizer.load_state_dict(state)
+    finally:
+        for leaf in patched:
+            del leaf._set_main_param_and_optimizer_states  # back to the class method
+    for leaf in patched:
+        # Megatron gives every parameter the *same* step tensor; torch's foreach AdamW then increments
+        # it once per parameter per step (wrong bias correction). One tensor per parameter.
+        for param_state in leaf.optimizer.state.values():
+            if isinstance(param_state.get("step"), torch.Tensor):
+                param_state["step"] = param_state["step"].clone()
+
+
+def _without_step(leaf):
+    original = type(leaf)._set_main_param_and_optimizer_states.__get__(leaf)
+
+    def set_states(model_param, tensors):
+        group_index, group_order = leaf.model_param_group_index_map[model_param]
+        main_param = leaf.optimizer.param_groups[group_index]["params"][group_order]
+        param_state = leaf.optimizer.state[main_param]
+        step = param_state.pop("step", None) if "step" not in tensors else None
+        try:
+            original(model_param, tensors)
+        finally:
+            if step is not None:
+                param_state["step"] = step
+    return set_states
 
 
 def sharded_state(model, optimizer, ctx: DistContext, *, is_loading: bool, with_optimizer: bool = True,
@@ -86,6 +141,8 @@ def sharded_state(model, optimizer, ctx: DistContext, *, is_loading: bool, with_
     """The sharded state dict of a checkpoint (for saving, or as the load template)."""
     model_sd = dist_ckpt.model_sharded_state_dict(model, ctx)
     state = dict(model_sd)
+    if with_optimizer and is_loading:
+        prime_optimizer_state(optimizer)
     if with_optimizer:
         state[dist_ckpt.OPTIMIZER_KEY] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                                       metadata=OPTIMIZER_SHARDING)

@@ -156,7 +156,7 @@ class Trainer:
         template = ckpt.sharded_state(self.model, self.optimizer, self.ctx, is_loading=True, with_rng=same)
         state, _ = dist_ckpt.load_checkpoint(path, template)
         dist_ckpt.apply_model_state(self.model, state, path)
-        self.optimizer.load_state_dict(state[dist_ckpt.OPTIMIZER_KEY])
+        ckpt.load_optimizer_state(self.optimizer, state[dist_ckpt.OPTIMIZER_KEY])
         if same:
             ckpt.set_rng_state(state["rng_state"], self.ctx.device)
         changed = schedule_changes(saved["scheduler"], self.scheduler)
