@@ -67,15 +67,18 @@ def test_checkpoint_holds_the_contract_fields(reference):
 
 def test_crash_during_save_leaves_the_previous_checkpoint_and_resume_is_bitwise(reference, tiny_shards, tmp_path):
     run = tmp_path / "run"
-    run_train(1, run, tiny_shards, *STEPS, "debug.crash_in_save_at_step=40", expect_rc=17)
+    run_train(1, run, tiny_shards, *STEPS, "logging.wandb=true", "debug.crash_in_save_at_step=40", expect_rc=17)
     ckpt = run / "checkpoints"
     assert (ckpt / "step_00000040").is_dir() and not (ckpt / "step_00000040" / "COMMITTED").exists()
     assert (ckpt / "step_00000020" / "COMMITTED").is_file()
-    proc = run_train(1, run, tiny_shards, *STEPS)
+    proc = run_train(1, run, tiny_shards, *STEPS, "logging.wandb=true")
     assert "resumed from" in proc.stderr and "step_00000020 at step 20" in proc.stderr
+    run_id = (run / "logger_run_id.txt").read_text().strip()
+    wandb_runs = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and all(name.endswith(run_id) for name in wandb_runs)  # one wandb run, resumed
     assert losses(run) == losses(reference)  # bitwise: every step's loss, before and after the crash
     assert consumed_samples(run) == consumed_samples(reference)
-    assert (run / "logger_run_id.txt").read_text() != "" and not (run / "REQUEUE_REQUESTED").exists()
+    assert not (run / "REQUEUE_REQUESTED").exists()
 
 
 def test_unknown_recipe_key_is_an_error_naming_it(tmp_path):

@@ -109,3 +109,12 @@ def test_audit_replay_drops_steps_of_a_crashed_job(tmp_path):
     lines += [{"start_step": 2, "resumed": True}] + [{"step": s, "ids": [[f"b{s}"]]} for s in (3, 4, 5)]
     (tmp_path / "sample_ids.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{\"step\": 6, \"id")
     assert consumed_samples(tmp_path) == {1: [["a1"]], 2: [["a2"]], 3: [["b3"]], 4: [["b4"]], 5: [["b5"]]}
+
+
+def test_wall_clock_limit_is_a_stop_reason():
+    import time
+
+    from videoar_megatron.training.preemption import PreemptionConfig, PreemptionWatcher
+    watcher = PreemptionWatcher(PreemptionConfig(time_limit_minutes=0.5), start_time=time.monotonic() - 31)
+    assert watcher.local_reason() == "wall-clock limit of 0.5 min reached"
+    assert PreemptionWatcher(PreemptionConfig(time_limit_minutes=0.5)).local_reason() is None
