@@ -88,8 +88,8 @@ def main(argv=None) -> int:
 
 def report(results: dict, names: list[str]) -> None:
     base = results.get("1gpu")
-    print(f"\n{'layout':<8} {'GPUs':>4} {'tokens/s':>11} {'tok/s/GPU':>10} {'MFU':>7} {'step s':>8} {'peak GiB':>9}"
-          f"   {'vs 1 GPU: tokens/s ratio':>24} {'scaling eff.':>12}")
+    print(f"\n{'layout':<8} {'GPUs':>4} {'tokens/s':>11} {'tok/s/GPU':>10} {'MFU':>7} {'step s':>8} {'data s':>7} "
+          f"{'peak GiB':>9}   {'vs 1 GPU: tokens/s ratio':>24} {'scaling eff.':>12}")
     for name in names:
         r = results.get(name)
         if r is None:
@@ -97,10 +97,12 @@ def report(results: dict, names: list[str]) -> None:
         n = LAYOUTS[name][2]
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else math.nan
         print(f"{name:<8} {n:>4} {r['tokens_per_s']:>11.0f} {r['tokens_per_s_per_gpu']:>10.0f} {r['mfu']:>7.3f} "
-              f"{r['step_time_s']:>8.3f} {r['mem_peak_gib']:>9.2f}   {ratio:>24.3f} {ratio / n:>12.3f}")
+              f"{r['step_time_s']:>8.3f} {r['data_time_s']:>7.3f} {r['mem_peak_gib']:>9.2f}   {ratio:>24.3f} "
+              f"{ratio / n:>12.3f}")
     if base:
         print(f"\nbaseline (1gpu): {base['tokens_per_s']:.0f} tokens/s, MFU {base['mfu']:.3f}; scaling efficiency "
-              f"= tokens/s / (GPUs x baseline); 1.0 = perfect")
+              f"= tokens/s / (GPUs x baseline); 1.0 = perfect. 'data s' = reading + building the step's batches "
+              f"(error-correction requantization, per sample) inside 'step s'")
 
 
 if __name__ == "__main__":

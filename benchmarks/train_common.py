@@ -91,7 +91,8 @@ def summarise(run_dir: Path, skip: int) -> dict:
     timed = [r for r in records if r["step"] > skip] or records
     med = lambda key: statistics.median(r[key] for r in timed if key in r) if any(key in r for r in timed) \
         else float("nan")  # noqa: E731
-    return {"steps": len(records), "step_time_s": med("step_time_s"), "tokens_per_s": med("tokens_per_s"),
+    return {"steps": len(records), "step_time_s": med("step_time_s"), "data_time_s": med("data_time_s"),
+            "tokens_per_s": med("tokens_per_s"),
             "tokens_per_s_per_gpu": med("tokens_per_s_per_gpu"), "mfu": med("mfu"),
             "tflops_per_gpu": med("tflops_per_gpu"), "loss": records[-1]["loss"],
             "mem_peak_gib": max((r.get("mem_peak_gib", float("nan")) for r in records), default=float("nan")),

@@ -106,3 +106,5 @@ def test_tp2_checkpoint_loads_at_tp1_with_equal_weights_and_next_losses(torchrun
     # Step 7 checks the weights, step 8 also the resharded optimizer state (TP=2 vs TP=1 numerics).
     for a, b in zip(tp1["losses"], tp2["losses"]):
         assert math.isclose(a, b, rel_tol=1e-5), (tp1["losses"], tp2["losses"])
+    for a, b in zip(tp1["grad_norms"], tp2["grad_norms"]):  # TP duplicates counted once in the norm
+        assert math.isclose(a, b, rel_tol=1e-5), (tp1["grad_norms"], tp2["grad_norms"])

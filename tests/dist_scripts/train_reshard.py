@@ -50,10 +50,12 @@ def main() -> None:
                 trainer.train_step()
             trainer.save()
         weights = gathered(trainer.model, trainer.groups)
-        losses = [trainer.train_step()["loss"] for _ in range(2)]
+        records = [trainer.train_step() for _ in range(2)]
+        losses = [r["loss"] for r in records]
+        norms = [r["grad_norm"] for r in records]
         if trainer.ctx.is_main:
             torch.save(weights, out.with_suffix(".pt"))
-            out.write_text(json.dumps({"losses": losses, "restored": what, "step": trainer.step,
+            out.write_text(json.dumps({"losses": losses, "grad_norms": norms, "restored": what, "step": trainer.step,
                                        "tp": trainer.layout.tp, "dp": trainer.layout.dp}))
     finally:
         trainer.close()

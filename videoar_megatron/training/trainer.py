@@ -192,6 +192,9 @@ class Trainer:
         cfg, step = self.cfg, self.step + 1
         t0 = time.perf_counter()
         batch = self.data.next_step(step)
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize()  # attribute batch building (CFEC requantization) to data_time_s
+        data_seconds = time.perf_counter() - t0
         if self.steps_this_job == 0:
             self._check_replica_batch(batch.sample_ids)
         inject = step in cfg.debug.nan_at_steps and cfg.debug.nan_rank in (-1, self.ctx.rank)
@@ -208,7 +211,7 @@ class Trainer:
         self.skipped_steps += outcome.skipped is not None
         self._audit(batch.sample_ids, batch.source)
         record = {**losses, "lr": lr, "grad_norm": outcome.grad_norm, "skipped": int(outcome.skipped is not None),
-                  "consumed_samples": self.consumed_samples, "step_time_s": seconds,
+                  "consumed_samples": self.consumed_samples, "step_time_s": seconds, "data_time_s": data_seconds,
                   **self._throughput(batch.microbatches[0].layout, seconds), **memory_stats(self.ctx.device)}
         if outcome.skipped:
             record["skip_reason"] = outcome.skipped
