@@ -43,8 +43,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="validate the recipe at its target world size, print parameters per stage and the "
                         "memory estimate per GPU, exit 0 (fits) or 1 (does not fit / invalid); builds nothing")
     p.add_argument("--seed-checkpoint", action="store_true",
-                   help="write the initial weights as checkpoint step 0 of the run directory and exit (start "
-                        "runs at different layouts from identical weights with --load)")
+                   help="write the initial weights (model only) to <run dir>/seed/step_00000000 and exit; runs "
+                        "at other layouts then start from identical weights with --load <run dir>/seed")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
 
