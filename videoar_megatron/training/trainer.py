@@ -358,8 +358,12 @@ class Trainer:
     def _progress(self):
         if not (self.ctx.is_main and self.cfg.logging.progress_bar):
             return None
+        import sys
+
         from tqdm import tqdm
-        return tqdm(total=self.cfg.train.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        # Batch logs (SLURM) get a line every 30 s instead of a carriage return per step.
+        return tqdm(total=self.cfg.train.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
     def _shorten_timeouts(self) -> None:
         """After the first step (compilation, loading done): the step timeout, behind a barrier so that
