@@ -27,11 +27,13 @@ from videoar_megatron.model.sequence import VideoARBatch
 
 
 def _poison(loss: torch.Tensor, inject_nan: bool) -> torch.Tensor:
+    """``debug.nan_at_steps``: a non-finite loss (and so non-finite gradients) on this rank."""
     return loss * float("nan") if inject_nan else loss
 
 
-def _detached(out: LossOutput) -> LossOutput:
-    return LossOutput(loss=out.loss.detach().clone(), per_scale_loss_K=out.per_scale_loss_K,
+def _record(out: LossOutput, loss: torch.Tensor) -> LossOutput:
+    """What the trainer reduces and logs: the micro-batch's (possibly poisoned) loss, detached."""
+    return LossOutput(loss=loss.detach().clone(), per_scale_loss_K=out.per_scale_loss_K,
                       per_scale_acc_K=out.per_scale_acc_K, bit_accuracy=out.bit_accuracy)
 
 
@@ -59,8 +61,9 @@ class LocalEngine:
         outs = []
         for mb in microbatches:
             out = bit_loss(self.model(mb), mb.targets_BNd, mb.layout, self.loss_cfg)
-            (_poison(out.loss, inject_nan) / len(microbatches)).backward()
-            outs.append(_detached(_with_loss(out, _poison(out.loss.detach(), inject_nan))))
+            loss = _poison(out.loss, inject_nan)
+            (loss / len(microbatches)).backward()
+            outs.append(_record(out, loss))
         self._finalize_grads()
         return outs
 
@@ -73,11 +76,6 @@ class LocalEngine:
         sp = [p.grad for p in params if getattr(p, "sequence_parallel", False)]
         if sp and tp.size() > 1:
             _all_reduce_coalesced(sp, tp)
-
-
-def _with_loss(out: LossOutput, loss: torch.Tensor) -> LossOutput:
-    return LossOutput(loss=loss, per_scale_loss_K=out.per_scale_loss_K, per_scale_acc_K=out.per_scale_acc_K,
-                      bit_accuracy=out.bit_accuracy)
 
 
 def _all_reduce_coalesced(tensors: list[torch.Tensor], group, scale: float = 1.0) -> None:
@@ -131,7 +129,7 @@ class MegatronEngine:
             def loss_func(logits):
                 out = bit_loss(logits, mb.targets_BNd, mb.layout, self.loss_cfg)
                 loss = _poison(out.loss, inject_nan)
-                outs.append(_detached(_with_loss(out, loss)))
+                outs.append(_record(out, loss))
                 # The schedule divides the returned loss in place by the number of micro-batches.
                 return loss.clone(), {"loss": loss.detach()}
             return model(mb), loss_func
