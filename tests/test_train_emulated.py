@@ -45,3 +45,11 @@ def test_pp2_megatron_engine_matches_the_host_engine_and_resumes_at_tp2(torchrun
     proc = torchrun(EMULATED, 2, run, f"data.path={tiny_shards}", *SETS, "parallel.tensor_parallel=2")
     assert "saved at tp=1 pp=2 dp=1, resharded" in proc.stderr
     close(losses(run), ref, range(4, 7), 1e-5)
+
+
+def test_loading_weights_into_another_model_is_refused_naming_the_knob(host_reference, tiny_shards, tmp_path):
+    seed, _ = host_reference
+    proc = run_train(1, tmp_path / "run", tiny_shards, *SETS, "model.condition.tokens_per_class=2",
+                     args=("--load", str(seed)), expect_rc=2)
+    assert "the weights do not fit this model (model.condition.tokens_per_class: 1 in the checkpoint, 2 now)" \
+        in proc.stderr

@@ -216,6 +216,21 @@ def check_same_tokenizer(saved: dict, manifest: dict, path) -> None:
                           f"pre-tokenize with the same tokenizer (data.tokenizer_hash pins it)")
 
 
+def load_initial_weights(path: Path, model, optimizer, cfg, manifest: dict, ctx: DistContext) -> None:
+    """``checkpoint.load``: the model weights of ``path`` at this run's layout (new optimizer, schedule
+    and data). A model whose parameter shapes changed is refused naming the first config difference."""
+    saved = dist_ckpt.read_train_state(path)
+    check_same_tokenizer(saved, manifest, path)
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+    try:
+        dist_ckpt.load_model_weights(path, model, ctx)
+    except (Exception, CheckpointException) as e:
+        diff = _first_difference(saved.get("model_config", {}), config_to_dict(cfg.model))
+        raise ResumeError(f"checkpoint.load={path}: the weights do not fit this model"
+                          + (f" (model.{diff})" if diff else "") + f": {e}") from e
+    optimizer.reload_model_params()  # mixed-precision main weights follow the loaded model weights
+
+
 def same_layout(saved: dict, layout) -> bool:
     s = saved["layout"]
     return (s["tp"], s["pp"], s["world_size"]) == (layout.tp, layout.pp, layout.world_size)

@@ -140,9 +140,7 @@ class Trainer:
             what = self._resume(latest)
         elif self.cfg.checkpoint.load:
             path = ckpt.resolve_weights_path(self.cfg.checkpoint.load)
-            ckpt.check_same_tokenizer(dist_ckpt.read_train_state(path), self.data.main.manifest, path)
-            dist_ckpt.load_model_weights(path, self.model, self.ctx)
-            self.optimizer.reload_model_params()
+            ckpt.load_initial_weights(path, self.model, self.optimizer, self.cfg, self.data.main.manifest, self.ctx)
             what = f"initial weights from {path}"
         else:
             what = "fresh start"
