@@ -30,7 +30,8 @@ class ShardReaderConfig:
     path: str = ""
     """Merged token shard directory (output_dir of `videoar pretokenize`)."""
     batch_size: int = 8
-    """Samples per rank per step (the global batch is batch_size x world size)."""
+    """Samples per batch per data-parallel stream (the global batch is batch_size x world size /
+    replication; see :class:`TokenShardLoader`)."""
     shuffle: bool = True
     """Shuffle samples (streaming's py1e algorithm); false reads in shard order."""
     seed: int = 0
@@ -83,10 +84,16 @@ def collate_samples(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def _streaming_world() -> tuple[int, int]:
-    """(ranks, physical nodes) as streaming sees them (RANK/WORLD_SIZE/LOCAL_WORLD_SIZE)."""
+def _streaming_world(replication: int = 1) -> tuple[int, int]:
+    """(sample streams, physical nodes) as streaming sees them (RANK/WORLD_SIZE/LOCAL_WORLD_SIZE),
+    after grouping every ``replication`` consecutive ranks into one stream."""
     from streaming.base.world import World
     world = World.detect()
+    if replication > 1:
+        if world.num_ranks % replication:
+            raise ValueError(f"{world.num_ranks} ranks cannot be grouped into model replicas of "
+                             f"{replication} consecutive ranks")
+        world = world.replicate(replication)
     return world.num_ranks, world.num_nodes
 
 
@@ -107,14 +114,22 @@ def _dataset_class():
 
 
 class TokenShardLoader:
-    """Batches of decoded samples with an exact, resumable position (``state_dict``)."""
+    """Batches of decoded samples with an exact, resumable position (``state_dict``).
 
-    def __init__(self, cfg: ShardReaderConfig, expect: Mapping[str, Any] | None = None):
+    ``replication``: how many consecutive ranks read the *same* samples (the tensor- and
+    pipeline-parallel ranks of one model replica; streaming's ``replication``). Samples are then
+    sharded over ``world size / replication`` data-parallel streams, and ``batch_size`` is per stream.
+    """
+
+    def __init__(self, cfg: ShardReaderConfig, expect: Mapping[str, Any] | None = None, *,
+                 replication: int = 1):
         directory = shards.require_complete(cfg.path)
         self.manifest = shards.read_shard_manifest(directory)
         if expect:
             shards.check_manifest_matches(self.manifest, expect, source=str(directory))
-        ranks, nodes = _streaming_world()
+        if replication < 1:
+            raise ValueError(f"replication must be >= 1, got {replication}")
+        ranks, nodes = _streaming_world(replication)
         ncn = cfg.num_canonical_nodes
         if ncn % nodes and nodes % ncn:
             raise ValueError(f"num_canonical_nodes={ncn} and the {nodes} physical nodes must divide one "
@@ -123,7 +138,8 @@ class TokenShardLoader:
         self.cfg, self.num_ranks = cfg, ranks
         self.global_batch_size = cfg.batch_size * ranks
         self.dataset = _dataset_class()(directory, self.manifest, shuffle=cfg.shuffle, shuffle_seed=cfg.seed,
-                                        shuffle_algo="py1e", num_canonical_nodes=ncn, batch_size=cfg.batch_size)
+                                        shuffle_algo="py1e", num_canonical_nodes=ncn, batch_size=cfg.batch_size,
+                                        replication=replication if replication > 1 else None)
         self.samples_yielded = 0
 
     def __len__(self) -> int:
@@ -157,6 +173,8 @@ class TokenShardLoader:
         self.dataset.load_state_dict(dict(state["streaming"]))
 
 
-def build_shard_loader(cfg: ShardReaderConfig, expect: Mapping[str, Any] | None = None) -> TokenShardLoader:
-    """The AR trainer's entry point: a loader over ``cfg.path``, refusing mismatched shards."""
-    return TokenShardLoader(cfg, expect)
+def build_shard_loader(cfg: ShardReaderConfig, expect: Mapping[str, Any] | None = None, *,
+                       replication: int = 1) -> TokenShardLoader:
+    """The AR trainer's entry point: a loader over ``cfg.path``, refusing mismatched shards.
+    ``replication``: consecutive ranks that read the same samples (see :class:`TokenShardLoader`)."""
+    return TokenShardLoader(cfg, expect, replication=replication)

@@ -57,3 +57,17 @@ def torchrun(tmp_path):
                                  f"STDERR:\n{proc.stderr[-6000:]}")
         return proc
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """Token shards for the AR training tests, made once per session by the real pre-tokenizer."""
+    from tests.train_helpers import make_tiny_shards
+    return make_tiny_shards(tmp_path_factory.mktemp("tiny_ar"))
+
+
+@pytest.fixture(scope="session")
+def tiny_image_shards(tiny_shards):
+    """One-frame (image) shards of the same corpus, for mixed-source training tests."""
+    from tests.train_helpers import make_tiny_image_shards
+    return make_tiny_image_shards(tiny_shards)

@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "manifest": ("videoar_megatron.cli.manifest", "build an input manifest for a known corpus (UCF-101 splits)"),
     "sample": ("videoar_megatron.cli.sample", "sample videos from an AR checkpoint (KV cache, CFG, V2V/I2V)"),
     "eval": ("videoar_megatron.cli.eval", "gFVD of an AR checkpoint, tokenizer rFVD/PSNR/SSIM, real-set statistics"),
+    "train": ("videoar_megatron.cli.train", "train the VideoAR transformer on token shards (Megatron-core TP x PP x DP)"),
 }
 
 

@@ -53,6 +53,8 @@ class VideoARModel(MegatronModule):
                  pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None):
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
+        # Read by Megatron's finalize_model_grads under PP: no weights are tied across stages.
+        self.share_embeddings_and_output_weights = False
         self.cfg, self.pg_collection = cfg, pg_collection
         self.pre_process, self.post_process = pre_process, post_process
         self.tp_size = pg_collection.tp.size()

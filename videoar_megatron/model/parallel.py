@@ -8,6 +8,11 @@ RNG: on CUDA, Megatron's tracker is seeded (``model_parallel_cuda_manual_seed``:
 init/dropout streams). On CPU there is no CUDA generator to track; the model has no dropout, so the
 tracker is replaced by Megatron's no-op (inference) tracker, which sequence parallelism's
 ``tracker.fork()`` needs.
+
+Rank order: the trainer uses ``tp-pp-dp`` (Megatron supports it next to its default ``tp-dp-pp``):
+the TP x PP ranks of one model replica are consecutive, which is what the shard reader's
+replica-aware sharding (mosaicml-streaming ``replication``) requires. With PP = 1 both orders are
+identical.
 """
 from __future__ import annotations
 
@@ -18,7 +23,14 @@ from videoar_megatron.common.distributed import DistContext
 from videoar_megatron.model.config import ParallelConfig
 
 
-def init_model_parallel(ctx: DistContext, parallel: ParallelConfig, seed: int = 1234) -> ProcessGroupCollection:
+DEFAULT_ORDER = "tp-cp-ep-dp-pp"
+"""Megatron's default rank order."""
+REPLICA_CONSECUTIVE_ORDER = "tp-cp-ep-pp-dp"
+"""A model replica's TP x PP ranks are consecutive (the trainer's order)."""
+
+
+def init_model_parallel(ctx: DistContext, parallel: ParallelConfig, seed: int = 1234,
+                        order: str = DEFAULT_ORDER) -> ProcessGroupCollection:
     """Create TP/PP/DP groups for ``parallel``; returns (and stores in ``ctx.groups``) the collection."""
     model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel
     if ctx.world_size % model_parallel:
@@ -27,7 +39,8 @@ def init_model_parallel(ctx: DistContext, parallel: ParallelConfig, seed: int = 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor_parallel,
-                                             pipeline_model_parallel_size=parallel.pipeline_parallel)
+                                             pipeline_model_parallel_size=parallel.pipeline_parallel,
+                                             order=order)
     if ctx.device.type == "cuda":
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:

@@ -59,8 +59,11 @@ def save_strategy(device: torch.device):
 
 
 def save_checkpoint(root: str | Path, step: int, sharded_state_dict: dict, train_state: dict,
-                    ctx: DistContext, keep_last: int = 0) -> Path:
-    """Save a sharded state dict plus ``train_state`` (rank 0's JSON) and commit it."""
+                    ctx: DistContext, keep_last: int = 0, before_commit=None) -> Path:
+    """Save a sharded state dict plus ``train_state`` (rank 0's JSON) and commit it.
+
+    ``before_commit(path)`` runs on every rank after everything is written and before the marker
+    (fault injection: a crash there must leave the previous checkpoint in use)."""
     path = Path(root) / step_dir_name(step)
     if ctx.is_main:
         if path.exists():  # a crash left an uncommitted (or an older) directory for this step
@@ -68,9 +71,12 @@ def save_checkpoint(root: str | Path, step: int, sharded_state_dict: dict, train
         path.mkdir(parents=True)
     ctx.barrier()
     dist_checkpointing.save(sharded_state_dict, str(path), sharded_strategy=save_strategy(ctx.device))
-    ctx.barrier()
     if ctx.is_main:
         atomic_write_json(path / TRAIN_STATE_FILE, train_state)
+    ctx.barrier()
+    if before_commit is not None:
+        before_commit(path)
+    if ctx.is_main:
         mark_committed(path, {"step": step})
         prune_keep_last(root, keep_last)
     ctx.barrier()
@@ -124,12 +130,18 @@ def load_model_weights(path: str | Path, model, ctx: DistContext) -> dict:
     """Load only the model weights of a committed checkpoint into ``model`` (any TP/PP layout);
     returns the checkpoint's train_state (which holds the resolved config)."""
     state, train_state = load_checkpoint(path, model_sharded_state_dict(model, ctx))
-    missing, unexpected = model.load_state_dict(_strip_prefix(state, f"{MODEL_KEY}."), strict=False)
+    apply_model_state(model, state, path)
+    return train_state
+
+
+def apply_model_state(model, state: dict, path: str | Path = "checkpoint") -> None:
+    """Copy the ``model.``-prefixed entries of a loaded state dict into ``model`` (strict)."""
+    model_state = {k: v for k, v in state.items() if k.startswith(f"{MODEL_KEY}.")}
+    missing, unexpected = model.load_state_dict(_strip_prefix(model_state, f"{MODEL_KEY}."), strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise RuntimeError(f"{path}: checkpoint does not fit the model: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
-    return train_state
 
 
 def _strip_prefix(state: dict, prefix: str) -> dict:

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 
 from videoar_megatron.common.distributed import DistContext
 
-REQUEUE_EXIT_CODE = 42
-"""Exit code meaning 'checkpoint saved, please requeue me' (see slurm/train_ar.sbatch)."""
+REQUEUE_EXIT_CODE = 75
+"""Exit code meaning "checkpoint saved, please requeue me" (EX_TEMPFAIL, as the tokenizer trainer).
+A launcher that only sees torchrun's status (1 for any failed worker) uses the run directory's
+``REQUEUE_REQUESTED`` marker instead (see slurm/train_ar.sbatch)."""
 
 
 @dataclass(kw_only=True)
@@ -69,3 +71,21 @@ class PreemptionWatcher:
     def should_stop(self, ctx: DistContext) -> bool:
         """True on every rank if any rank received a signal or ran out of time."""
         return ctx.any(self.local_reason() is not None)
+
+
+REQUEUE_MARKER = "REQUEUE_REQUESTED"
+"""File in the run directory: the job saved and asks to be requeued (read by the sbatch script)."""
+
+
+def request_requeue(run_dir, step: int, reason: str) -> None:
+    """Write the requeue marker (rank 0, after the checkpoint is committed)."""
+    from pathlib import Path
+
+    from videoar_megatron.common.atomic import atomic_write_json
+    atomic_write_json(Path(run_dir) / REQUEUE_MARKER, {"step": step, "reason": reason, "time": time.time()})
+
+
+def clear_requeue(run_dir) -> None:
+    """Remove a marker left by the previous job of this run (this job is the requeued one)."""
+    from pathlib import Path
+    (Path(run_dir) / REQUEUE_MARKER).unlink(missing_ok=True)

@@ -1,0 +1,55 @@
+"""The trainer's GPU engine (Megatron DDP, distributed optimizer, 1F1B pipeline schedule) emulated on
+CPU/gloo (see tests/dist_scripts/emulated_megatron_train.py): PP=2 trains like the host engine from the
+same seed checkpoint, and its distributed-optimizer checkpoint resumes at TP=2 with the same losses.
+The real thing runs in tests/test_train_gpu.py on a GPU host."""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.train_helpers import losses, run_train
+
+EMULATED = Path(__file__).parent / "dist_scripts" / "emulated_megatron_train.py"
+SETS = ("train.steps=6", "checkpoint.save_every=3", "checkpoint.keep_last=0", "optim.warmup_steps=1",
+        "train.micro_batch_size=2")
+
+
+@pytest.fixture(scope="module")
+def host_reference(tiny_shards, tmp_path_factory) -> tuple[Path, dict[int, float]]:
+    """(seed checkpoint, losses of the CPU engine at TP=PP=1 started from it)."""
+    root = tmp_path_factory.mktemp("emulated")
+    run_train(1, root / "seedrun", tiny_shards, *SETS, args=("--seed-checkpoint",))
+    seed = root / "seedrun" / "seed"
+    run_train(1, root / "host", tiny_shards, *SETS, args=("--load", str(seed)))
+    return seed, losses(root / "host")
+
+
+def close(got: dict[int, float], ref: dict[int, float], steps, tol: float) -> None:
+    for s in steps:
+        assert math.isclose(got[s], ref[s], rel_tol=tol), (s, got, ref)
+
+
+def test_pp2_megatron_engine_matches_the_host_engine_and_resumes_at_tp2(torchrun, host_reference, tiny_shards,
+                                                                        tmp_path):
+    seed, ref = host_reference
+    run = tmp_path / "pp2"
+    torchrun(EMULATED, 2, run, f"data.path={tiny_shards}", *SETS, "parallel.pipeline_parallel=2",
+             f"checkpoint.load={seed}")
+    pp2 = losses(run)
+    assert sorted(pp2) == list(range(1, 7))
+    close(pp2, ref, range(1, 7), 1e-6)
+    shutil.rmtree(run / "checkpoints" / "step_00000006")
+    proc = torchrun(EMULATED, 2, run, f"data.path={tiny_shards}", *SETS, "parallel.tensor_parallel=2")
+    assert "saved at tp=1 pp=2 dp=1, resharded" in proc.stderr
+    close(losses(run), ref, range(4, 7), 1e-5)
+
+
+def test_loading_weights_into_another_model_is_refused_naming_the_knob(host_reference, tiny_shards, tmp_path):
+    seed, _ = host_reference
+    proc = run_train(1, tmp_path / "run", tiny_shards, *SETS, "model.condition.tokens_per_class=2",
+                     args=("--load", str(seed)), expect_rc=2)
+    assert "the weights do not fit this model (model.condition.tokens_per_class: 1 in the checkpoint, 2 now)" \
+        in proc.stderr

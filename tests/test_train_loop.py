@@ -1,0 +1,116 @@
+"""AR training on CPU, one process: the tiny recipe learns; a crash during a save leaves the previous
+checkpoint in use and the resumed run equals the uninterrupted one bitwise; the checkpoint holds the
+contract fields; recipe mistakes are errors that name the key."""
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+
+from tests.train_helpers import TINY_RECIPE, losses, run_train
+from videoar_megatron.common.config import ConfigError, load_config
+from videoar_megatron.training.audit import consumed_samples, step_metrics
+from videoar_megatron.training.config import TrainConfig
+
+STEPS = ("train.steps=60", "checkpoint.save_every=20", "optim.warmup_steps=5")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_shards, tmp_path_factory) -> Path:
+    """The uninterrupted tiny run: 60 steps, checkpoints every 20 (keep the last 2)."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    run_train(1, run, tiny_shards, *STEPS)
+    return run
+
+
+def test_tiny_recipe_trains_and_its_loss_falls(reference):
+    loss = losses(reference)
+    assert sorted(loss) == list(range(1, 61))
+    first, last = statistics.mean(loss[s] for s in range(1, 11)), statistics.mean(loss[s] for s in range(51, 61))
+    assert last < 0.6 * first, (first, last)
+    record = step_metrics(reference)[60]
+    for key in ("bit_accuracy", "loss_scale0", "loss_scale1", "acc_scale1", "lr", "grad_norm", "tokens_per_s",
+                "tflops_per_gpu", "mem_rss_max_gib", "step_time_s"):
+        assert key in record, key
+    assert record["consumed_samples"] == 60 * 8 and record["skipped"] == 0
+    assert record["bit_accuracy"] > 0.8
+    assert (reference / "loss_curves.png").stat().st_size > 10_000
+
+
+def test_every_sample_is_audited_once_per_epoch(reference):
+    steps = consumed_samples(reference)
+    assert sorted(steps) == list(range(1, 61))
+    flat = [i for s in sorted(steps) for replica in steps[s] for i in replica]
+    assert all(len(steps[s]) == 1 and len(steps[s][0]) == 8 for s in steps)
+    epochs = [flat[i:i + 32] for i in range(0, len(flat), 32)]  # 32 samples = 4 steps of 8
+    assert all(len(set(e)) == 32 for e in epochs) and all(set(e) == set(epochs[0]) for e in epochs)
+    assert epochs[0] != epochs[1]  # reshuffled per epoch
+
+
+def test_checkpoint_holds_the_contract_fields(reference):
+    ckpts = sorted(p.name for p in (reference / "checkpoints").iterdir())
+    assert ckpts == ["step_00000040", "step_00000060"]  # keep_last = 2
+    state = json.loads((reference / "checkpoints" / "step_00000060" / "train_state.json").read_text())
+    for key in ("step", "consumed_samples", "model_config", "scale_schedule", "latent_frames", "tokenizer_hash",
+                "logger_run_id", "layout", "data_state", "config", "scheduler", "numerics", "optimizer_format"):
+        assert key in state, key
+    assert state["step"] == 60 and state["consumed_samples"] == 480
+    assert state["layout"]["tp"] == 1 and state["layout"]["dp"] == 1 and state["layout"]["pp"] == 1
+    assert state["scale_schedule"] == [[1, 1], [2, 2]] and state["latent_frames"] == 3
+    assert state["logger_run_id"] == (reference / "logger_run_id.txt").read_text().strip()
+    assert state["model_config"]["latent_dim"] == 8 and state["config"]["train"]["steps"] == 60
+    assert (reference / "checkpoints" / "step_00000060" / "COMMITTED").is_file()
+
+
+def test_crash_during_save_leaves_the_previous_checkpoint_and_resume_is_bitwise(reference, tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    run_train(1, run, tiny_shards, *STEPS, "logging.wandb=true", "debug.crash_in_save_at_step=40", expect_rc=17)
+    ckpt = run / "checkpoints"
+    assert (ckpt / "step_00000040").is_dir() and not (ckpt / "step_00000040" / "COMMITTED").exists()
+    assert (ckpt / "step_00000020" / "COMMITTED").is_file()
+    proc = run_train(1, run, tiny_shards, *STEPS, "logging.wandb=true")
+    assert "resumed from" in proc.stderr and "step_00000020 at step 20" in proc.stderr
+    run_id = (run / "logger_run_id.txt").read_text().strip()
+    wandb_runs = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and all(name.endswith(run_id) for name in wandb_runs)  # one wandb run, resumed
+    assert losses(run) == losses(reference)  # bitwise: every step's loss, before and after the crash
+    assert consumed_samples(run) == consumed_samples(reference)
+    assert not (run / "REQUEUE_REQUESTED").exists()
+
+
+def test_unknown_recipe_key_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'optim\.lr_max'.*--set optim.lr_max=1"):
+        load_config(TrainConfig, TINY_RECIPE, ["optim.lr_max=1"])
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(f"base: {TINY_RECIPE}\ntrain:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match=rf"unknown key 'train\.stepz' \(from {recipe}\)"):
+        load_config(TrainConfig, recipe)
+
+
+def test_cli_reports_a_bad_recipe_without_a_traceback(tmp_path, capsys):
+    from videoar_megatron.cli.train import main
+    assert main(["--recipe", str(TINY_RECIPE), "--set", "model.sise=L", "--print-config"]) == 2
+    assert "videoar train: unknown key 'model.sise'" in capsys.readouterr().err
+    assert main(["--recipe", str(TINY_RECIPE), "--print-config"]) == 0
+    assert "global_batch_size: 8" in capsys.readouterr().out
+
+
+def test_mixed_sources_alternate_by_weight_and_resume_exactly(tiny_shards, tiny_image_shards, tmp_path):
+    mix = (f"data.mix=[{{name: image, path: {tiny_image_shards}, weight: 0.5, num_frames: 1}}]", "data.name=video",
+           "train.steps=12", "checkpoint.save_every=6", "checkpoint.keep_last=0", "optim.warmup_steps=2")
+    run = tmp_path / "run"
+    run_train(1, run, tiny_shards, *mix)
+    records = step_metrics(run)
+    assert [records[s]["source"] for s in range(1, 7)] == ["video", "image", "video"] * 2  # weights 1 : 0.5
+    assert all(f"{r['source']}/loss_scale1" in r and f"loss_{r['source']}" in r for r in records.values())
+    state = json.loads((run / "checkpoints" / "step_00000006" / "train_state.json").read_text())
+    assert sorted(state["data_state"]["sources"]) == ["image", "video"]
+    assert state["data"]["sources"]["image"]["latent_frames"] == 1 and state["latent_frames"] == 3
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000012")
+    run_train(1, resumed, tiny_shards, *mix)
+    assert losses(resumed) == losses(run) and consumed_samples(resumed) == consumed_samples(run)

@@ -1,0 +1,78 @@
+"""Every shipped AR recipe: parses (strict keys), names its base, fits its target layout (batch and
+heads divisible, memory estimate under the GPU), and agrees with the pre-tokenization recipe that makes
+its shards (frames, resolution, scale schedule, text encoder)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from data_prep.pretokenize import PretokenizeConfig
+from videoar_megatron.common.config import load_config
+from videoar_megatron.model.params import count_parameters
+from videoar_megatron.training.config import TrainConfig
+from videoar_megatron.training.dry_run import dry_run, estimate_gib, sequence_layouts
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+AR = sorted((RECIPES / "ar").glob("*.yaml"))
+PRETOKENIZE = {load_config(PretokenizeConfig, p).output_dir: load_config(PretokenizeConfig, p)
+               for p in sorted((RECIPES / "pretokenize").glob("*.yaml")) if p.name != "base.yaml"}
+
+
+def test_the_recipe_set_is_complete():
+    names = {p.stem for p in AR}
+    assert {"base", "tiny", "ucf101_L_1k", "ucf101_L", "ucf101_XL", "stage1", "stage2", "stage3",
+            "videoar_4b"} <= names
+
+
+@pytest.mark.parametrize("recipe", AR, ids=[p.stem for p in AR])
+def test_recipe_names_its_base_and_fits_its_target(recipe):
+    raw = yaml.safe_load(recipe.read_text())
+    if recipe.stem != "base":
+        assert (recipe.parent / raw["base"]).is_file(), f"{recipe.name}: base {raw.get('base')!r} missing"
+    cfg = load_config(TrainConfig, recipe)
+    fits, report = dry_run(cfg)
+    assert fits, report
+    layout = cfg.check_layout(cfg.target.world_size)
+    assert layout.dp * layout.micro_batch_size * layout.accumulation == cfg.train.global_batch_size
+    if cfg.data.path:
+        assert estimate_gib(cfg) < cfg.target.gpu_memory_gib
+
+
+@pytest.mark.parametrize("recipe", [p for p in AR if load_config(TrainConfig, p).data.path],
+                         ids=lambda p: p.stem)
+def test_recipe_data_matches_the_pretokenize_recipe_of_its_shards(recipe):
+    cfg = load_config(TrainConfig, recipe)
+    layouts = sequence_layouts(cfg)
+    for source in cfg.data.sources:
+        pre = PRETOKENIZE.get(source.path)
+        assert pre is not None, f"{recipe.name}: no recipes/pretokenize recipe writes {source.path}"
+        assert source.num_frames == pre.clips.num_frames
+        assert source.resolution == [pre.clips.height, pre.clips.width]
+        if pre.scale_schedule:
+            assert source.scale_schedule == pre.scale_schedule
+        assert layouts[source.name][0].frames == 1 + (pre.clips.num_frames - 1) // 4
+        if cfg.model.condition.kind == "text_features":
+            assert pre.text_encoder.path, f"{pre.output_dir}: no text encoder but {recipe.name} trains on text features"
+            assert pre.text_encoder.max_length == cfg.model.condition.text_len
+    tokenizers = {PRETOKENIZE[s.path].tokenizer for s in cfg.data.sources}
+    assert len(tokenizers) == 1, f"{recipe.name}: sources come from different tokenizers {tokenizers}"
+
+
+def test_stages_chain_their_weights_and_share_one_tokenizer():
+    stages = [load_config(TrainConfig, RECIPES / "ar" / f"stage{i}.yaml") for i in (1, 2, 3)]
+    assert not stages[0].checkpoint.load
+    assert stages[1].checkpoint.load == "runs/ar/stage1" and stages[2].checkpoint.load == "runs/ar/stage2"
+    tokenizers = {PRETOKENIZE[s.path].tokenizer for cfg in stages for s in cfg.data.sources}
+    assert len(tokenizers) == 1, tokenizers
+    assert [len(cfg.data.sources) for cfg in stages] == [2, 2, 1]  # images + video, then video only
+    assert stages[2].data.num_frames == 33 and stages[2].data.resolution == [384, 672]
+
+
+@pytest.mark.parametrize("recipe,size,params", [("ucf101_L", "L", 0.906e9), ("ucf101_XL", "XL", 2.148e9),
+                                                ("videoar_4b", "4B", 3.78e9)])
+def test_named_sizes_have_the_expected_parameter_counts(recipe, size, params):
+    cfg = load_config(TrainConfig, RECIPES / "ar" / f"{recipe}.yaml")
+    assert cfg.model.size == size
+    assert abs(count_parameters(cfg.model)["transformer"] / params - 1) < 0.01

@@ -1,0 +1,120 @@
+"""Training pieces without a training run: layout checks name the knob, the FLOP count's attended
+pairs equal the dense mask, per-sample randomness is layout independent, the LR schedule, the audit
+replay, the host optimizer's TP-aware grad norm and its checkpoint format."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tests.train_helpers import TINY_RECIPE
+from videoar_megatron.common.config import ConfigError, build_dataclass, load_config
+from videoar_megatron.model.config import ModelConfig
+from videoar_megatron.model.layout import TokenLayout
+from videoar_megatron.model.mask import dense_mask, draw_frame_visibility
+from videoar_megatron.training.audit import consumed_samples
+from videoar_megatron.training.config import TrainConfig
+from videoar_megatron.training.data import concat_batches, sample_seed
+from videoar_megatron.training.metrics import attended_pairs, step_flops_per_sample
+
+
+def tiny(*sets: str) -> TrainConfig:
+    return load_config(TrainConfig, TINY_RECIPE, list(sets))
+
+
+def test_layout_check_names_the_knobs():
+    cfg = tiny("train.global_batch_size=8", "train.micro_batch_size=4")
+    assert cfg.check_layout(2).accumulation == 1 and cfg.check_layout(1).accumulation == 2
+    with pytest.raises(ValueError, match=r"train.global_batch_size=8 is not divisible by train.micro_batch_size "
+                                         r"\(4\) x data-parallel size \(3"):
+        cfg.check_layout(3)
+    with pytest.raises(ValueError, match="world size 3 .* parallel.tensor_parallel \\(2\\)"):
+        tiny("parallel.tensor_parallel=2").check_layout(3)
+    with pytest.raises(ConfigError, match="num_attention_heads=4 .* parallel.tensor_parallel=3"):
+        tiny("parallel.tensor_parallel=3")
+    with pytest.raises(ConfigError, match="num_layers=2 is not divisible by parallel.pipeline_parallel=3"):
+        tiny("parallel.pipeline_parallel=3")
+    with pytest.raises(ValueError, match="2 micro-batches per step < parallel.pipeline_parallel=4"):
+        tiny("model.num_layers=4", "parallel.pipeline_parallel=4").check_layout(4)
+    with pytest.raises(ConfigError, match="warmup_steps=500 must be < the decay length 300"):
+        tiny("optim.warmup_steps=500")
+    with pytest.raises(ConfigError, match="text_tokens needs caption token ids"):
+        tiny("model.condition.kind=text_tokens")
+
+
+@pytest.mark.parametrize("prefix,window,p_mask", [(1, 0, 0.0), (5, 2, 0.0), (3, 0, 0.4)])
+def test_attended_pairs_equal_the_dense_mask(prefix, window, p_mask):
+    layout = TokenLayout.padded(prefix, ((1, 1), (2, 2), (3, 4)), 4, multiple=8)
+    draws = 200 if p_mask else 1
+    vis = draw_frame_visibility(draws, layout.frames, window=window, p_mask=p_mask,
+                                generator=torch.Generator().manual_seed(0))
+    mask = dense_mask(layout.tables(), vis, torch.full((draws,), prefix))
+    pads = layout.pad * draws  # a pad sees itself only
+    counted = (mask.sum().item() - pads) / draws
+    expected = attended_pairs(layout, window, p_mask)
+    assert math.isclose(counted, expected, rel_tol=0.02 if p_mask else 0.0), (counted, expected)
+
+
+def test_step_flops_scale_with_the_model():
+    layout = TokenLayout(1, ((1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (8, 8)), 5)
+    small = step_flops_per_sample(ModelConfig(size="L"), layout)
+    big = step_flops_per_sample(ModelConfig(size="XL"), layout)
+    # 6 x params x tokens dominates: L (0.9B) x 651 tokens ≈ 3.5 TFLOP per sample
+    assert 3.0e12 < small < 4.5e12 and 2.0 < big / small < 2.6
+
+
+def test_per_sample_randomness_does_not_depend_on_the_batch_it_lands_in():
+    from tokenizer.quantizer import MultiScaleBSQ
+    from videoar_megatron.model.sequence import build_batch
+    cfg = build_dataclass(ModelConfig, {"size": "tiny", "latent_dim": 8, "mask": {"rfm_window": 2, "rfm_p_mask": 0.3}})
+    q = MultiScaleBSQ(dim=8, scales=[(1, 1), (2, 2)])
+    latent = torch.randn(3, 8, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+
+    def one(i, step):
+        gen = torch.Generator().manual_seed(sample_seed(7, step, f"id{i}"))
+        return build_batch(q, cfg, latent_BdTHW=latent[i:i + 1], cond=torch.tensor([i]), training=True, generator=gen)
+
+    batch = concat_batches([one(0, 5), one(1, 5), one(2, 5)])
+    again = concat_batches([one(2, 5), one(0, 5)])
+    torch.testing.assert_close(again.inputs_BNd[1], batch.inputs_BNd[0], rtol=0, atol=0)
+    assert torch.equal(again.targets_BNd[0], batch.targets_BNd[2])
+    assert torch.equal(again.flip_p_BTK[0], batch.flip_p_BTK[2])
+    assert not torch.equal(one(0, 6).flip_p_BTK, batch.flip_p_BTK[:1])  # a new draw at another step
+    assert sample_seed(1, 2, "x") == sample_seed(1, 2, "x") != sample_seed(1, 3, "x")
+
+
+def test_lr_schedule_warms_up_then_decays_and_skips_do_not_advance_it():
+    from videoar_megatron.training.optim import build_scheduler, current_lr, host_param_groups
+    cfg = tiny("optim.lr=1.0", "optim.min_lr=0.1", "optim.warmup_steps=10", "train.steps=110")
+
+    class Stub:
+        param_groups = host_param_groups(torch.nn.Linear(2, 2), cfg.optim)
+
+    opt = Stub()
+    sched = build_scheduler(opt, cfg.optim, cfg.decay_steps)
+    lrs = []
+    for _ in range(110):
+        lrs.append(current_lr(opt))
+        sched.step(1)
+    assert lrs[0] == 0.0 and math.isclose(lrs[5], 0.5) and math.isclose(lrs[10], 1.0)
+    assert math.isclose(lrs[60], 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[109] > 0.1 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert [g["wd_mult"] for g in opt.param_groups] == [1.0, 0.0]  # the bias is not decayed
+
+
+def test_audit_replay_drops_steps_of_a_crashed_job(tmp_path):
+    lines = [{"start_step": 0, "resumed": False}] + [{"step": s, "ids": [[f"a{s}"]]} for s in (1, 2, 3, 4)]
+    lines += [{"start_step": 2, "resumed": True}] + [{"step": s, "ids": [[f"b{s}"]]} for s in (3, 4, 5)]
+    (tmp_path / "sample_ids.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{\"step\": 6, \"id")
+    assert consumed_samples(tmp_path) == {1: [["a1"]], 2: [["a2"]], 3: [["b3"]], 4: [["b4"]], 5: [["b5"]]}
+
+
+def test_wall_clock_limit_is_a_stop_reason():
+    import time
+
+    from videoar_megatron.training.preemption import PreemptionConfig, PreemptionWatcher
+    watcher = PreemptionWatcher(PreemptionConfig(time_limit_minutes=0.5), start_time=time.monotonic() - 31)
+    assert watcher.local_reason() == "wall-clock limit of 0.5 min reached"
+    assert PreemptionWatcher(PreemptionConfig(time_limit_minutes=0.5)).local_reason() is None

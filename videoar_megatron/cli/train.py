@@ -1,0 +1,120 @@
+"""``videoar train``: train the VideoAR transformer from a recipe (parse → build → train → close)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+EXIT_CONFIG, EXIT_NUMERICS = 2, 3
+
+
+def _knobs_epilog() -> str:
+    from videoar_megatron.common.config import iter_fields
+    from videoar_megatron.training.config import TrainConfig
+    lines = ["recipe knobs (YAML keys; override any with --set KEY=VALUE):"]
+    for key, tp, default, doc in iter_fields(TrainConfig):
+        shown = "required" if default is dataclasses.MISSING else f"default {default!r}"
+        lines.append(f"  {key}  [{shown}]\n      {' '.join((doc or '(undocumented)').split())}")
+    return "\n".join(lines)
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train the VideoAR transformer on token shards with Megatron-core (TP x PP x DP; "
+                    "Megatron DDP, distributed optimizer and pipeline schedules on GPU; a CPU path for "
+                    "PP=1). Launch with torchrun (one process per GPU) or slurm/train_ar.sbatch. Re-running "
+                    "the same command resumes from the newest committed checkpoint of the run directory. "
+                    "Writes config.yaml, metrics.jsonl, sample_ids.jsonl, loss_curves.png and checkpoints/. "
+                    "Exit codes: 0 done; 75 saved after a signal or the wall-clock limit, requeue me "
+                    "(REQUEUE_REQUESTED is written too); 2 bad recipe or checkpoint; 3 too many non-finite "
+                    "steps (nothing saved after them).",
+        epilog=_knobs_epilog())
+    p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/ar/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe knob, value parsed as YAML (repeatable), e.g. --set train.steps=200")
+    p.add_argument("--run-dir", default=None,
+                   help="run directory (default runs/ar/<recipe name>); never deleted, resumed if it holds checkpoints")
+    p.add_argument("--load", default=None, metavar="CKPT",
+                   help="initial weights when there is nothing to resume (= checkpoint.load): a committed step "
+                        "directory or a run's checkpoint root, any TP/PP layout (the previous stage)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the recipe at its target world size, print parameters per stage and the "
+                        "memory estimate per GPU, exit 0 (fits) or 1 (does not fit / invalid); builds nothing")
+    p.add_argument("--seed-checkpoint", action="store_true",
+                   help="write the initial weights (model only) to <run dir>/seed/step_00000000 and exit; runs "
+                        "at other layouts then start from identical weights with --load <run dir>/seed")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def load_recipe(args):
+    """The resolved TrainConfig (raises ConfigError naming the key and its source)."""
+    from videoar_megatron.common.config import load_config
+    from videoar_megatron.training.config import TrainConfig
+    overrides = list(args.overrides) + ([f"checkpoint.load={args.load}"] if args.load else [])
+    return load_config(TrainConfig, args.recipe, overrides)
+
+
+def main(argv: list[str], prog: str = "videoar train") -> int:
+    from videoar_megatron.common.config import ConfigError
+    args = build_parser(prog).parse_args(argv)
+    try:
+        cfg = load_recipe(args)
+    except ConfigError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.print_config:
+        from videoar_megatron.common.config import dump_config
+        print(dump_config(cfg), end="")
+        return 0
+    if args.dry_run:
+        return _dry_run(cfg, prog)
+    run_dir = Path(args.run_dir or Path("runs/ar") / Path(args.recipe).stem)
+    return _train(cfg, run_dir, prog, seed_only=args.seed_checkpoint)
+
+
+def _dry_run(cfg, prog: str) -> int:
+    from videoar_megatron.training.dry_run import dry_run
+    try:
+        fits, report = dry_run(cfg)
+    except ValueError as e:
+        print(f"{prog}: recipe invalid at its target size: {e}", file=sys.stderr)
+        return 1
+    print(report)
+    return 0 if fits else 1
+
+
+def _train(cfg, run_dir: Path, prog: str, seed_only: bool) -> int:
+    from data_prep.shards import ShardManifestMismatch, ShardsIncomplete
+    from videoar_megatron.common.distributed import read_launch_env
+    from videoar_megatron.common.run_logging import setup_console_logging
+    from videoar_megatron.training.checkpoint import ResumeError
+    from videoar_megatron.training.numerics import NumericsError
+    from videoar_megatron.training.trainer import build_trainer
+    log = setup_console_logging(read_launch_env()[0])
+    trainer = None
+    try:
+        try:
+            trainer = build_trainer(cfg, run_dir)
+            if seed_only:
+                log.info("seed checkpoint written to %s", trainer.save_seed())
+                return 0
+            log.info("%s: %s", run_dir, trainer.restore())
+        except (ResumeError, ShardManifestMismatch, ShardsIncomplete, ValueError, FileNotFoundError) as e:
+            print(f"{prog}: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        code = trainer.train()
+        log.info("%s at step %d of %d", "stopped" if code else "done", trainer.step, cfg.train.steps)
+        return code
+    except NumericsError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return EXIT_NUMERICS
+    finally:
+        if trainer is not None:
+            trainer.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,142 @@
+"""Forward/backward of one optimizer step: Megatron schedules on GPU, a plain loop on CPU.
+
+Both engines take the step's micro-batches, accumulate gradients of ``loss / micro-batches`` (the
+mean over the step's samples, as Megatron's schedules do), synchronise gradients over data-parallel
+replicas (mean) and the sequence-parallel norm weights over tensor-parallel ranks (sum), and return
+the per-micro-batch :class:`~videoar_megatron.model.loss.LossOutput` of this rank (empty on pipeline
+stages without the head). The optimizer step is not theirs (see :mod:`.optim`).
+
+- :class:`MegatronEngine` (CUDA): the model wrapped in Megatron ``DistributedDataParallel`` (fp32
+  gradient buffers, reduce-scatter into the distributed optimizer), ``get_forward_backward_func()``
+  (no pipelining for PP = 1, 1F1B for PP > 1: every stage builds the same micro-batches, since the
+  mask and RoPE need the layout), ``finalize_model_grads`` for the DP/SP reductions.
+- :class:`LocalEngine` (CPU, PP = 1): the same model code with a loop over micro-batches, then one
+  coalesced all-reduce per reduction, on gloo. Megatron's DDP, schedules and activation recompute
+  assume CUDA; recompute is refused here, and the one CUDA allocation of the sequence-parallel
+  linears (their all-gather buffer) is pointed at the host.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from videoar_megatron.model.config import LossConfig
+from videoar_megatron.model.loss import LossOutput, bit_loss
+from videoar_megatron.model.sequence import VideoARBatch
+
+
+def _poison(loss: torch.Tensor, inject_nan: bool) -> torch.Tensor:
+    """``debug.nan_at_steps``: a non-finite loss (and so non-finite gradients) on this rank."""
+    return loss * float("nan") if inject_nan else loss
+
+
+def _record(out: LossOutput, loss: torch.Tensor) -> LossOutput:
+    """What the trainer reduces and logs: the micro-batch's (possibly poisoned) loss, detached."""
+    return LossOutput(loss=loss.detach().clone(), per_scale_loss_K=out.per_scale_loss_K,
+                      per_scale_acc_K=out.per_scale_acc_K, bit_accuracy=out.bit_accuracy)
+
+
+class LocalEngine:
+    """CPU engine (PP = 1): see the module docstring."""
+
+    def __init__(self, model, loss_cfg: LossConfig, groups, *, sequence_parallel: bool, recompute: str):
+        if recompute != "none":
+            raise ValueError(f"parallel.recompute={recompute} needs CUDA (Megatron's recompute saves CUDA RNG "
+                             f"states); use recompute: none on CPU")
+        if groups.pp.size() != 1:
+            raise ValueError("the CPU path supports parallel.pipeline_parallel=1 only (Megatron's pipeline "
+                             "schedules and p2p communication need CUDA)")
+        if sequence_parallel:
+            # Megatron's SP linears allocate their all-gather buffer on torch.cuda.current_device().
+            torch.cuda.current_device = lambda: "cpu"
+        self.model, self.loss_cfg, self.groups = model, loss_cfg, groups
+        self.model_chunks = [model]
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+
+    def forward_backward(self, microbatches: list[VideoARBatch], inject_nan: bool = False) -> list[LossOutput]:
+        self.zero_grad()
+        outs = []
+        for mb in microbatches:
+            out = bit_loss(self.model(mb), mb.targets_BNd, mb.layout, self.loss_cfg)
+            loss = _poison(out.loss, inject_nan)
+            (loss / len(microbatches)).backward()
+            outs.append(_record(out, loss))
+        self._finalize_grads()
+        return outs
+
+    def _finalize_grads(self) -> None:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        dp = self.groups.dp
+        if dp.size() > 1:
+            _all_reduce_coalesced([p.grad for p in params], dp, scale=1.0 / dp.size())
+        tp = self.groups.tp
+        sp = [p.grad for p in params if getattr(p, "sequence_parallel", False)]
+        if sp and tp.size() > 1:
+            _all_reduce_coalesced(sp, tp)
+
+
+def _all_reduce_coalesced(tensors: list[torch.Tensor], group, scale: float = 1.0) -> None:
+    """Sum ``tensors`` over ``group`` in one collective (per dtype), times ``scale``, in place."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for same in by_dtype.values():
+        flat = _flatten_dense_tensors(same)
+        dist.all_reduce(flat, group=group)
+        if scale != 1.0:
+            flat.mul_(scale)
+        for t, synced in zip(same, _unflatten_dense_tensors(flat, same)):
+            t.copy_(synced)
+
+
+class MegatronEngine:
+    """CUDA engine: Megatron DDP + pipeline schedules; see the module docstring."""
+
+    def __init__(self, model, loss_cfg: LossConfig, *, distributed_optimizer: bool):
+        from megatron.core import tensor_parallel
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        for p in model.parameters():  # as Megatron's get_model: replicated params get TP attributes
+            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(p)
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=distributed_optimizer)
+        self.model, self.loss_cfg = model, loss_cfg
+        self.ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+        self.model_chunks = [self.ddp]
+        model.config.no_sync_func = self.ddp.no_sync
+        model.config.finalize_model_grads_func = finalize_model_grads
+
+    def attach_optimizer(self, optimizer) -> None:
+        """Loss scaling (fp16) goes through the optimizer, as in Megatron's training loop."""
+        self.optimizer = optimizer
+        self.model.config.grad_scale_func = optimizer.scale_loss
+
+    def zero_grad(self) -> None:
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def forward_backward(self, microbatches: list[VideoARBatch], inject_nan: bool = False) -> list[LossOutput]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        self.zero_grad()
+        outs: list[LossOutput] = []
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+
+            def loss_func(logits):
+                out = bit_loss(logits, mb.targets_BNd, mb.layout, self.loss_cfg)
+                loss = _poison(out.loss, inject_nan)
+                outs.append(_record(out, loss))
+                # The schedule divides the returned loss in place by the number of micro-batches.
+                return loss.clone(), {"loss": loss.detach()}
+            return model(mb), loss_func
+
+        layout = microbatches[0].layout
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(microbatches),
+                                    model=self.model_chunks, num_microbatches=len(microbatches),
+                                    seq_length=layout.seq_len, micro_batch_size=microbatches[0].batch_size,
+                                    forward_only=False)
+        return outs
