@@ -63,3 +63,74 @@ def test_pretokenize_array_and_merge(cluster, tmp_path):
 def _outputs(directory: Path) -> str:
     return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}"
                      for p in sorted(directory.glob("slurm-*.out")))
+
+
+TRAIN_SMALL = ["--gpus-per-node=2", "--cpus-per-task=2", "--mem=8G", "--time=30"]
+
+
+def _train_env(tmp: Path, shards: Path, run_dir: Path, steps: int) -> dict:
+    return {"VIDEOAR_HOME": str(REPO), "VIDEOAR_PYTHON": sys.executable, "PYTHONPATH": str(REPO),
+            "OMP_NUM_THREADS": "1", "VIDEOAR_GPUS_PER_NODE": "2", "VIDEOAR_RDZV_PORT": str(_port()),
+            "VIDEOAR_RECIPE": "recipes/ar/tiny.yaml", "VIDEOAR_RUN_DIR": str(run_dir),
+            "VIDEOAR_SET": f"data.path={shards} train.steps={steps} checkpoint.save_every=1000 "
+                           "logging.progress_bar=false",
+            "VIDEOAR_SHUTDOWN_TIMEOUT": "120"}
+
+
+def _port() -> int:
+    from tests.conftest import free_port
+    return free_port()
+
+
+def test_train_ar_runs_with_per_rank_logs(cluster, tmp_path, tiny_shards):
+    run_dir = tmp_path / "run"
+    job = cluster.sbatch(*TRAIN_SMALL, f"--chdir={tmp_path}", str(REPO / "slurm/train_ar.sbatch"),
+                         env=_train_env(tmp_path, tiny_shards, run_dir, steps=30))
+    assert cluster.wait_done(job, timeout=600) == ["COMPLETED"], (_outputs(tmp_path), cluster.logs())
+    from videoar_megatron.training.audit import consumed_samples
+    assert sorted(consumed_samples(run_dir)) == list(range(1, 31))
+    assert (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*/COMMITTED"))
+    rank_logs = sorted(p.parent.name for p in (run_dir / "logs").rglob("stdout.log"))
+    assert rank_logs == ["0", "1"], rank_logs                      # one log per local rank
+
+
+def test_preemption_drill_requeues_and_resumes(cluster, tmp_path, tiny_shards):
+    """USR1 to the batch shell, as SLURM sends before the time limit: the job saves, requeues itself,
+    resumes from that checkpoint and finishes, with one logger run id and no sample skipped or repeated."""
+    from videoar_megatron.training.audit import consumed_samples
+    run_dir = tmp_path / "run"
+    steps = 1000
+    job = cluster.sbatch(*TRAIN_SMALL, f"--chdir={tmp_path}", str(REPO / "slurm/train_ar.sbatch"),
+                         env=_train_env(tmp_path, tiny_shards, run_dir, steps=steps))
+    progressed = lambda: (run_dir / "metrics.jsonl").is_file() and sum(
+        1 for _ in open(run_dir / "metrics.jsonl")) >= 20
+    cluster.wait_for(progressed, 300, "training to pass step 20", interval=1.0)
+    run_id = (run_dir / "logger_run_id.txt").read_text().strip()
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster.env, check=True, timeout=30)
+    # the job requeues itself: its restart count goes up, then it runs again and completes
+    cluster.wait_for(lambda: cluster.job_field(job, "Restarts") not in ("", "0"), 300, "the job to requeue")
+    saved = sorted((run_dir / "checkpoints").glob("step_*/COMMITTED"))
+    assert saved, "no committed checkpoint after the stop request"
+    stop_step = int(saved[-1].parent.name.split("_")[1])
+    assert 20 <= stop_step < steps
+    assert cluster.wait_done(job, timeout=900) == ["COMPLETED"], (_outputs(tmp_path), cluster.logs())
+    assert (run_dir / "logger_run_id.txt").read_text().strip() == run_id
+    consumed = consumed_samples(run_dir)
+    assert sorted(consumed) == list(range(1, steps + 1))
+    ids = [i for step in consumed.values() for replica in step for i in replica]
+    assert len(ids) == steps * 8                                    # global batch 8, every step once
+    log = "".join(p.read_text(errors="replace") for p in tmp_path.glob("slurm-*.out"))
+    assert "requeueing job" in log and "(restart 1)" in log, log[-3000:]
+
+
+def test_unresolvable_rendezvous_host_fails_loudly(cluster, tmp_path, tiny_shards):
+    """The rendezvous host comes from the allocation's node list (expanded by the real scontrol); a
+    node name that does not resolve stops the script before torchrun starts, naming the host."""
+    run_dir = tmp_path / "run"
+    env = {**cluster.env, **_train_env(tmp_path, tiny_shards, run_dir, steps=5),
+           "SLURM_JOB_ID": "999", "SLURM_JOB_NODELIST": "nosuchnode-[07-08]", "SLURM_JOB_NUM_NODES": "2"}
+    proc = subprocess.run(["bash", str(REPO / "slurm/train_ar.sbatch")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "cannot resolve the rendezvous host 'nosuchnode-07'" in proc.stderr, proc.stderr
+    assert "localhost" in proc.stderr and not (run_dir / "metrics.jsonl").exists()
