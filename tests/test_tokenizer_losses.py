@@ -83,7 +83,7 @@ def test_generator_loss_leaves_discriminator_gradients_alone():
     x = clip()
     assert not loss.gan_active(9) and loss.gan_active(10)
     recon, q = model(x)
-    g, terms = loss.generator_loss(x, recon, q, disc)
+    g, terms = loss.generator_loss(x, recon, q.commitment_loss, q.entropy_loss, disc)
     assert {"rec", "commit", "entropy", "gan_g", "g_total"} <= set(terms)
     g.backward()
     assert all(p.grad is None for p in disc.parameters())

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizer.quantizer import QuantizerOutput
 
 # Indices into torchvision's vgg16().features after which LPIPS taps the activations
 # (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3).
@@ -221,9 +220,10 @@ class TokenizerLoss(nn.Module):
         diff = recon.float() - video.float()
         return diff.abs().mean() if self.cfg.rec == "l1" else diff.pow(2).mean()
 
-    def generator_loss(self, video_BCTHW: torch.Tensor, recon_BCTHW: torch.Tensor, q: QuantizerOutput,
-                       disc: nn.Module | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Eq. 4 for the autoencoder; ``disc=None`` before the GAN starts."""
+    def generator_loss(self, video_BCTHW: torch.Tensor, recon_BCTHW: torch.Tensor, commitment: torch.Tensor,
+                       entropy: torch.Tensor, disc: nn.Module | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Eq. 4 for the autoencoder (commitment and entropy terms from the quantizer output);
+        ``disc=None`` before the GAN starts."""
         c = self.cfg
         rec = self.reconstruction(recon_BCTHW, video_BCTHW)
         nll = c.rec_weight * rec
@@ -232,8 +232,8 @@ class TokenizerLoss(nn.Module):
             perc = self.perceptual(recon_BCTHW, video_BCTHW)
             nll = nll + c.perceptual_weight * perc
             terms["perceptual"] = perc
-        total = nll + c.commit_weight * q.commitment_loss + c.entropy_weight * q.entropy_loss
-        terms.update(commit=q.commitment_loss, entropy=q.entropy_loss)
+        total = nll + c.commit_weight * commitment + c.entropy_weight * entropy
+        terms.update(commit=commitment, entropy=entropy)
         if disc is not None:
             with frozen(disc):
                 g = hinge_g_loss(disc(recon_BCTHW).float())

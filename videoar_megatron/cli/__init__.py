@@ -13,6 +13,8 @@ import sys
 # name → (module with `main(argv, prog)`, summary). Add a subcommand only when it works.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("videoar_megatron.cli.synth", "write a synthetic class-labelled video corpus (PyAV)"),
+    "tokenizer": ("videoar_megatron.cli.tokenizer",
+                  "train | eval | inflate the 3D causal multi-scale BSQ video tokenizer (DeepSpeed)"),
 }
 
 
