@@ -258,9 +258,14 @@ class ClipStream:
                 continue
             rng = np.random.default_rng([self.seed, epoch, idx, 1])
             try:
-                return self.source.plan(record, rng)
+                plan = self.source.plan(record, rng)
             except VideoUnusable as e:
                 self._reject(record.path, e.reason)
+                continue
+            # Count only rejects in a row: a shard whose every source fails planning (first pass, or
+            # later passes where decode failures are remembered as bad) raises after one pass.
+            self._since_success = 0
+            return plan
 
     def next_batch(self) -> ClipBatch:
         clips: list[tuple[ClipPlan, torch.Tensor]] = []
@@ -270,7 +275,6 @@ class ClipStream:
                 if isinstance(result, VideoUnusable):
                     self._reject(plan.path, result.reason)
                 else:
-                    self._since_success = 0
                     clips.append((plan, result))
         video = torch.stack([frames_to_model_input(frames) for _, frames in clips])
         return ClipBatch(video_BCTHW=video, sample_ids=[f"{p.path}@{p.start_frame}" for p, _ in clips])
