@@ -180,6 +180,20 @@ class ImageSource:
         return frames.to(self.device)
 
 
+def source_for(records: Sequence[VideoRecord], sampling: ClipSamplingConfig, *, device: str = "cpu",
+               device_id: int = 0, num_threads: int = 2, batch_size: int = 8, origin: str = "") -> ClipSource:
+    """ImageSource when every record is an image file, VideoSource when none is; mixed lists are an error."""
+    images = sum(is_image(r.path) for r in records)
+    if images and images != len(records):
+        raise ValueError(f"{origin or 'source list'}: mixes {images} images and {len(records) - images} videos; "
+                         "give images and videos in separate lists")
+    if images:
+        if sampling.num_frames != 1:
+            raise ValueError(f"{origin or 'source list'} holds images, but clips have {sampling.num_frames} frames")
+        return ImageSource(sampling.height, sampling.width, device=device, device_id=device_id)
+    return VideoSource(sampling, device=device, device_id=device_id, num_threads=num_threads, batch_size=batch_size)
+
+
 @dataclass
 class ClipBatch:
     video_BCTHW: torch.Tensor

@@ -7,6 +7,7 @@ sections (latent grid vs scale schedule, clip length vs temporal compression) li
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -14,6 +15,7 @@ from data_prep.video import ClipSamplingConfig
 from tokenizer.config import TokenizerModelConfig
 from tokenizer.discriminator import DiscriminatorConfig
 from tokenizer.losses import LossConfig
+from videoar_megatron.common.config import ConfigError
 from videoar_megatron.common.run_logging import LoggingConfig
 
 
@@ -244,6 +246,9 @@ class TokenizerTrainConfig:
     """Optimizer steps in total."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step (per rank)."""
+    global_batch_size: int = 0
+    """Clips per optimizer step over all ranks. 0 = data.micro_batch_size x grad_accum_steps x world size;
+    > 0 derives grad_accum_steps from the world size at launch (must divide evenly) and overrides it."""
     seed: int = 0
     """Seed of model initialisation."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -252,8 +257,8 @@ class TokenizerTrainConfig:
     """Save and exit after this many steps in this job (time-limited jobs; resume continues). 0 = off."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.grad_accum_steps < 1 or self.stop_after < 0:
-            raise ValueError("steps and grad_accum_steps must be >= 1, stop_after >= 0")
+        if self.steps < 1 or self.grad_accum_steps < 1 or self.stop_after < 0 or self.global_batch_size < 0:
+            raise ValueError("steps and grad_accum_steps must be >= 1, stop_after and global_batch_size >= 0")
         clip, m = self.data.clip, self.model
         if (clip.num_frames - 1) % m.temporal_factor:
             raise ValueError(f"data.clip.num_frames={clip.num_frames} must be 1 + {m.temporal_factor}k "
@@ -268,3 +273,14 @@ class TokenizerTrainConfig:
                              f"(discriminator.channel_mult has {len(self.discriminator.channel_mult)} down-blocks)")
         if self.eval.manifest and self.data.synth.enabled:
             raise ValueError("data.synth.enabled provides the held-out corpus: leave eval.manifest empty")
+
+
+def resolve_batch(cfg: TokenizerTrainConfig, world_size: int) -> TokenizerTrainConfig:
+    """The config with grad_accum_steps derived from global_batch_size for this world size."""
+    if not cfg.global_batch_size:
+        return cfg
+    per_step = cfg.data.micro_batch_size * world_size
+    if cfg.global_batch_size % per_step:
+        raise ConfigError(f"global_batch_size={cfg.global_batch_size} is not a multiple of data.micro_batch_size "
+                         f"({cfg.data.micro_batch_size}) x world size ({world_size})")
+    return dataclasses.replace(cfg, grad_accum_steps=cfg.global_batch_size // per_step)

@@ -41,10 +41,10 @@ from tokenizer.evaluate import evaluate_tokenizer, psnr_per_clip
 from tokenizer.inflate import inflate_from_file
 from tokenizer.losses import TokenizerLoss
 from tokenizer.model import VideoTokenizer
-from tokenizer.train_config import OptimConfig, TokenizerTrainConfig
+from tokenizer.train_config import OptimConfig, TokenizerTrainConfig, resolve_batch
 from videoar_megatron.common.atomic import (atomic_write_bytes, atomic_write_json, is_committed, latest_committed,
                                             mark_committed, prune_keep_last, step_dir_name)
-from videoar_megatron.common.config import config_to_dict, dump_config, save_resolved_config
+from videoar_megatron.common.config import config_to_dict, save_resolved_config
 from videoar_megatron.common.distributed import DistContext
 from videoar_megatron.common.run_logging import METRICS_FILE, RunLogger, get_logger, plot_metrics
 
@@ -171,6 +171,7 @@ class TokenizerTrainer:
         # (single-process runs without torchrun); the context knows the values.
         for key, value in (("LOCAL_RANK", ctx.local_rank), ("RANK", ctx.rank), ("WORLD_SIZE", ctx.world_size)):
             os.environ.setdefault(key, str(value))
+        cfg = resolve_batch(cfg, ctx.world_size)
         self.cfg, self.ctx, self.run_dir = cfg, ctx, Path(run_dir)
         self.log = get_logger()
         self.ckpt_root = self.run_dir / CHECKPOINT_DIR
@@ -231,9 +232,13 @@ class TokenizerTrainer:
         init = self.cfg.init
         if init.from_tokenizer:
             src = load_tokenizer(init.from_tokenizer)
-            if dump_config(src.cfg) != dump_config(self.cfg.model):
-                raise ValueError(f"init.from_tokenizer: {init.from_tokenizer} has a different model config "
-                                 "than this recipe's model section")
+            # The quantizer is parameter-free: a new resolution may bring its own scale schedule.
+            free = {"scale_schedule", "entropy_inv_temperature"}
+            a, b = config_to_dict(src.cfg), config_to_dict(self.cfg.model)
+            diff = sorted(k for k in b if k not in free and a.get(k) != b[k])
+            if diff:
+                raise ValueError(f"init.from_tokenizer: {init.from_tokenizer} differs from this recipe in "
+                                 f"model.{diff[0]} ({a.get(diff[0])} vs {b[diff[0]]})")
             self.tokenizer.load_state_dict(src.state_dict())
             self.log.info("initialised the autoencoder from %s", init.from_tokenizer)
         elif init.inflate_from:
@@ -465,12 +470,13 @@ class TokenizerTrainer:
         """Held-out evaluation on rank 0 (others wait); writes ``<run_dir>/eval/<tag>/``."""
         result = None
         if self.ctx.is_main and self.paths.eval_manifest:
-            from data_prep.clip_dataset import eval_batches
+            from data_prep.clip_dataset import eval_batches, source_for
             e, d = self.cfg.eval, self.cfg.data
-            source = VideoSource(d.clip, device=self._decode_device(), device_id=max(self.ctx.device.index or 0, 0),
-                                 num_threads=d.decode_threads, batch_size=e.batch_size)
-            batches = eval_batches(read_sources(self.paths.eval_manifest), source, batch_size=e.batch_size,
-                                   limit=e.num_clips, rejects=self.rejects)
+            records = read_sources(self.paths.eval_manifest)
+            source = source_for(records, d.clip, device=self._decode_device(),
+                                device_id=max(self.ctx.device.index or 0, 0), num_threads=d.decode_threads,
+                                batch_size=e.batch_size, origin=self.paths.eval_manifest)
+            batches = eval_batches(records, source, batch_size=e.batch_size, limit=e.num_clips, rejects=self.rejects)
             result = evaluate_tokenizer(self.tokenizer, batches, device=self.ctx.device,
                                         out_dir=self.run_dir / "eval" / tag, grid_clips=e.grid_clips,
                                         grid_frames=e.grid_frames, title=f"{self.run_dir.name} {tag}")

@@ -106,6 +106,7 @@ def _load_recipe(recipe: str, overrides: list[str]):
 
 def cmd_train(args) -> int:
     from tokenizer.trainer import TokenizerTrainer
+    from videoar_megatron.common.config import ConfigError
     from videoar_megatron.common.distributed import init_distributed, shutdown_distributed
     from videoar_megatron.common.run_logging import setup_console_logging
     cfg = _load_recipe(args.recipe, args.overrides)
@@ -115,7 +116,10 @@ def cmd_train(args) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = None
     try:
-        trainer = TokenizerTrainer(cfg, ctx, run_dir)
+        try:
+            trainer = TokenizerTrainer(cfg, ctx, run_dir)
+        except ConfigError as err:
+            raise SystemExit(f"videoar tokenizer train: {err}") from None
         return trainer.train()
     finally:
         if trainer is not None:
@@ -149,7 +153,7 @@ def _eval_setup(args):
 
 def cmd_eval(args) -> int:
     import torch
-    from data_prep.clip_dataset import RejectLog, VideoSource, eval_batches, read_sources
+    from data_prep.clip_dataset import RejectLog, eval_batches, read_sources, source_for
     from tokenizer.checkpoint import load_tokenizer
     from tokenizer.evaluate import evaluate_tokenizer
     from tokenizer.model import VideoTokenizer
@@ -161,7 +165,8 @@ def cmd_eval(args) -> int:
     rejects = RejectLog(out / "rejects.jsonl")
 
     def run(m, sub):
-        source = VideoSource(clip, device="gpu" if device.type == "cuda" else "cpu", batch_size=args.batch_size)
+        source = source_for(records, clip, device="gpu" if device.type == "cuda" else "cpu",
+                            batch_size=args.batch_size, origin=str(manifest))
         batches = eval_batches(records, source, batch_size=args.batch_size, limit=num, rejects=rejects)
         return evaluate_tokenizer(m, batches, device=device, out_dir=out / sub, grid_clips=args.grid_clips,
                                   grid_frames=args.grid_frames, title=f"{sub}: {tok_dir}")
