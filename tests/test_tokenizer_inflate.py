@@ -71,3 +71,30 @@ def test_mismatched_image_checkpoint_is_an_error_naming_keys():
     state = {**ImageTokenizer2D(cfg).state_dict(), "encoder.extra.weight": torch.zeros(1)}
     with pytest.raises(InflationError, match="encoder.extra.weight"):
         inflate_from_2d(VideoTokenizer(cfg), state)
+
+
+@torch.no_grad()
+def test_reinflation_keeps_single_frames_and_separates_video_frames():
+    from tokenizer.image2d import ImageTokenizer2D
+    from tokenizer.inflate import deflate_to_2d, reinflate
+    cfg = TokenizerModelConfig(**SMALL)
+    torch.manual_seed(4)
+    model = VideoTokenizer(cfg).eval()
+    image = torch.rand(2, 3, 1, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    # deflation: the 2-D twin computes what the 3-D model computes on one frame (temporal layers at init)
+    twin = ImageTokenizer2D(cfg).eval()
+    twin.load_state_dict(deflate_to_2d(model))
+    torch.testing.assert_close(twin(image[:, :, 0])[0], model(image)[0][:, :, 0], rtol=1e-3, atol=1e-4)
+    with torch.no_grad():  # as after image training: temporal layers no longer the identity
+        for name, p in model.named_parameters():
+            if ".temporal." in name:
+                p.add_(0.05 * torch.randn_like(p))
+    before = model(image)[0]
+    report = reinflate(model)
+    torch.testing.assert_close(model(image)[0], before, rtol=1e-3, atol=1e-4)
+    assert all(not m.conv.weight[:, :, :-1].any() for m in model.modules() if hasattr(m, "kt") and m.kt > 1)
+    assert any(".temporal." in k for k in report.inflated)
+    # frames are processed independently now: frame t of a clip of repeated frame t equals the image
+    video = torch.rand(1, 3, 5, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    lat = model.encode(video)
+    torch.testing.assert_close(lat[:, :, 1], model.encode(video[:, :, 4:5])[:, :, 0], rtol=1e-4, atol=1e-5)

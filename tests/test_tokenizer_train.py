@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 MICRO = {
     "base": str(REPO_ROOT / "recipes" / "tokenizer" / "tiny.yaml"),
+    "init": {"from_recipe": "", "reinflate": False},
     "model": {"latent_dim": 8, "base_channels": 8, "channel_mult": [1, 1, 2], "temporal_down_levels": [0, 1],
               "norm_groups": 4, "scale_schedule": [[1, 1], [2, 2], [4, 4]]},
     "discriminator": {"base_channels": 4, "channel_mult": [1, 2], "temporal_down_blocks": [0]},
@@ -166,3 +167,20 @@ def test_nan_with_stop_policy_exits_and_saves_nothing_after_it(tmp_path, corpus)
     assert not (run / "checkpoints" / "step_00000004").exists()
     events = [json.loads(line) for line in (run / "nonfinite.jsonl").read_text().splitlines()]
     assert sorted(e["rank"] for e in events) == [0, 1]
+
+
+def test_init_from_recipe_trains_the_image_stage_first_then_reinflates(tmp_path, corpus):
+    image = write_recipe(tmp_path / "image.yaml", corpus, steps=3, data__clip__num_frames=1,
+                         checkpoint__every=3, loss__disc_start_step=100)
+    video = write_recipe(tmp_path / "video.yaml", corpus, steps=2, checkpoint__every=2,
+                         init={"from_recipe": "image.yaml", "reinflate": True})
+    run = tmp_path / "run"
+    proc = torchrun(run, video, nproc=1)
+    assert (run / "init" / "image" / "tokenizer" / "COMMITTED").is_file()
+    assert committed_steps(run / "init" / "image" / "checkpoints") == [3]
+    assert "initialised the autoencoder from" in proc.stderr and "reinflated" in proc.stderr
+    assert committed_steps(run / "checkpoints") == [2]
+    # a second run finds its own checkpoint and neither retrains the stage nor re-initialises
+    proc = torchrun(run, video, "steps=3", nproc=1)
+    assert "training" not in proc.stderr.split("resumed from")[0] and "resumed from" in proc.stderr
+    assert committed_steps(run / "init" / "image" / "checkpoints") == [3]

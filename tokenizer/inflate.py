@@ -8,6 +8,12 @@ through the inflated model exactly as through the 2-D model. The discriminator i
 
 A 2-D key that has no 3-D counterpart, or whose shape does not fit, is an error (the image checkpoint
 does not match the recipe's architecture): silently dropping weights would look like a working init.
+
+:func:`reinflate` applies the same rule to a 3-D tokenizer trained on images (single frames): each
+kernel's temporal taps are folded into the last slice. Measured on the synthetic corpus (32x32, 9
+frames, tau = 4): training on videos from scratch stayed at ~18-19 dB for 1,000+ steps (causal
+replicate padding in every layer makes frame 0 dominate every latent at init), while 400 image steps,
+reinflation and 300 video steps reached ~25 dB.
 """
 from __future__ import annotations
 
@@ -90,3 +96,40 @@ def inflate_from_file(model3d: nn.Module, path: str | Path) -> InflationReport:
     if state and all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return inflate_from_2d(model3d, state)
+
+
+def _causal_convs(model3d: nn.Module):
+    from tokenizer.model import CausalConv3d
+    for name, module in model3d.named_modules():
+        if isinstance(module, CausalConv3d) and module.kt > 1:
+            yield name, module
+
+
+def deflate_to_2d(model3d: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of the 2-D twin (``tokenizer.image2d``) that computes what ``model3d`` computes on a
+    single frame: causal padding replicates the frame into every temporal tap, so the 2-D kernel is the
+    sum of the taps. Temporal-only layers are dropped (they have no 2-D counterpart)."""
+    state = {}
+    for key, value in model3d.state_dict().items():
+        if ".temporal." in key:
+            continue
+        state[key] = value.sum(dim=2) if value.dim() == 5 else value.clone()
+    return state
+
+
+@torch.no_grad()
+def reinflate(model3d: nn.Module) -> InflationReport:
+    """Fold every causal kernel's temporal taps into its last slice (in place).
+
+    For a tokenizer trained on images only this is the paper's inflation applied to itself: outputs on
+    a single frame are unchanged (the taps of a single frame are summed either way), and at the start
+    of video training every frame is processed on its own (temporal layers pick the newest frame), so
+    the spatial features are not smeared over time by taps that images never constrained.
+    """
+    report = InflationReport()
+    for name, module in _causal_convs(model3d):
+        w = module.conv.weight
+        w[:, :, -1] = w.sum(dim=2)
+        w[:, :, :-1] = 0
+        report.inflated.append(f"{name}.conv.weight")
+    return report

@@ -53,10 +53,12 @@ class DataConfig:
     """Training videos: CSV/JSONL manifest (path + caption/label columns, see data_prep.manifest) or a
     .txt list of paths."""
     image_manifest: str = ""
-    """Training images (.jpg/.png/...), same formats; each is a 1-frame clip."""
+    """Training images (.jpg/.png/...; each a 1-frame clip), or videos whose random single frames serve as
+    images. Same list formats as data.manifest."""
     image_every: int = 0
-    """With both manifests: every n-th optimizer step is an image step (0 = images only when there is
-    no video manifest)."""
+    """Joint image-video training: every n-th optimizer step is an image step (needs data.manifest and
+    data.image_manifest, or data.synth whose training videos then also give the image frames). 0 = images
+    only when there is no video manifest."""
     clip: ClipSamplingConfig = field(default_factory=ClipSamplingConfig)
     """How clips are cut: frames (1 + 4k), stride or target fps, output height/width (resize to cover,
     centre crop). Training clips start at a seeded random frame; held-out clips are centred."""
@@ -82,9 +84,9 @@ class DataConfig:
                              "or data.synth.enabled: true")
         if self.image_every < 0:
             raise ValueError(f"data.image_every must be >= 0, got {self.image_every}")
-        if self.image_every and not (self.manifest and self.image_manifest):
+        if self.image_every and not (self.manifest and self.image_manifest) and not self.synth.enabled:
             raise ValueError("data.image_every mixes image steps into video training: it needs both "
-                             "data.manifest and data.image_manifest")
+                             "data.manifest and data.image_manifest (or data.synth.enabled)")
         if self.micro_batch_size < 1 or self.image_micro_batch_size < 1:
             raise ValueError("data.micro_batch_size and data.image_micro_batch_size must be >= 1")
         if self.decode_threads < 1:
@@ -113,7 +115,8 @@ class OptimConfig:
     warmup_steps: int = 1000
     """Linear warm-up steps."""
     schedule: Literal["constant", "cosine", "linear"] = "cosine"
-    """Decay after warm-up, down to lr * min_lr_ratio at the last step."""
+    """Decay after warm-up, down to lr * min_lr_ratio at the last step. The discriminator warms up over its
+    own first warmup_steps (from loss.disc_start_step) and decays on the same global-step clock."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of the peak."""
 
@@ -165,13 +168,24 @@ class InitConfig:
     """Initial weights of the autoencoder when a run starts (ignored on resume)."""
 
     from_tokenizer: str = ""
-    """A tokenizer directory (e.g. the export of an image pre-training run) with the same model config."""
+    """A tokenizer directory (e.g. the export of an image pre-training run) with the same architecture
+    (the parameter-free scale schedule may differ)."""
+    from_recipe: str = ""
+    """A tokenizer recipe trained first, in <run_dir>/init/<its name> (resumable; skipped once done), whose
+    exported tokenizer then initialises this run like from_tokenizer. Relative paths resolve against the
+    recipe file that sets this key."""
     inflate_from: str = ""
-    """A 2-D image tokenizer state dict (.safetensors/.pt) to inflate (kernels into the last temporal slice)."""
+    """A 2-D image tokenizer state dict (.safetensors/.pt; keys of tokenizer/image2d.py) to inflate:
+    kernels into the last temporal slice, the rest zero."""
+    reinflate: bool = False
+    """With from_tokenizer/from_recipe: fold every causal kernel's temporal taps into its last slice
+    (inflation applied to an image-trained 3-D tokenizer; single-frame outputs are unchanged)."""
 
     def __post_init__(self) -> None:
-        if self.from_tokenizer and self.inflate_from:
-            raise ValueError("set at most one of init.from_tokenizer and init.inflate_from")
+        if sum(map(bool, (self.from_tokenizer, self.from_recipe, self.inflate_from))) > 1:
+            raise ValueError("set at most one of init.from_tokenizer, init.from_recipe and init.inflate_from")
+        if self.reinflate and not (self.from_tokenizer or self.from_recipe):
+            raise ValueError("init.reinflate needs init.from_tokenizer or init.from_recipe")
 
 
 @dataclass(kw_only=True)

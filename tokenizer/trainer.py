@@ -18,6 +18,7 @@ Design decisions:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -34,11 +35,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from data_prep.clip_dataset import ClipStream, ImageSource, RejectLog, VideoSource, read_sources, REJECTS_FILE
+from data_prep.clip_dataset import (REJECTS_FILE, ClipStream, RejectLog, VideoSource, read_sources,
+                                    source_for)
 from tokenizer.checkpoint import load_tokenizer, save_tokenizer
 from tokenizer.discriminator import Discriminator3D
 from tokenizer.evaluate import evaluate_tokenizer, psnr_per_clip
-from tokenizer.inflate import inflate_from_file
+from tokenizer.inflate import inflate_from_file, reinflate
 from tokenizer.losses import TokenizerLoss
 from tokenizer.model import VideoTokenizer
 from tokenizer.train_config import OptimConfig, TokenizerTrainConfig, resolve_batch
@@ -73,16 +75,18 @@ class AutoencoderForTraining(nn.Module):
         return recon, q.commitment_loss, q.entropy_loss
 
 
-def lr_multiplier(cfg: OptimConfig, total_steps: int):
-    """Step → LR factor: linear warm-up, then constant / cosine / linear decay to ``min_lr_ratio``."""
+def lr_multiplier(cfg: OptimConfig, total_steps: int, offset: int = 0):
+    """Engine step → LR factor: linear warm-up over the engine's own first ``warmup_steps`` steps, then
+    constant / cosine / linear decay to ``min_lr_ratio`` by global step (= engine step + ``offset``; the
+    discriminator's engine starts at loss.disc_start_step). Schedulers only advance on applied steps."""
     def fn(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
         if cfg.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+            return warm
+        start = max(cfg.warmup_steps, offset)
+        progress = min(1.0, max(0, step + offset - start) / max(1, total_steps - start))
         shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+        return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
     return fn
 
 
@@ -156,7 +160,7 @@ def prepare_data(cfg: TokenizerTrainConfig, run_dir: Path, ctx: DistContext) -> 
             mark_committed(root, {"num": num, "seed": seed})
         out[split] = str(root / "metadata.csv")
     ctx.barrier()
-    return DataPaths(out["train"], "", out["eval"])
+    return DataPaths(out["train"], out["train"] if cfg.data.image_every else "", out["eval"])
 
 
 class TokenizerTrainer:
@@ -188,19 +192,19 @@ class TokenizerTrainer:
         if self.resume_from is None:
             self._init_weights()  # before the engines copy the weights into their master partitions
         self.loss = TokenizerLoss(cfg.loss).to(ctx.device, self.dtype)
-        self.ae = self._engine(deepspeed, AutoencoderForTraining(self.tokenizer), cfg.optim.lr)
-        self.disc = self._engine(deepspeed, self.discriminator, cfg.optim.disc_lr)
+        self.ae = self._engine(deepspeed, AutoencoderForTraining(self.tokenizer), cfg.optim.lr, 0)
+        self.disc = self._engine(deepspeed, self.discriminator, cfg.optim.disc_lr, cfg.loss.disc_start_step)
         self.tokenizer = self.ae.module.tokenizer  # engine may have cast/moved it
         self.rejects = RejectLog(self.run_dir / REJECTS_FILE, ctx.rank)
         self.video_stream, self.image_stream = self._streams()
         self.logger: RunLogger | None = None
 
     # --- construction -------------------------------------------------------------------------
-    def _engine(self, deepspeed, module: nn.Module, lr: float):
+    def _engine(self, deepspeed, module: nn.Module, lr: float, offset: int):
         o = self.cfg.optim
         opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=tuple(o.betas), eps=o.eps,
                                 weight_decay=o.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(o, self.cfg.steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(o, self.cfg.steps, offset))
         micro = self.cfg.data.micro_batch_size
         engine, *_ = deepspeed.initialize(model=module.to(self.ctx.device), optimizer=opt, lr_scheduler=sched,
                                           config=deepspeed_config(self.cfg, self.precision, micro,
@@ -223,13 +227,18 @@ class TokenizerTrainer:
             video = ClipStream(read_sources(self.paths.video_manifest), src, batch_size=d.micro_batch_size,
                                name="video", origin=self.paths.video_manifest, **common)
         if self.paths.image_manifest:
-            src = ImageSource(d.clip.height, d.clip.width, device=dev, device_id=dev_id)
-            image = ClipStream(read_sources(self.paths.image_manifest), src, batch_size=d.image_micro_batch_size,
+            records = read_sources(self.paths.image_manifest)
+            src = source_for(records, dataclasses.replace(d.clip, num_frames=1), device=dev, device_id=dev_id,
+                             num_threads=d.decode_threads, batch_size=d.image_micro_batch_size,
+                             origin=self.paths.image_manifest)
+            image = ClipStream(records, src, batch_size=d.image_micro_batch_size,
                                name="image", origin=self.paths.image_manifest, **common)
         return video, image
 
     def _init_weights(self) -> None:
         init = self.cfg.init
+        if init.from_recipe:
+            raise ValueError("init.from_recipe must be resolved by the entry point (run_with_init_stage)")
         if init.from_tokenizer:
             src = load_tokenizer(init.from_tokenizer)
             # The quantizer is parameter-free: a new resolution may bring its own scale schedule.
@@ -241,6 +250,10 @@ class TokenizerTrainer:
                                  f"model.{diff[0]} ({a.get(diff[0])} vs {b[diff[0]]})")
             self.tokenizer.load_state_dict(src.state_dict())
             self.log.info("initialised the autoencoder from %s", init.from_tokenizer)
+            if init.reinflate:
+                report = reinflate(self.tokenizer)
+                self.log.info("reinflated: folded the temporal taps of %d causal kernels into their last slice",
+                              len(report.inflated))
         elif init.inflate_from:
             report = inflate_from_file(self.tokenizer, init.inflate_from)
             self.log.info("inflated from %s: %s", init.inflate_from, report.summary())
@@ -322,6 +335,7 @@ class TokenizerTrainer:
             self.log.warning("step %d: discriminator step dropped (non-finite gradient norm)", self.step)
         means = {k: v / self.cfg.grad_accum_steps for k, v in sums.items()}
         means["image_step"] = float(image_step)
+        means["clips"] = float(clips)
         return applied, reason, means
 
     def _reduce_terms(self, terms: dict[str, float]) -> dict[str, float]:
@@ -470,7 +484,7 @@ class TokenizerTrainer:
         """Held-out evaluation on rank 0 (others wait); writes ``<run_dir>/eval/<tag>/``."""
         result = None
         if self.ctx.is_main and self.paths.eval_manifest:
-            from data_prep.clip_dataset import eval_batches, source_for
+            from data_prep.clip_dataset import eval_batches
             e, d = self.cfg.eval, self.cfg.data
             records = read_sources(self.paths.eval_manifest)
             source = source_for(records, d.clip, device=self._decode_device(),
@@ -498,10 +512,9 @@ class TokenizerTrainer:
         if self.logger is None or self.step % self.cfg.logging.log_every:
             return
         record = dict(terms)
+        clips = record.pop("clips") * self.ctx.world_size  # mean over ranks x ranks
         record.update(lr=self.ae.get_lr()[0], disc_lr=self.disc.get_lr()[0], samples=self.samples,
-                      step_time=step_time, bad_steps=self.bad_steps,
-                      clips_per_s=self.cfg.data.micro_batch_size * self.cfg.grad_accum_steps
-                      * self.ctx.world_size / max(step_time, 1e-9))
+                      step_time=step_time, bad_steps=self.bad_steps, clips_per_s=clips / max(step_time, 1e-9))
         norm = self.ae.get_global_grad_norm()
         if norm is not None:
             record["grad_norm"] = float(norm)
@@ -531,6 +544,9 @@ class TokenizerTrainer:
             applied, reason, terms = self._window()
             if not applied:
                 self._handle_bad(reason)
+                if bar is not None:
+                    bar.n = self.step  # a rollback moves the step back
+                    bar.refresh()
                 continue
             terms = self._reduce_terms(terms)
             self._after_good_step(terms, time.perf_counter() - t0)
@@ -572,8 +588,9 @@ class TokenizerTrainer:
 
     def _plot(self) -> None:
         metrics = self.run_dir / METRICS_FILE
-        keys = [k for k in PLOT_KEYS if any(k in json.loads(line) for line in metrics.read_text().splitlines()[:50]
-                                               if line.strip())] if metrics.is_file() else []
+        from videoar_megatron.common.run_logging import read_metrics
+        present = {k for r in read_metrics(metrics) for k in r} if metrics.is_file() else set()
+        keys = [k for k in PLOT_KEYS if k in present]
         if keys:
             plot_metrics(metrics, self.run_dir / "loss_curves.png", keys=keys, title=self.run_dir.name)
 
@@ -581,3 +598,33 @@ class TokenizerTrainer:
         if self.logger is not None:
             self.logger.close()
             self.logger = None
+
+
+def run_with_init_stage(cfg: TokenizerTrainConfig, ctx: DistContext, run_dir: Path, recipe_dir: Path) -> int:
+    """Train ``cfg`` in ``run_dir``; when init.from_recipe is set and the run has no checkpoint yet, first
+    train that recipe in ``run_dir/init/<name>`` (resumable, skipped once exported) and start from its
+    export. Returns the exit code (a stopped or preempted first stage returns its code)."""
+    from videoar_megatron.common.config import load_config
+    if cfg.init.from_recipe and latest_committed(run_dir / CHECKPOINT_DIR) is None:
+        recipe = Path(cfg.init.from_recipe)
+        recipe = recipe if recipe.is_absolute() else recipe_dir / recipe
+        stage_dir = run_dir / "init" / recipe.stem
+        if not is_committed(stage_dir / TOKENIZER_EXPORT_DIR):
+            get_logger().info("init.from_recipe: training %s in %s first", recipe, stage_dir)
+            stage = TokenizerTrainer(load_config(TokenizerTrainConfig, recipe), ctx, stage_dir)
+            try:
+                code = stage.train()
+            finally:
+                stage.close()
+            if code:
+                return code
+        ctx.barrier()
+        cfg = dataclasses.replace(cfg, init=dataclasses.replace(
+            cfg.init, from_recipe="", from_tokenizer=str(stage_dir / TOKENIZER_EXPORT_DIR)))
+    elif cfg.init.from_recipe:
+        cfg = dataclasses.replace(cfg, init=dataclasses.replace(cfg.init, from_recipe="", reinflate=False))  # resuming
+    trainer = TokenizerTrainer(cfg, ctx, run_dir)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()

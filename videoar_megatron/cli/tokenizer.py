@@ -105,25 +105,24 @@ def _load_recipe(recipe: str, overrides: list[str]):
 
 
 def cmd_train(args) -> int:
-    from tokenizer.trainer import TokenizerTrainer
-    from videoar_megatron.common.config import ConfigError
+    from tokenizer.trainer import run_with_init_stage
+    from videoar_megatron.common.config import ConfigError, read_recipe_chain
     from videoar_megatron.common.distributed import init_distributed, shutdown_distributed
     from videoar_megatron.common.run_logging import setup_console_logging
     cfg = _load_recipe(args.recipe, args.overrides)
     run_dir = Path(args.run_dir or f"runs/tokenizer-{Path(args.recipe).stem}")
+    # init.from_recipe resolves against the recipe file that sets it (which may be a base recipe).
+    _, origin = read_recipe_chain(args.recipe)
+    source = origin.get("init.from_recipe") or origin.get("init") or str(args.recipe)
+    recipe_dir = Path(source).parent if source.endswith((".yaml", ".yml")) else Path.cwd()
     ctx = init_distributed(cfg.device)
     setup_console_logging(ctx.rank)
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = None
     try:
-        try:
-            trainer = TokenizerTrainer(cfg, ctx, run_dir)
-        except ConfigError as err:
-            raise SystemExit(f"videoar tokenizer train: {err}") from None
-        return trainer.train()
+        return run_with_init_stage(cfg, ctx, run_dir, recipe_dir)
+    except ConfigError as err:
+        raise SystemExit(f"videoar tokenizer train: {err}") from None
     finally:
-        if trainer is not None:
-            trainer.close()
         shutdown_distributed()
 
 
