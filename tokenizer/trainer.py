@@ -565,7 +565,8 @@ class TokenizerTrainer:
                 if bar is not None:
                     bar.close()
                 if stop:
-                    self.log.info("stopped after %d steps in this job (stop_after); rerun to resume", self.steps_this_job)
+                    self.log.info("stopped after %d steps in this job (stop_after); rerun to resume",
+                                  self.steps_this_job)
                     return 0
                 self.log.warning("signal received: saved step %d, exiting with %d for requeue", self.step,
                                  PREEMPTED_EXIT_CODE)

@@ -66,11 +66,13 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     e.add_argument("--tokenizer", default=None, help="a tokenizer directory (overrides the run's export)")
     e.add_argument("--manifest", default=None, help="held-out videos: CSV/JSONL manifest or .txt list of paths")
     e.add_argument("--out", default=None, help="output directory (default: <run>/eval/cli or ./tokenizer_eval)")
-    e.add_argument("--num-clips", type=int, default=None, help="clips to evaluate (default: the run's eval.num_clips or 16)")
+    e.add_argument("--num-clips", type=int, default=None,
+                   help="clips to evaluate (default: the run's eval.num_clips or 16)")
     e.add_argument("--batch-size", type=int, default=4, help="clips per forward (default 4)")
     e.add_argument("--frames", type=int, default=None, help="frames per clip, 1 + 4k (default: the run's or 17)")
     e.add_argument("--frame-stride", type=int, default=None, help="take every n-th frame (default: the run's or 1)")
-    e.add_argument("--size", type=_size, default=None, help="HxW after resize+centre crop (default: the run's or 128x128)")
+    e.add_argument("--size", type=_size, default=None,
+                   help="HxW after resize+centre crop (default: the run's or 128x128)")
     e.add_argument("--grid-clips", type=int, default=3, help="clips in the PNG grid (default 3)")
     e.add_argument("--grid-frames", type=int, default=5, help="frames per clip in the grid (default 5)")
     e.add_argument("--compare-untrained", action="store_true",
@@ -138,7 +140,8 @@ def _eval_setup(args):
             raise SystemExit(f"videoar tokenizer eval: {run}/config.yaml not found: not a tokenizer run directory")
         cfg = load_config(TokenizerTrainConfig, run / "config.yaml")
         clip, num, tok, out = cfg.data.clip, cfg.eval.num_clips, run / "tokenizer", run / "eval" / "cli"
-        manifest = cfg.eval.manifest or (str(run / "synth" / "eval" / "metadata.csv") if cfg.data.synth.enabled else None)
+        synth_eval = str(run / "synth" / "eval" / "metadata.csv") if cfg.data.synth.enabled else None
+        manifest = cfg.eval.manifest or synth_eval
     tok = Path(args.tokenizer) if args.tokenizer else tok
     manifest = args.manifest or manifest
     if tok is None or manifest is None:
