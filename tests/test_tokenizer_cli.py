@@ -70,6 +70,7 @@ def test_paper_scale_sizes():
     ucf = resolve_batch(load_config(TokenizerTrainConfig, RECIPES / "ucf101_finetune.yaml"), 8)
     assert ucf.global_batch_size == 128 and ucf.grad_accum_steps * ucf.data.micro_batch_size * 8 == 128
     assert ucf.steps == -(-2000 * 9537 // 128)                               # 2000 epochs of UCF-101 split 1
+    assert video.init.reinflate and not ucf.init.reinflate  # inflate image → video, never video → video
     image = load_config(TokenizerTrainConfig, RECIPES / "image_pretrain.yaml")
     assert image.data.clip.num_frames == 1 and image.data.image_manifest and not image.data.manifest
     assert load_config(TokenizerTrainConfig, RECIPES / "base.yaml").loss.perceptual_weight > 0

@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -526,6 +527,10 @@ class TokenizerTrainer:
         self.step += 1
         self.steps_this_job += 1
         self._log_step(terms, step_time)
+        if not sys.stderr.isatty() and self.step % max(1, self.cfg.steps // 20) == 0:
+            self.log.info("step %d/%d: loss %.4f rec %.4f psnr %.2f dB, %.2f s/step", self.step, self.cfg.steps,
+                          terms.get("g_total", float("nan")), terms.get("rec", float("nan")),
+                          terms.get("psnr", float("nan")), step_time)
 
     def train(self) -> int:
         """Run to ``steps`` (or until stopped); returns the process exit code."""
@@ -582,7 +587,9 @@ class TokenizerTrainer:
         return 0
 
     def _progress(self):
-        if not (self.ctx.is_main and self.cfg.logging.progress_bar):
+        # A bar only on a terminal: in SLURM/pipe logs tqdm's carriage returns make one endless line;
+        # there, _after_good_step logs a plain line every 5% of the run instead.
+        if not (self.ctx.is_main and self.cfg.logging.progress_bar and sys.stderr.isatty()):
             return None
         from tqdm import tqdm
         return tqdm(total=self.cfg.steps, initial=self.step, desc="tokenizer", unit="step", dynamic_ncols=True)
