@@ -20,6 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("videoar_megatron.cli.sample", "sample videos from an AR checkpoint (KV cache, CFG, V2V/I2V)"),
     "eval": ("videoar_megatron.cli.eval", "gFVD of an AR checkpoint, tokenizer rFVD/PSNR/SSIM, real-set statistics"),
     "train": ("videoar_megatron.cli.train", "train the VideoAR transformer on token shards (Megatron-core TP x PP x DP)"),
+    "tokenizer": ("videoar_megatron.cli.tokenizer",
+                  "train | eval | inflate the 3D causal multi-scale BSQ video tokenizer (DeepSpeed)"),
 }
 
 
