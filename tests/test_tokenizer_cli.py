@@ -30,7 +30,7 @@ def test_help_explains_every_option(capsys, sub):
     if not sub:
         assert all(name in out for name in ("train", "eval", "inflate"))
         return
-    from videoar_megatron.cli.tokenizer import build_parser
+    from videoar_megatron.cli.tokenizer_cmd import build_parser
     parser = build_parser("videoar tokenizer")
     action = next(a for a in parser._actions if a.dest == "command").choices[sub]
     for opt in action._actions:

@@ -10,7 +10,9 @@ import argparse
 import importlib
 import sys
 
-# name → (module with `main(argv, prog)`, summary). Add a subcommand only when it works.
+# name → (module with `main(argv, prog)`, summary). Add a subcommand only when it works. Module names
+# must not shadow top-level packages (`tokenizer`, `data_prep`): running cli/__main__.py as a script
+# puts this directory first on sys.path.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("videoar_megatron.cli.synth", "write a synthetic class-labelled video corpus (PyAV)"),
     "pretokenize": ("videoar_megatron.cli.pretokenize", "videos → DALI clips → tokenizer bits + latents → MDS token shards"),
@@ -20,7 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("videoar_megatron.cli.sample", "sample videos from an AR checkpoint (KV cache, CFG, V2V/I2V)"),
     "eval": ("videoar_megatron.cli.eval", "gFVD of an AR checkpoint, tokenizer rFVD/PSNR/SSIM, real-set statistics"),
     "train": ("videoar_megatron.cli.train", "train the VideoAR transformer on token shards (Megatron-core TP x PP x DP)"),
-    "tokenizer": ("videoar_megatron.cli.tokenizer",
+    "tokenizer": ("videoar_megatron.cli.tokenizer_cmd",
                   "train | eval | inflate the 3D causal multi-scale BSQ video tokenizer (DeepSpeed)"),
 }
 
