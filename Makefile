@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-gpu clean-venv
+.PHONY: setup demo test test-gpu clean-venv
 
 setup: $(STAMP)
 
@@ -13,6 +13,10 @@ $(STAMP): setup.py
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+# End to end on CPU: synthetic corpus → tokenizer → shards → AR model → samples → runs/demo/report.
+demo: setup
+	$(VENV)/bin/videoar demo --out runs/demo
 
 # CPU test suite (GPU tests skip themselves without CUDA).
 test: setup

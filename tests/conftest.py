@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.subprocess_env import child_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -49,7 +50,7 @@ def torchrun(tmp_path):
     def run(script: str | Path, nproc: int, *args: str, timeout: float = 600, env: dict | None = None):
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--nnodes=1", f"--master_port={free_port()}", str(script), *map(str, args)]
-        full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+        full_env = child_env(**(env or {}))
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
                               cwd=tmp_path)
         if proc.returncode != 0:

@@ -17,6 +17,7 @@ from data_prep.video import ClipSamplingConfig, DaliClipDecoder, frames_to_model
 from tests.pretok_helpers import (SCHEDULE, make_clean_corpus, make_mixed_corpus, make_tiny_tokenizer,
                                   pretok_config, tree_bytes)
 from tokenizer import load_tokenizer
+from tests.subprocess_env import child_env
 
 
 @pytest.fixture(scope="module")
@@ -259,13 +260,12 @@ Pretokenizer(pretok_config(tok, corpus, out, num_partitions=3, batch_size=1, sha
 
 
 def test_sigkill_mid_partition_then_resume_is_byte_identical(tok, clean, tmp_path):
-    import os
     import signal
     import subprocess
     import sys
     import time
     args = [str(tok), str(clean)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = child_env()
     reference = tmp_path / "reference"
     subprocess.run([sys.executable, "-c", KILL_SCRIPT, *args, str(reference)], env=env, check=True, timeout=300)
     out = tmp_path / "killed"

@@ -8,7 +8,6 @@ The first DeepSpeed run on a machine builds its shm op (about a minute, cached a
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from data_prep.synth import make_corpus
 from tests.conftest import REPO_ROOT, free_port
 from videoar_megatron.common.atomic import committed_steps
 from videoar_megatron.common.run_logging import read_metrics
+from tests.subprocess_env import child_env
 
 SCRIPT = Path(__file__).parent / "dist_scripts" / "tokenizer_train.py"
 pytestmark = pytest.mark.slow
@@ -73,7 +73,7 @@ def torchrun(run_dir: Path, recipe: Path, *overrides: str, nproc: int = 2, expec
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            f"--master_port={free_port()}", str(SCRIPT), "--recipe", str(recipe), "--run-dir", str(run_dir),
            *[a for o in overrides for a in ("--set", o)]]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=run_dir.parent)
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
@@ -170,7 +170,7 @@ def test_nan_with_stop_policy_exits_and_saves_nothing_after_it(tmp_path, corpus)
 
 
 def test_init_from_recipe_trains_the_image_stage_first_then_reinflates(tmp_path, corpus):
-    image = write_recipe(tmp_path / "image.yaml", corpus, steps=3, data__clip__num_frames=1,
+    write_recipe(tmp_path / "image.yaml", corpus, steps=3, data__clip__num_frames=1,
                          checkpoint__every=3, loss__disc_start_step=100)
     video = write_recipe(tmp_path / "video.yaml", corpus, steps=2, checkpoint__every=2,
                          init={"from_recipe": "image.yaml", "reinflate": True})
@@ -194,7 +194,7 @@ def test_signal_saves_on_all_ranks_and_exits_for_requeue(tmp_path, corpus):
     run.mkdir()
     cmd = [sys.executable, "-m", "videoar_megatron.cli", "tokenizer", "train", "--recipe", str(recipe),
            "--run-dir", str(run)]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     deadline = time.time() + 300
     while time.time() < deadline and not any(r.get("step", 0) >= 3 for r in _records(run)):

@@ -7,13 +7,26 @@ import json
 import pytest
 import torch
 
-from tests.test_tokenizer_train import corpus, losses, torchrun, write_recipe  # noqa: F401 (fixture)
+from data_prep.synth import make_corpus
+from tests.test_tokenizer_train import losses, torchrun, write_recipe
 from videoar_megatron.common.atomic import committed_steps
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 
-def test_bf16_training_on_gpu_skips_nan_and_exports_fp32(tmp_path, corpus):
+@pytest.fixture(scope="module")
+def nvdec_corpus(tmp_path_factory):
+    """VP9 at 128x128: NVDEC's smallest VP9 frame (it rejects the 16x16 CPU-test corpus as too small);
+    the recipe still resizes to 16x16 clips."""
+    root = tmp_path_factory.mktemp("nvdec_corpus")
+    make_corpus(root / "train", num=8, classes=4, frames=9, size=(128, 128), seed=0)
+    make_corpus(root / "eval", num=2, classes=2, frames=9, size=(128, 128), seed=1)
+    (root / "train" / "train_with_bad.csv").write_text((root / "train" / "metadata.csv").read_text())
+    return root
+
+
+def test_bf16_training_on_gpu_skips_nan_and_exports_fp32(tmp_path, nvdec_corpus):
+    corpus = nvdec_corpus
     recipe = write_recipe(tmp_path / "gpu.yaml", corpus, device="cuda", deepspeed__precision="bf16",
                           data__decode_device="gpu", steps=6, checkpoint__every=3,
                           numerics__inject_nonfinite_step=2, numerics__inject_nonfinite_rank=0)

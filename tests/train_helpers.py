@@ -2,10 +2,11 @@
 ``videoar train`` (one process, or N under torchrun)."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.subprocess_env import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "recipes" / "ar" / "tiny.yaml"
@@ -51,7 +52,7 @@ def train_command(nproc: int, run_dir: Path, shards: Path, *sets: str, recipe: P
 def run_train(nproc: int, run_dir: Path, shards: Path, *sets: str, recipe: Path = TINY_RECIPE,
               expect_rc: int | None = 0, timeout: float = 300, args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """Run ``videoar train``; checks the exit code unless ``expect_rc`` is None."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     proc = subprocess.run(train_command(nproc, run_dir, shards, *sets, recipe=recipe, args=args), capture_output=True,

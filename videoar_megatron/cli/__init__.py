@@ -14,6 +14,7 @@ import sys
 # must not shadow top-level packages (`tokenizer`, `data_prep`): running cli/__main__.py as a script
 # puts this directory first on sys.path.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("videoar_megatron.cli.demo", "the whole pipeline on a synthetic corpus, on CPU, with a report"),
     "synth": ("videoar_megatron.cli.synth", "write a synthetic class-labelled video corpus (PyAV)"),
     "pretokenize": ("videoar_megatron.cli.pretokenize", "videos → DALI clips → tokenizer bits + latents → MDS token shards"),
     "shards": ("videoar_megatron.cli.shards", "inspect token shards (counts, shapes, rejects, PNG) or merge partitions"),
@@ -38,8 +39,18 @@ def _top_level_parser() -> argparse.ArgumentParser:
         usage="videoar COMMAND [options]")
 
 
+def _quiet_dependency_noise() -> None:
+    """Hide import-time notices of optional dependencies (they repeat on every command and rank)."""
+    import logging
+    import warnings
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
+    warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_dependency_noise()
     if not argv or argv[0] in ("-h", "--help"):
         _top_level_parser().print_help()
         return 0 if argv else 2

@@ -33,6 +33,8 @@ from megatron.core.utils import divide
 
 from videoar_megatron.model.mask import compiled_flex_attention
 
+FLEX_KERNEL_OPTIONS = {"FORCE_USE_FLEX_ATTENTION": True}
+
 
 class KVCache:
     """Keys/values of every layer, written step by step at their sequence positions."""
@@ -99,8 +101,10 @@ class VideoARCoreAttention(MegatronModule):
             k, v = inputs.kv_cache.update(self.layer_number, k, v, inputs.q_start)
         gqa = self.kv_heads != self.heads
         if inputs.block_mask is not None:
+            # The general kernel always: for queries shorter than 128 Inductor would pick its decoding
+            # kernel, which has no valid config for some small fp32 shapes (NoValidChoicesError).
             out = compiled_flex_attention()(q, k, v, block_mask=inputs.block_mask, scale=self.softmax_scale,
-                                            enable_gqa=gqa)
+                                            enable_gqa=gqa, kernel_options=FLEX_KERNEL_OPTIONS)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask_B1QK, scale=self.softmax_scale,
                                                  enable_gqa=gqa)
