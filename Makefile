@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-gpu clean-venv
+.PHONY: setup demo test test-gpu docs clean-venv
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ test: setup
 # On a GPU host: only the tests marked gpu.
 test-gpu: setup
 	$(VENV)/bin/python -m pytest -q -m gpu $(PYTEST_ARGS) tests
+
+# docs/recipes.md is generated from the config field docstrings; tests/test_docs.py fails when it is stale.
+docs: setup
+	$(VENV)/bin/python -m videoar_megatron.common.recipe_docs --write docs/recipes.md
 
 clean-venv:
 	rm -rf $(VENV)
