@@ -81,6 +81,27 @@ def test_crash_during_save_leaves_the_previous_checkpoint_and_resume_is_bitwise(
     assert not (run / "REQUEUE_REQUESTED").exists()
 
 
+def test_resume_false_over_existing_checkpoints_is_refused(reference, tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    proc = run_train(1, run, tiny_shards, *STEPS, "checkpoint.resume=false", expect_rc=2)
+    assert "checkpoint.resume=false but" in proc.stderr and "step_00000060" in proc.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def test_resume_on_remade_shards_is_refused_before_any_step(reference, tiny_shards, tmp_path):
+    """Same manifest, other index (as shards re-made with other samples would have): refused, naming it."""
+    shards, run = tmp_path / "shards", tmp_path / "run"
+    shutil.copytree(tiny_shards, shards)
+    index = json.loads((shards / "index.json").read_text())
+    (shards / "index.json").write_text(json.dumps(index, indent=1))  # same shards, other bytes
+    shutil.copytree(reference, run)
+    proc = run_train(1, run, shards, *STEPS, "train.steps=61", expect_rc=2)
+    assert "the token shards differ from the checkpoint's" in proc.stderr and "index_sha256" in proc.stderr
+    assert max(losses(run)) == 60
+
+
 def test_unknown_recipe_key_is_an_error_naming_it(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'optim\.lr_max'.*--set optim.lr_max=1"):
         load_config(TrainConfig, TINY_RECIPE, ["optim.lr_max=1"])

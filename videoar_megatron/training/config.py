@@ -195,7 +195,8 @@ class CheckpointConfig:
     save_at_end: bool = True
     """Save after the last step."""
     resume: bool = True
-    """At start, resume from the newest committed checkpoint of the run directory if there is one."""
+    """At start, resume from the newest committed checkpoint of the run directory if there is one. false
+    = start fresh, refused in a run directory that already holds committed checkpoints (use a new one)."""
     load: str = ""
     """Initial weights when there is nothing to resume: a committed step directory, or a run's
     checkpoint root (its newest committed step). Model weights only (next stage of a staged recipe);

@@ -30,11 +30,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
 
 from data_prep.reader import ShardReaderConfig, TokenShardLoader, build_shard_loader
+from data_prep.shards import INDEX_FILE
 from tokenizer.quantizer import MultiScaleBSQ
 from videoar_megatron.model.config import ModelConfig
 from videoar_megatron.model.sequence import VideoARBatch, build_batch
@@ -151,6 +153,7 @@ class SourceData:
         self.loader: TokenShardLoader = build_shard_loader(reader, expect=expected_manifest(data, source, model),
                                                            replication=layout.tp * layout.pp)
         self.manifest = self.loader.manifest
+        self.summary = {**manifest_summary(self.manifest), "index_sha256": index_digest(source.path)}
         where = f"data source {source.name} ({source.path})"
         check_condition_fits(model, self.manifest, where)
         self.schedule = training_schedule(source, self.manifest)
@@ -267,7 +270,14 @@ class TrainData:
             s.load_state_dict(saved[s.cfg.name])
 
     def manifests(self) -> dict:
-        return {s.cfg.name: manifest_summary(s.manifest) for s in self.sources}
+        return {s.cfg.name: s.summary for s in self.sources}
+
+
+def index_digest(shard_dir: str) -> str:
+    """SHA-256 of a shard set's ``index.json`` (shard names, sizes, sample counts). Pre-tokenization is
+    byte-identical on a rerun, so re-made shards of the same corpus keep it; shards with other samples
+    change it, and a data position saved on the old ones means nothing on them."""
+    return hashlib.sha256((Path(shard_dir) / INDEX_FILE).read_bytes()).hexdigest()
 
 
 def manifest_summary(manifest: Mapping[str, Any]) -> dict:

@@ -135,7 +135,13 @@ class Trainer:
     def restore(self) -> str:
         """Resume from the newest committed checkpoint of the run, else load initial weights
         (``checkpoint.load``), else start fresh. Returns what happened (for the log)."""
-        latest = dist_ckpt.find_resume_checkpoint(self.checkpoint_root) if self.cfg.checkpoint.resume else None
+        latest = dist_ckpt.find_resume_checkpoint(self.checkpoint_root)
+        if latest is not None and not self.cfg.checkpoint.resume:
+            # A fresh run here would restart step numbers among the old, higher ones: keep-last-k would
+            # prune its new saves as the oldest, and equal step numbers would overwrite old checkpoints.
+            raise ckpt.ResumeError(f"checkpoint.resume=false but {self.checkpoint_root} already holds committed "
+                                   f"checkpoints (newest: {latest.name}); start the new run in another --run-dir "
+                                   f"(with checkpoint.load={latest} for its weights), or resume this one")
         if latest is not None:
             what = self._resume(latest)
         elif self.cfg.checkpoint.load:
