@@ -69,20 +69,13 @@ def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
 
 
-def encode_stream(model: VideoTokenizer, video: torch.Tensor, chunk: int) -> torch.Tensor:
+def run_stream(step, x_BCTHW: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``step(x[:, :, a:b], state)`` (model.encode or model.decode) over chunks of ``chunk`` frames (the
+    first one frame longer), concatenated over time."""
     state, parts, start = StreamState(), [], 0
-    while start < video.shape[2]:
+    while start < x_BCTHW.shape[2]:
         end = start + (1 + chunk if start == 0 else chunk)
-        parts.append(model.encode(video[:, :, start:end], state))
-        start = end
-    return torch.cat(parts, dim=2)
-
-
-def decode_stream(model: VideoTokenizer, latent: torch.Tensor, chunk_latent: int) -> torch.Tensor:
-    state, parts, start = StreamState(), [], 0
-    while start < latent.shape[2]:
-        end = start + (1 + chunk_latent if start == 0 else chunk_latent)
-        parts.append(model.decode(latent[:, :, start:end], state))
+        parts.append(step(x_BCTHW[:, :, start:end], state))
         start = end
     return torch.cat(parts, dim=2)
 
@@ -109,14 +102,14 @@ def measure(model: VideoTokenizer, shape, batch: int, mode: str, args, device) -
     if mode == "whole":
         enc = lambda: model.encode(video)  # noqa: E731
     else:
-        enc = lambda: encode_stream(model, video, args.chunk_frames)  # noqa: E731
+        enc = lambda: run_stream(model.encode, video, args.chunk_frames)  # noqa: E731
     try:
         enc_s, enc_mem, latent = timed(enc, device, args.iters, args.warmup)
         del video
         if mode == "whole":
             dec = lambda: model.decode(latent)  # noqa: E731
         else:
-            dec = lambda: decode_stream(model, latent, args.chunk_frames // tau)  # noqa: E731
+            dec = lambda: run_stream(model.decode, latent, args.chunk_frames // tau)  # noqa: E731
         dec_s, dec_mem, _ = timed(dec, device, args.iters, args.warmup)
     except torch.OutOfMemoryError:
         reset_peak(device)

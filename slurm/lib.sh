@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# Shared logic of the multi-node training sbatch scripts (train_ar.sbatch, train_tokenizer.sbatch).
+# Shared logic of the sbatch scripts: videoar_env (repository, site file, python) for all of them;
+# the rest for the multi-node training ones (train_ar.sbatch, train_tokenizer.sbatch).
 # Sourced, never executed. sbatch copies a batch script into a spool directory, so scripts find the
 # repository through VIDEOAR_HOME, else the directory `sbatch` was called from (SLURM_SUBMIT_DIR).
 #
@@ -20,8 +21,9 @@ videoar_die() {
     exit 2
 }
 
-# Resolve the repository, source the site file, find python.
-videoar_setup() {
+# Resolve the repository, source the site file, find python, cd to the repository.
+#   videoar_env SCRIPT_NAME
+videoar_env() {
     VIDEOAR_SCRIPT=$1
     VIDEOAR_HOME=${VIDEOAR_HOME:-${SLURM_SUBMIT_DIR:-}}
     [[ -n $VIDEOAR_HOME && -f $VIDEOAR_HOME/slurm/lib.sh ]] ||
@@ -35,12 +37,19 @@ videoar_setup() {
     fi
     VIDEOAR_PYTHON=${VIDEOAR_PYTHON:-$VIDEOAR_HOME/.venv/bin/python}
     [[ -x $VIDEOAR_PYTHON ]] || videoar_die "VIDEOAR_PYTHON=$VIDEOAR_PYTHON is not an executable python (run make setup)"
+    export VIDEOAR_HOME VIDEOAR_PYTHON
+    cd "$VIDEOAR_HOME" || videoar_die "cannot cd to $VIDEOAR_HOME"
+}
+
+# videoar_env, then the allocation of a multi-node job: node count and processes per node.
+#   videoar_setup SCRIPT_NAME
+videoar_setup() {
+    videoar_env "$1"
     : "${SLURM_JOB_ID:?run this script under sbatch (SLURM_JOB_ID is not set)}"
     : "${SLURM_JOB_NODELIST:?SLURM_JOB_NODELIST is not set}"
     VIDEOAR_NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
     VIDEOAR_GPUS_PER_NODE=${VIDEOAR_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
-    export VIDEOAR_HOME VIDEOAR_PYTHON VIDEOAR_NNODES VIDEOAR_GPUS_PER_NODE
-    cd "$VIDEOAR_HOME" || videoar_die "cannot cd to $VIDEOAR_HOME"
+    export VIDEOAR_NNODES VIDEOAR_GPUS_PER_NODE
 }
 
 # VIDEOAR_SET → the array VIDEOAR_OVERRIDES (--set KEY=VALUE ...).

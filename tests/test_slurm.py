@@ -7,7 +7,6 @@ cluster advertises GPU GRES without devices, so GPU requests are scheduled and t
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -3,7 +3,6 @@ shipped recipes parse, inherit from base and have the paper's sizes."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

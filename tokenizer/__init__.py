@@ -1,2 +1,4 @@
 """3D causal multi-scale BSQ video tokenizer (VideoAR §4.1)."""
-from tokenizer.checkpoint import load_tokenizer, save_tokenizer  # noqa: F401
+from tokenizer.checkpoint import load_tokenizer, save_tokenizer
+
+__all__ = ["load_tokenizer", "save_tokenizer"]

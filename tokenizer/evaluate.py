@@ -1,16 +1,15 @@
 """Reconstruction evaluation of a tokenizer: PSNR/SSIM on held-out clips, bit usage per scale, and a
 PNG grid of original vs reconstruction from the first k scales (k = 1..K).
 
-NOTE (merge): PSNR and SSIM below are a minimal local implementation (frames mapped to [0, 1]; SSIM
-with an 11x11 Gaussian window, sigma 1.5, per channel and frame). They switch to the shared
-``videoar_megatron.evaluation.recon`` module, written in parallel, when the branches merge.
+PSNR and SSIM are the project's reference ones, :mod:`videoar_megatron.evaluation.recon` (pixels in
+[0, 1], float64; SSIM with an 11x11 Gaussian window, sigma 1.5, per RGB channel and frame), so the
+tokenizer's numbers are those of ``videoar eval rfvd``.
 
 Reconstruction from k scales decodes the accumulated codes of scales 1..k
 (``MultiScaleBSQ.accumulate``): it shows what the AR model's coarse-to-fine prefix looks like.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -18,42 +17,10 @@ from typing import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 
 from tokenizer.model import VideoTokenizer
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return (x.float().clamp(-1, 1) + 1) / 2
-
-
-def psnr_per_clip(recon_BCTHW: torch.Tensor, video_BCTHW: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB of each clip, pixels in [0, 1]."""
-    mse = (_unit(recon_BCTHW) - _unit(video_BCTHW)).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    g = torch.exp(-((torch.arange(size, dtype=torch.float64) - size // 2) ** 2) / (2 * sigma ** 2))
-    g = (g / g.sum()).float()
-    return torch.outer(g, g)
-
-
-def ssim_per_clip(recon_BCTHW: torch.Tensor, video_BCTHW: torch.Tensor) -> torch.Tensor:
-    """Mean SSIM of each clip (per channel and frame, valid windows only)."""
-    x = rearrange(_unit(recon_BCTHW), "b c t h w -> (b t c) 1 h w")
-    y = rearrange(_unit(video_BCTHW), "b c t h w -> (b t c) 1 h w")
-    size = min(11, x.shape[-1], x.shape[-2])
-    w = _gaussian_window(size).to(x.device)[None, None]
-    mu_x, mu_y = F.conv2d(x, w), F.conv2d(y, w)
-    sxx = F.conv2d(x * x, w) - mu_x ** 2
-    syy = F.conv2d(y * y, w) - mu_y ** 2
-    sxy = F.conv2d(x * y, w) - mu_x * mu_y
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    ssim = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2))
-    b = recon_BCTHW.shape[0]
-    return ssim.flatten(1).mean(1).view(b, -1).mean(1)
+from videoar_megatron.evaluation.recon import psnr_per_clip, ssim_per_clip, to_unit_interval
 
 
 @torch.no_grad()
@@ -117,9 +84,9 @@ def evaluate_tokenizer(model: VideoTokenizer, batches: Iterable, *, device: torc
             recons, bits = reconstruct_by_scales(model, video)
             usage.add(bits)
             for k, r in enumerate(recons):
-                sums[f"psnr_k{k + 1}"] += psnr_per_clip(r, video).sum().item()
-            sums["psnr"] += psnr_per_clip(recons[-1], video).sum().item()
-            sums["ssim"] += ssim_per_clip(recons[-1], video).sum().item()
+                sums[f"psnr_k{k + 1}"] += psnr_per_clip(video, r).sum().item()
+            sums["psnr"] += psnr_per_clip(video, recons[-1]).sum().item()
+            sums["ssim"] += ssim_per_clip(video, recons[-1]).sum().item()
             n += video.shape[0]
             if grid is None:
                 grid = (video[:grid_clips].float().cpu(), [r[:grid_clips].cpu() for r in recons])
@@ -140,7 +107,7 @@ def evaluate_tokenizer(model: VideoTokenizer, batches: Iterable, *, device: torc
 
 
 def _frame_image(x_CHW: torch.Tensor) -> np.ndarray:
-    return (_unit(x_CHW).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return (to_unit_interval(x_CHW).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
 def save_recon_grid(path: str | Path, video_BCTHW: torch.Tensor, recons: list[torch.Tensor],

@@ -285,7 +285,7 @@ class TokenizerTrainer:
         if gan:
             d_loss, d_terms = self.loss.discriminator_loss(self.disc, video, recon)
             terms.update(d_terms)
-        terms["psnr"] = psnr_per_clip(recon.detach(), video).mean()
+        terms["psnr"] = psnr_per_clip(video, recon.detach()).mean()
         return g_loss, d_loss, terms
 
     def _finite(self, g_loss: torch.Tensor, d_loss: torch.Tensor | None) -> bool:

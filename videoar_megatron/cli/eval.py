@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from videoar_megatron.common.config import (ConfigError, config_to_dict, iter_fields, load_config,
-                                            save_resolved_config)
+from videoar_megatron.cli._recipe_args import add_recipe_args, knobs_epilog, load_recipe
+from videoar_megatron.common.config import ConfigError, config_to_dict, load_config, save_resolved_config
 from videoar_megatron.common.distributed import DistContext, init_distributed, shutdown_distributed
 from videoar_megatron.evaluation.clips import ManifestClipSource
 from videoar_megatron.evaluation.config import EvalConfig
@@ -33,19 +33,12 @@ from videoar_megatron.sampling.sampler import Conditions
 from videoar_megatron.evaluation.report import fvd_markdown, recon_markdown, write_report
 
 
-def _knobs_epilog() -> str:
-    lines = ["recipe knobs (set in the YAML or with --set KEY=VALUE):"]
-    for key, _tp, default, doc in iter_fields(EvalConfig):
-        lines.append(f"  {key} (default {default!r})\n      {' '.join(doc.split())}")
-    return "\n".join(lines)
-
-
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="FVD with the Kinetics-400 I3D (weights from a local path), gFVD protocols "
                     "(MAGVIT-v2/NBP folds or a single run), tokenizer rFVD/PSNR/SSIM.",
-        epilog=_knobs_epilog())
+        epilog=knobs_epilog(EvalConfig))
     sub = p.add_subparsers(dest="command", required=True, metavar="{fvd,rfvd,real-stats}")
     specs = {"fvd": "gFVD of an AR checkpoint under recipe.protocol, sampled with --sample-recipe",
              "rfvd": "rFVD, PSNR and SSIM of a tokenizer on data.heldout_manifest",
@@ -53,9 +46,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     for name, help_text in specs.items():
         s = sub.add_parser(name, help=help_text, description=help_text,
                            epilog=f"Recipe knobs: see `{prog} --help`.")
-        s.add_argument("--recipe", required=True, help="evaluation recipe (e.g. recipes/eval/ucf101_fvd.yaml)")
-        s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a recipe knob (repeatable), e.g. --set protocol.num_samples=2000")
+        add_recipe_args(s, recipe_help="evaluation recipe (e.g. recipes/eval/ucf101_fvd.yaml)",
+                        set_example="protocol.num_samples=2000")
         s.add_argument("--out", required=name != "real-stats",
                        help="output directory for config.yaml and the reports")
     fvd = sub.choices["fvd"]
@@ -193,10 +185,7 @@ COMMANDS = {"fvd": run_fvd, "rfvd": run_rfvd, "real-stats": run_real_stats}
 
 def main(argv: list[str], prog: str = "videoar eval") -> int:
     args = build_parser(prog).parse_args(argv)
-    try:
-        cfg = load_config(EvalConfig, args.recipe, args.set)
-    except ConfigError as e:
-        raise SystemExit(f"{prog}: {e}")
+    cfg = load_recipe(args, EvalConfig, prog)
     ctx = init_distributed(device=cfg.device)
     try:
         return COMMANDS[args.command](args, cfg, ctx)

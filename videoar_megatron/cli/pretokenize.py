@@ -5,20 +5,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from videoar_megatron.common.config import ConfigError, iter_fields, load_config, save_resolved_config
-
-
-def _knobs_epilog() -> str:
-    from data_prep.pretokenize import PretokenizeConfig
-    lines = ["recipe knobs (YAML keys; override any with --set KEY=VALUE):"]
-    for key, tp, default, doc in iter_fields(PretokenizeConfig):
-        shown = "(required)" if default in ("", None) and key in ("tokenizer", "input_manifest", "output_dir") \
-            else f"default {default!r}"
-        lines.append(f"  {key}  [{shown}]\n      {' '.join(doc.split())}")
-    return "\n".join(lines)
+from videoar_megatron.cli._recipe_args import add_recipe_args, load_recipe
+from videoar_megatron.common.config import save_resolved_config
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
+    from data_prep.pretokenize import PretokenizeConfig
     p = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Decode clips with DALI (NVDEC on GPU hosts, CPU elsewhere), encode them with the tokenizer "
@@ -26,11 +18,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                     "plus manifest.json and rejects.jsonl. Launch one process per GPU with torchrun or as a "
                     "SLURM array (slurm/pretokenize.sbatch): each worker takes its own partitions of the input "
                     "manifest; a rerun skips committed partitions and redoes interrupted ones; the last worker "
-                    "to finish merges the indexes.",
-        epilog=_knobs_epilog())
-    p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/pretokenize/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe knob, e.g. --set clips.num_frames=33 (repeatable)")
+                    "to finish merges the indexes.")
+    add_recipe_args(p, PretokenizeConfig, recipe_help="recipe YAML (see recipes/pretokenize/)",
+                    set_example="clips.num_frames=33", required_knobs=("tokenizer", "input_manifest", "output_dir"))
     p.add_argument("--merge-only", action="store_true",
                    help="only merge the committed partitions (the dependent job after a SLURM array); "
                         "fails naming the partitions that are not committed")
@@ -70,10 +60,7 @@ def main(argv: list[str], prog: str = "videoar pretokenize") -> int:
     from data_prep.shards import ShardManifestMismatch, ShardsIncomplete
     from tokenizer.checkpoint import TokenizerCheckpointError
     from videoar_megatron.common.run_logging import setup_console_logging
-    try:
-        cfg = load_config(PretokenizeConfig, args.recipe, args.overrides)
-    except ConfigError as e:
-        raise SystemExit(f"{prog}: {e}")
+    cfg = load_recipe(args, PretokenizeConfig, prog)
     if args.print_config:
         from videoar_megatron.common.config import dump_config
         print(dump_config(cfg), end="")

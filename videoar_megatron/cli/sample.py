@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from videoar_megatron.common.atomic import atomic_write_json
-from videoar_megatron.common.config import ConfigError, iter_fields, load_config, save_resolved_config
+from videoar_megatron.cli._recipe_args import add_recipe_args, load_recipe
+from videoar_megatron.common.config import save_resolved_config
 from videoar_megatron.common.distributed import init_distributed, shutdown_distributed
 from videoar_megatron.evaluation.protocols import shard_bounds
 from videoar_megatron.sampling.config import SamplingConfig
@@ -29,30 +30,21 @@ from videoar_megatron.sampling.video_io import (read_image, read_video, to_uint8
                                                 write_gif_grid, write_mp4)
 
 
-def _knobs_epilog() -> str:
-    lines = ["recipe knobs (set in the YAML or with --set KEY=VALUE):"]
-    for key, _tp, default, doc in iter_fields(SamplingConfig):
-        lines.append(f"  {key} (default {default!r})\n      {' '.join(doc.split())}")
-    return "\n".join(lines)
-
-
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Sample videos from a VideoAR checkpoint: KV-cached next-frame / next-scale decoding with "
                     "temporal-spatial classifier-free guidance and per-bit sampling, decoded by the tokenizer. "
                     "Videos longer than the checkpoint's window, --video (video-to-video) and --image "
-                    "(image-to-video) are made window by window by re-encoding the last frames.",
-        epilog=_knobs_epilog())
+                    "(image-to-video) are made window by window by re-encoding the last frames.")
     p.add_argument("--ckpt", required=True,
                    help="AR checkpoint: a committed step_XXXXXXXX directory, or a run's checkpoint root "
                         "(its newest committed step)")
     p.add_argument("--tokenizer", required=True,
                    help="tokenizer directory; its content hash must match the checkpoint's tokenizer_hash")
-    p.add_argument("--recipe", help="sampling recipe YAML (e.g. recipes/sample/ucf101.yaml); default: built-in "
-                                    "defaults")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe knob (repeatable), e.g. --set frames=33 --set guidance.gamma=4")
+    add_recipe_args(p, SamplingConfig, required=False,
+                    recipe_help="sampling recipe YAML (e.g. recipes/sample/ucf101.yaml); default: built-in defaults",
+                    set_example="frames=33 --set guidance.gamma=4")
     cond = p.add_argument_group("conditions (by the checkpoint's model_config.condition.kind)")
     cond.add_argument("--class", dest="classes", action="append", default=[], metavar="LABEL",
                       help="class-conditional checkpoints: a class id, or a name from --class-names "
@@ -228,10 +220,7 @@ def run(args, cfg: SamplingConfig, loaded: LoadedSampler) -> int:
 
 def main(argv: list[str], prog: str = "videoar sample") -> int:
     args = build_parser(prog).parse_args(argv)
-    try:
-        cfg = load_config(SamplingConfig, args.recipe, args.set)
-    except ConfigError as e:
-        raise SystemExit(f"{prog}: {e}")
+    cfg = load_recipe(args, SamplingConfig, prog)
     ctx = init_distributed(device=cfg.device)
     loaded = None
     try:

@@ -6,20 +6,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from videoar_megatron.cli._recipe_args import add_recipe_args, load_recipe
+
 SUMMARY = "train, evaluate or inflate the 3D causal multi-scale BSQ video tokenizer (DeepSpeed)"
-
-
-def _recipe_keys_epilog() -> str:
-    from tokenizer.train_config import TokenizerTrainConfig
-    from videoar_megatron.common.config import iter_fields
-    lines = ["recipe keys (YAML sections; override any with --set KEY=VALUE):"]
-    for key, tp, default, doc in iter_fields(TokenizerTrainConfig):
-        shown = "required" if default is dataclasses.MISSING else f"default {default!r}"
-        tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-        lines.append(f"  {key}  ({tname}, {shown})")
-        for doc_line in (doc or "(undocumented)").splitlines():
-            lines.append(f"      {doc_line}")
-    return "\n".join(lines)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -31,6 +20,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
+    from tokenizer.train_config import TokenizerTrainConfig
     p = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The VideoAR video tokenizer: causal 3D CNN + temporal-independent multi-scale BSQ.\n\n"
@@ -48,13 +38,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                                    "in the run directory. Writes metrics.jsonl, loss_curves.png, eval/<step>/ "
                                    "(eval.json, recon_grid.png), rejects.jsonl, checkpoints/ and, at the end, "
                                    "the exported tokenizer directory <run-dir>/tokenizer. Exit code 75 means "
-                                   "'saved after SIGUSR1/SIGTERM, requeue me'.",
-                       epilog=_recipe_keys_epilog())
-    t.add_argument("--recipe", required=True, help="recipe YAML (e.g. recipes/tokenizer/tiny.yaml)")
+                                   "'saved after SIGUSR1/SIGTERM, requeue me'.")
+    add_recipe_args(t, TokenizerTrainConfig, recipe_help="recipe YAML (e.g. recipes/tokenizer/tiny.yaml)",
+                    set_example="steps=200")
     t.add_argument("--run-dir", default=None,
                    help="run directory (default: runs/tokenizer-<recipe name>); never deleted, resumed if present")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, value parsed as YAML (repeatable), e.g. --set steps=200")
 
     e = sub.add_parser("eval", help="evaluate a tokenizer on held-out clips",
                        description="Reconstruct held-out clips (centre clip of each source, file order) and "
@@ -86,32 +74,24 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                                    "init, and write a tokenizer directory (config, weights, content hash, "
                                    "COMMITTED) plus inflation_report.json listing mapped and left-at-init keys. "
                                    "Use it with init.from_tokenizer, or give the image checkpoint directly as "
-                                   "init.inflate_from.")
+                                   "init.inflate_from.",
+                       epilog=f"Recipe knobs: see `{prog} train --help`.")
     i.add_argument("--image-ckpt", required=True,
                    help="2-D image tokenizer state dict (.safetensors/.pt/.pth) with keys of tokenizer.image2d")
-    i.add_argument("--recipe", required=True, help="tokenizer recipe whose model section describes the architecture")
-    i.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key (repeatable)")
+    add_recipe_args(i, recipe_help="tokenizer recipe whose model section describes the architecture",
+                    set_example="model.base_channels=128")
     i.add_argument("--out", required=True, help="output tokenizer directory")
     i.add_argument("--seed", type=int, default=0, help="seed of the layers left at init (default 0)")
     return p
 
 
-def _load_recipe(recipe: str, overrides: list[str]):
-    from tokenizer.train_config import TokenizerTrainConfig
-    from videoar_megatron.common.config import ConfigError, load_config
-    try:
-        return load_config(TokenizerTrainConfig, recipe, overrides)
-    except ConfigError as err:
-        raise SystemExit(f"videoar tokenizer: {err}") from None
-
-
 def cmd_train(args) -> int:
+    from tokenizer.train_config import TokenizerTrainConfig
     from tokenizer.trainer import run_with_init_stage
     from videoar_megatron.common.config import ConfigError, read_recipe_chain
     from videoar_megatron.common.distributed import init_distributed, shutdown_distributed
     from videoar_megatron.common.run_logging import setup_console_logging
-    cfg = _load_recipe(args.recipe, args.overrides)
+    cfg = load_recipe(args, TokenizerTrainConfig, "videoar tokenizer")
     run_dir = Path(args.run_dir or f"runs/tokenizer-{Path(args.recipe).stem}")
     # init.from_recipe resolves against the recipe file that sets it (which may be a base recipe).
     _, origin = read_recipe_chain(args.recipe)
@@ -200,8 +180,9 @@ def cmd_inflate(args) -> int:
     from tokenizer.checkpoint import save_tokenizer
     from tokenizer.inflate import inflate_from_file
     from tokenizer.model import VideoTokenizer
+    from tokenizer.train_config import TokenizerTrainConfig
     from videoar_megatron.common.atomic import atomic_write_json
-    cfg = _load_recipe(args.recipe, args.overrides)
+    cfg = load_recipe(args, TokenizerTrainConfig, "videoar tokenizer")
     torch.manual_seed(args.seed)
     model = VideoTokenizer(cfg.model)
     report = inflate_from_file(model, args.image_ckpt)

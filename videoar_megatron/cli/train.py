@@ -2,24 +2,16 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
+
+from videoar_megatron.cli._recipe_args import add_recipe_args, load_recipe
 
 EXIT_CONFIG, EXIT_NUMERICS = 2, 3
 
 
-def _knobs_epilog() -> str:
-    from videoar_megatron.common.config import iter_fields
-    from videoar_megatron.training.config import TrainConfig
-    lines = ["recipe knobs (YAML keys; override any with --set KEY=VALUE):"]
-    for key, tp, default, doc in iter_fields(TrainConfig):
-        shown = "required" if default is dataclasses.MISSING else f"default {default!r}"
-        lines.append(f"  {key}  [{shown}]\n      {' '.join((doc or '(undocumented)').split())}")
-    return "\n".join(lines)
-
-
 def build_parser(prog: str) -> argparse.ArgumentParser:
+    from videoar_megatron.training.config import TrainConfig
     p = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train the VideoAR transformer on token shards with Megatron-core (TP x PP x DP; "
@@ -29,11 +21,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                     "Writes config.yaml, metrics.jsonl, sample_ids.jsonl, loss_curves.png and checkpoints/. "
                     "Exit codes: 0 done; 75 saved after a signal or the wall-clock limit, requeue me "
                     "(REQUEUE_REQUESTED is written too); 2 bad recipe or checkpoint; 3 too many non-finite "
-                    "steps (nothing saved after them).",
-        epilog=_knobs_epilog())
-    p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/ar/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe knob, value parsed as YAML (repeatable), e.g. --set train.steps=200")
+                    "steps (nothing saved after them).")
+    add_recipe_args(p, TrainConfig, recipe_help="recipe YAML (see recipes/ar/)", set_example="train.steps=200")
     p.add_argument("--run-dir", default=None,
                    help="run directory (default runs/ar/<recipe name>); never deleted, resumed if it holds checkpoints")
     p.add_argument("--load", default=None, metavar="CKPT",
@@ -49,19 +38,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
-def load_recipe(args):
-    """The resolved TrainConfig (raises ConfigError naming the key and its source)."""
-    from videoar_megatron.common.config import load_config
-    from videoar_megatron.training.config import TrainConfig
-    overrides = list(args.overrides) + ([f"checkpoint.load={args.load}"] if args.load else [])
-    return load_config(TrainConfig, args.recipe, overrides)
-
-
 def main(argv: list[str], prog: str = "videoar train") -> int:
     from videoar_megatron.common.config import ConfigError
+    from videoar_megatron.training.config import TrainConfig
     args = build_parser(prog).parse_args(argv)
     try:
-        cfg = load_recipe(args)
+        cfg = load_recipe(args, TrainConfig, extra_overrides=[f"checkpoint.load={args.load}"] if args.load else [])
     except ConfigError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return EXIT_CONFIG

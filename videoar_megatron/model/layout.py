@@ -111,7 +111,7 @@ class LayoutTables:
 
 
 def _video_tables(layout: TokenLayout) -> tuple[torch.Tensor, ...]:
-    frame, scale, row, col = [], [], [], []
+    scale, row, col = [], [], []
     for k, (h, w) in enumerate(layout.scales):
         rr, cc = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         scale.append(torch.full((h * w,), k))

@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from videoar_megatron.model.layout import PAD, TEXT, VIDEO, LayoutTables
+from videoar_megatron.model.layout import PAD, VIDEO, LayoutTables
 
 DENSE_ROWS = 1024
 """Query rows per chunk when building the dense mask."""
