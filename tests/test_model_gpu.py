@@ -20,6 +20,7 @@ from videoar_megatron.model.config import ModelConfig, ParallelConfig
 from videoar_megatron.model.layout import TokenLayout
 from videoar_megatron.model.loss import bit_loss
 from videoar_megatron.model.mask import block_mask, compiled_flex_attention, dense_mask, draw_frame_visibility
+from tests.process_groups import single_process_groups
 
 pytestmark = pytest.mark.gpu
 SCRIPTS = Path(__file__).parent / "dist_scripts"
@@ -54,12 +55,8 @@ def test_flex_attention_output_and_grads_equal_dense_sdpa(dtype, tol):
 
 @pytest.fixture(scope="module")
 def groups():
-    from videoar_megatron.common.distributed import init_distributed, shutdown_distributed
-    from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel
-    ctx = init_distributed(device="cuda")
-    yield init_model_parallel(ctx, ParallelConfig())
-    destroy_model_parallel(ctx)
-    shutdown_distributed()
+    with single_process_groups("cuda") as g:
+        yield g
 
 
 def test_model_with_flex_equals_model_with_sdpa(groups):

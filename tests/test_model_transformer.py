@@ -8,13 +8,12 @@ import torch
 
 from tokenizer.quantizer import MultiScaleBSQ
 from videoar_megatron.common.config import build_dataclass
-from videoar_megatron.common.distributed import init_distributed, shutdown_distributed
 from videoar_megatron.model.config import ModelConfig, ParallelConfig
 from videoar_megatron.model.loss import bit_loss
 from videoar_megatron.model.model import build_model
 from videoar_megatron.model.params import count_parameters, parameter_report
-from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel
 from videoar_megatron.model.sequence import build_batch
+from tests.process_groups import single_process_groups
 
 D = 8
 SCALES = [(1, 1), (2, 2), (3, 3)]
@@ -22,10 +21,8 @@ SCALES = [(1, 1), (2, 2), (3, 3)]
 
 @pytest.fixture(scope="module")
 def groups():
-    ctx = init_distributed(device="cpu")
-    yield init_model_parallel(ctx, ParallelConfig())
-    destroy_model_parallel(ctx)
-    shutdown_distributed()
+    with single_process_groups() as g:
+        yield g
 
 
 def make_cfg(**over) -> ModelConfig:

@@ -18,6 +18,7 @@ from videoar_megatron.sampling.cfg import guidance_table
 from videoar_megatron.sampling.config import SamplingConfig
 from videoar_megatron.sampling.extend import generate_videos
 from videoar_megatron.sampling.sampler import Conditions, VideoARSampler
+from tests.process_groups import single_process_groups
 
 pytestmark = pytest.mark.gpu
 Q = MultiScaleBSQ(dim=D, scales=SCALES)
@@ -26,12 +27,8 @@ LABELS = Conditions.labels([1, 3, 4])
 
 @pytest.fixture(scope="module")
 def groups():
-    from videoar_megatron.common.distributed import init_distributed, shutdown_distributed
-    from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel
-    ctx = init_distributed(device="cuda")
-    yield init_model_parallel(ctx, ParallelConfig())
-    destroy_model_parallel(ctx)
-    shutdown_distributed()
+    with single_process_groups("cuda") as g:
+        yield g
 
 
 def cuda_model(groups, dtype=torch.float32):

@@ -11,14 +11,12 @@ import torch
 from sample_helpers import D, LATENT_FRAMES, SCALES, make_model, model_config
 from tokenizer.quantizer import MultiScaleBSQ
 from videoar_megatron.common.config import build_dataclass
-from videoar_megatron.common.distributed import init_distributed, shutdown_distributed
-from videoar_megatron.model.config import ParallelConfig
-from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel
 from videoar_megatron.model.sequence import build_batch
 from videoar_megatron.sampling.bits import sample_key
 from videoar_megatron.sampling.cfg import guidance_table
 from videoar_megatron.sampling.config import SamplingConfig
 from videoar_megatron.sampling.sampler import Conditions, VideoARSampler
+from tests.process_groups import single_process_groups
 
 Q = MultiScaleBSQ(dim=D, scales=SCALES)
 K, L = len(SCALES), Q.tokens_per_frame
@@ -26,10 +24,8 @@ K, L = len(SCALES), Q.tokens_per_frame
 
 @pytest.fixture(scope="module")
 def groups():
-    ctx = init_distributed(device="cpu")
-    yield init_model_parallel(ctx, ParallelConfig())
-    destroy_model_parallel(ctx)
-    shutdown_distributed()
+    with single_process_groups() as g:
+        yield g
 
 
 def sampler_of(model, cfg, **knobs) -> VideoARSampler:
