@@ -5,6 +5,8 @@ printed next to the baseline measured in the same run (causal SDPA, i.e. flash a
 causal mask of the same length) with the ratio; FlexAttention is also compared with dense-mask SDPA
 (the CPU path's kernel), and the per-step cost of building the BlockMask is reported (the Random
 Frame Mask is drawn per sample, so the block mask is rebuilt every step, once for all layers).
+"split >= N" is the model's split attention (``ModelConfig.attention_split_tokens = N``): blocks of at
+least N tokens as unmasked SDPA calls, the other queries through Flex (only without a Random Frame Mask).
 
     python benchmarks/bench_ar_attention.py [--layouts ucf,stage3] [--p-mask 0.0] [--window 0]
 """
@@ -19,8 +21,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.ar_common import LAYOUTS, attended_pairs, attention_flops, cuda_time_ms, row  # noqa: E402
+from videoar_megatron.model.attention import AttentionInputs, split_plan, videoar_attention  # noqa: E402
 from videoar_megatron.model.mask import (block_mask, compiled_flex_attention, dense_mask,  # noqa: E402
-                                         draw_frame_visibility)
+                                         draw_frame_visibility, is_full_context)
 
 
 def parse(argv):
@@ -32,6 +35,8 @@ def parse(argv):
     p.add_argument("--window", type=int, default=0, help="Random Frame Mask window (0 = unlimited)")
     p.add_argument("--p-mask", type=float, default=0.0, help="Random Frame Mask drop probability")
     p.add_argument("--iters", type=int, default=20, help="timed iterations (median reported)")
+    p.add_argument("--split-tokens", default="1000,250,128",
+                   help="split attention thresholds to time (comma list; blocks of at least N tokens unmasked)")
     return p.parse_args(argv)
 
 
@@ -63,6 +68,20 @@ def bench_layout(name: str, batch: int, args) -> None:
         "dense-mask SDPA, VideoAR mask": fwd_bwd(
             lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=dense), q, k, v, grad),
     }
+    scale = D ** -0.5
+    split_build = {}
+    for n in (int(x) for x in args.split_tokens.split(",") if x) if is_full_context(vis) else ():
+        plan = split_plan(layout, n, "cuda")
+        if plan is None:
+            continue
+
+        def split_inputs(plan=plan):
+            return AttentionInputs(split=plan, block_mask=block_mask(tables, vis, text_len, full_context=True,
+                                                                     q_positions=plan.rest_S))
+        inputs = split_inputs()
+        label = f"split >= {n} ({len(plan.blocks)} SDPA, {len(plan.rest_S)} Flex q)"
+        times[label] = fwd_bwd(lambda a, b, c, i=inputs: videoar_attention(a, b, c, i, scale), q, k, v, grad)
+        split_build[label] = cuda_time_ms(split_inputs, iters=args.iters)
     ms = {label: cuda_time_ms(fn, iters=args.iters) for label, fn in times.items()}
     pairs = attended_pairs(dense)
     causal_pairs = S * (S + 1) / 2
@@ -72,12 +91,14 @@ def bench_layout(name: str, batch: int, args) -> None:
     print(f"  mask density {pairs / S ** 2:.3f} (causal {causal_pairs / S ** 2:.3f}); "
           f"BlockMask sparsity {bm.sparsity():.1f}%")
     for label, t in ms.items():
-        useful = pairs if "VideoAR" in label else causal_pairs
+        useful = causal_pairs if label.startswith("causal") else pairs
         tflops = attention_flops(useful, H, D) * batch / (t * 1e-3) / 1e12
         print(row(label, t, base) + f"  [{tflops:6.1f} TFLOP/s useful]")
     print(row("FlexAttention vs dense-mask SDPA", ms["FlexAttention, VideoAR mask"],
               ms["dense-mask SDPA, VideoAR mask"]))
     print(row("BlockMask build (per step)", build_ms, base))
+    for label, t in split_build.items():
+        print(row(f"  mask build, {label.split(' (')[0]}", t, base))
 
 
 def main(argv=None) -> int:

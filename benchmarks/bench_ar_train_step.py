@@ -61,15 +61,18 @@ def parse(argv):
     p.add_argument("--recompute", default="none", choices=["none", "full", "core_attn"], help="activation recompute")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H100/H200 SXM: 989)")
     p.add_argument("--iters", type=int, default=10, help="timed steps (median reported)")
+    p.add_argument("--split-tokens", default="",
+                   help="comma list of ModelConfig.attention_split_tokens values to time (default: the config's)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: smoke test of this script only")
     return p.parse_args(argv)
 
 
-def videoar_config(args, layout) -> ModelConfig:
+def videoar_config(args, layout, split_tokens: int | None = None) -> ModelConfig:
+    split = {} if split_tokens is None else {"attention_split_tokens": split_tokens}
     return build_dataclass(ModelConfig, {
         "size": args.size, "latent_dim": args.latent_dim, "max_scales": max(16, layout.num_scales),
         "condition": {"kind": "text_features", "text_len": layout.prefix_len, "feature_dim": 1024},
-        "mask": {"rfm_window": 0, "rfm_p_mask": args.p_mask}})
+        "mask": {"rfm_window": 0, "rfm_p_mask": args.p_mask}, **split})
 
 
 def matmul_params(cfg: ModelConfig, head_width: int) -> int:
@@ -89,8 +92,8 @@ def timed_step(step, device, iters) -> float:
     return (time.perf_counter() - t) / iters * 1e3
 
 
-def videoar_step(args, layout, batch_size, groups, device):
-    cfg = videoar_config(args, layout)
+def videoar_step(args, layout, batch_size, groups, device, split_tokens=None):
+    cfg = videoar_config(args, layout, split_tokens)
     parallel = ParallelConfig(recompute=args.recompute)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(cfg, parallel, groups, device=device, params_dtype=dtype)
@@ -150,6 +153,7 @@ def report(name, layout, batch_size, cfg, pairs, ours_ms, gpt_ms, peak):
     gpt_flops = 6 * matmul_params(cfg, GPT_VOCAB) * tokens + attn(causal_pairs)
     mfu = lambda flops, ms: flops / (ms * 1e-3) / (peak * 1e12)  # noqa: E731
     print(f"\n[{name}] {cfg.size}: {cfg.num_layers} x {cfg.hidden_size} x {cfg.num_attention_heads}, "
+          f"attention_split_tokens={cfg.attention_split_tokens}, "
           f"S={layout.seq_len}, batch {batch_size} ({tokens} tokens/step), VideoAR mask density "
           f"{pairs / layout.seq_len ** 2:.3f} vs causal {causal_pairs / layout.seq_len ** 2:.3f}")
     print(row("step time", ours_ms, gpt_ms))
@@ -172,10 +176,14 @@ def main(argv=None) -> int:
         print(f"device: {name_dev}, torch {torch.__version__}, peak {args.peak_tflops} TFLOP/s for MFU")
         for name in args.layouts.split(","):
             layout, batch_size = LAYOUTS[name], int(batches.get(name, 1))
-            ours_ms, cfg, pairs = videoar_step(args, layout, batch_size, groups, ctx.device)
-            torch.cuda.empty_cache() if ctx.device.type == "cuda" else None
-            gpt_ms = gpt_step(args, cfg, layout, batch_size, groups, ctx.device)
-            report(name, layout, batch_size, cfg, pairs, ours_ms, gpt_ms, args.peak_tflops)
+            splits = [int(x) for x in args.split_tokens.split(",") if x] or [None]
+            ours = []
+            for split in splits:
+                ours.append(videoar_step(args, layout, batch_size, groups, ctx.device, split))
+                torch.cuda.empty_cache() if ctx.device.type == "cuda" else None
+            gpt_ms = gpt_step(args, ours[0][1], layout, batch_size, groups, ctx.device)
+            for ours_ms, cfg, pairs in ours:
+                report(name, layout, batch_size, cfg, pairs, ours_ms, gpt_ms, args.peak_tflops)
         destroy_model_parallel(ctx)
     finally:
         shutdown_distributed()

@@ -53,6 +53,32 @@ def test_flex_attention_output_and_grads_equal_dense_sdpa(dtype, tol):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+def test_split_attention_output_and_grads_equal_dense_sdpa(dtype, tol):
+    """Large blocks through SDPA without a mask (flash kernels) + the rest through compiled Flex on a
+    query subset, with a padded caption, equals SDPA under the whole dense mask."""
+    from videoar_megatron.model.attention import AttentionInputs, split_plan, videoar_attention
+    layout = TokenLayout(8, ((1, 1), (2, 3), (4, 7), (8, 14), (12, 21)), 3)   # blocks of 112 and 252 tokens
+    tables, S, B, H, Dh = layout.tables("cuda"), layout.seq_len, 2, 4, 64
+    vis = draw_frame_visibility(B, layout.frames, device="cuda")
+    text_len = torch.tensor([8, 3], device="cuda")
+    gen = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, Dh, device="cuda", generator=gen, dtype=dtype).requires_grad_()
+               for _ in range(3))
+    grad_out = torch.randn(B, H, S, Dh, device="cuda", generator=gen, dtype=dtype)
+    plan = split_plan(layout, 100, "cuda")
+    assert len(plan.blocks) == 2 * layout.frames
+    inputs = AttentionInputs(split=plan, text_len=(8, 3),
+                             block_mask=block_mask(tables, vis, text_len, full_context=True, q_positions=plan.rest_S))
+    out = videoar_attention(q, k, v, inputs, scale=Dh ** -0.5)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(tables, vis, text_len))
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
 @pytest.fixture(scope="module")
 def groups():
     with single_process_groups("cuda") as g:

@@ -6,6 +6,15 @@ Megatron computes q, k, v (column-parallel, heads split over TP) and applies our
 - ``flex``: FlexAttention with a ``BlockMask`` (compiled, block-sparse; CUDA);
 - ``sdpa``: ``scaled_dot_product_attention`` with the dense boolean mask (CPU; KV-cached sampling).
 
+Split attention (``ModelConfig.attention_split_tokens``): without a Random Frame Mask drop or window,
+a query of (frame t, scale k) sees exactly the valid text keys and every video key before the end of
+its block: a contiguous key range with no mask. The large blocks (the last scales of each frame: two
+thirds or more of the queries) therefore run as plain SDPA calls over ``keys[:end]`` (FlashAttention
+kernels on GPU, which the masked kernels cannot match), one call per block; the remaining queries
+(prefix, small scales, pads) go through the masked path as a query subset, and the pieces are put
+back in sequence order. Same result as the masked path up to floating-point summation order (tested).
+A caption shorter than |Ψ| hides its padded keys: those samples take their keys by concatenation.
+
 Design decision, how per-forward state reaches the core attention: it travels in Megatron's
 ``attention_bias`` argument as an :class:`AttentionInputs` object. ``attention_mask`` cannot carry a
 ``BlockMask`` or a cache: full activation recompute hands it to ``tensor_parallel.checkpoint``, whose
@@ -22,6 +31,8 @@ positions; a step writes its tokens at ``q_start:q_end`` and attends over ``0:q_
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +42,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
+from videoar_megatron.model.layout import TokenLayout
 from videoar_megatron.model.mask import compiled_flex_attention
 
 FLEX_KERNEL_OPTIONS = {"FORCE_USE_FLEX_ATTENTION": True}
@@ -58,6 +70,33 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+@dataclass(frozen=True)
+class SplitPlan:
+    """Which queries run unmasked, per layout (see the module docstring)."""
+
+    blocks: tuple[tuple[int, int], ...]
+    """``(start, end)`` query ranges; each attends to every valid key before ``end``."""
+    rest_S: torch.Tensor
+    """Ascending positions of every other query (prefix, small scales, pads): the masked path."""
+    inverse_S: torch.Tensor
+    """Gather index that puts ``cat([rest, block 0, block 1, ...])`` back in sequence order."""
+    prefix_len: int
+
+
+@functools.lru_cache(maxsize=32)
+def split_plan(layout: TokenLayout, min_tokens: int, device: str) -> SplitPlan | None:
+    """The split of ``layout`` for blocks of at least ``min_tokens`` tokens (None: no such block)."""
+    blocks = layout.large_blocks(min_tokens)
+    if not blocks:
+        return None
+    in_block_S = torch.zeros(layout.seq_len, dtype=torch.bool)
+    for start, end in blocks:
+        in_block_S[start:end] = True
+    rest_S = torch.nonzero(~in_block_S).flatten()
+    order_S = torch.cat([rest_S, *(torch.arange(start, end) for start, end in blocks)])
+    return SplitPlan(blocks, rest_S.to(device), torch.argsort(order_S).to(device), layout.prefix_len)
+
+
 @dataclass
 class AttentionInputs:
     """What the core attention of every layer needs for one forward (see the module docstring)."""
@@ -70,6 +109,10 @@ class AttentionInputs:
     """Cache to write this forward's keys/values into (sampling)."""
     q_start: int = 0
     """Sequence position of this forward's first query (with a cache)."""
+    split: SplitPlan | None = None
+    """Unmasked large blocks; the mask (``mask_B1QK`` rows / ``block_mask``) then covers ``split.rest_S``."""
+    text_len: tuple[int, ...] | None = None
+    """Valid prefix length per sample when some caption is padded (split path only; None: all |Ψ|)."""
 
 
 class VideoARCoreAttention(MegatronModule):
@@ -99,14 +142,68 @@ class VideoARCoreAttention(MegatronModule):
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
         if inputs.kv_cache is not None:
             k, v = inputs.kv_cache.update(self.layer_number, k, v, inputs.q_start)
-        gqa = self.kv_heads != self.heads
-        if inputs.block_mask is not None:
-            # The general kernel always: for queries shorter than 128 Inductor would pick its decoding
-            # kernel, which has no valid config for some small fp32 shapes (NoValidChoicesError).
-            out = compiled_flex_attention()(q, k, v, block_mask=inputs.block_mask, scale=self.softmax_scale,
-                                            enable_gqa=gqa, kernel_options=FLEX_KERNEL_OPTIONS)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask_B1QK, scale=self.softmax_scale,
-                                                 enable_gqa=gqa)
+        out = videoar_attention(q, k, v, inputs, self.softmax_scale, gqa=self.kv_heads != self.heads)
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def videoar_attention(q, k, v, inputs: AttentionInputs, scale: float, gqa: bool = False) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + mask)·v over ``[b, heads, s, d]`` tensors, by the path ``inputs`` selects."""
+    split = inputs.split
+    if split is None:
+        return _masked(q, k, v, inputs, scale, gqa)
+    parts = []
+    if len(split.rest_S):
+        parts.append(_masked(q.index_select(2, split.rest_S), k, v, inputs, scale, gqa))
+    for start, end in split.blocks:
+        parts.append(_unmasked(q[:, :, start:end], k, v, end, inputs.text_len, split.prefix_len, scale, gqa))
+    return torch.cat(parts, dim=2).index_select(2, split.inverse_S)
+
+
+def _masked(q, k, v, inputs: AttentionInputs, scale: float, gqa: bool) -> torch.Tensor:
+    if inputs.block_mask is not None:
+        # The general kernel always: for queries shorter than 128 Inductor would pick its decoding
+        # kernel, which has no valid config for some small fp32 shapes (NoValidChoicesError).
+        return compiled_flex_attention()(q, k, v, block_mask=inputs.block_mask, scale=scale, enable_gqa=gqa,
+                                         kernel_options=FLEX_KERNEL_OPTIONS)
+    if inputs.kv_cache is not None:
+        with deterministic_kernels():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask_B1QK, scale=scale,
+                                                  enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask_B1QK, scale=scale, enable_gqa=gqa)
+
+
+@contextlib.contextmanager
+def deterministic_kernels():
+    """PyTorch's deterministic kernel choice for the ops inside (global flags, restored on exit).
+
+    Used for the masked SDPA of KV-cached decode steps. Measured on an H100 with
+    ``benchmarks/check_sample_repro.py`` (VideoAR-L, bf16): without it that SDPA is the first op
+    whose output differs between two decodes of the same batch (batch 32 every time, batch 1 now and
+    then), and one flipped bit changes the rest of the video; with it repeats are bit-identical. The
+    kernel is chosen at launch, so a CUDA graph captured under it replays the deterministic kernel.
+    ``warn_only``: nothing raises; uninitialised-memory filling stays off (costly, and not needed).
+    """
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.utils.deterministic.fill_uninitialized_memory = saved[2]
+
+
+def _unmasked(q, k, v, end: int, text_len, prefix_len: int, scale: float, gqa: bool) -> torch.Tensor:
+    """Queries that see every valid key before ``end``: no mask, so SDPA may use FlashAttention."""
+    if text_len is None:
+        return F.scaled_dot_product_attention(q, k[:, :, :end], v[:, :, :end], scale=scale, enable_gqa=gqa)
+
+    def visible(x, b, n):  # sample b's keys: its n valid prefix tokens, then the video before `end`
+        if n == prefix_len:
+            return x[b:b + 1, :, :end]
+        return torch.cat([x[b:b + 1, :, :n], x[b:b + 1, :, prefix_len:end]], dim=2)
+    return torch.cat([F.scaled_dot_product_attention(q[b:b + 1], visible(k, b, n), visible(v, b, n), scale=scale,
+                                                     enable_gqa=gqa)
+                      for b, n in enumerate(text_len)])

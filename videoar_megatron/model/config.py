@@ -174,6 +174,11 @@ class ModelConfig:
     attention_backend: Literal["auto", "flex", "sdpa"] = "auto"
     """'flex': FlexAttention block-sparse masks (CUDA); 'sdpa': a dense boolean mask with
     scaled_dot_product_attention; 'auto': flex on CUDA, sdpa on CPU. Both use one mask definition."""
+    attention_split_tokens: int = 0
+    """Split attention: (frame, scale) blocks of at least this many tokens run as unmasked SDPA calls
+    over the keys before their end (FlashAttention kernels on GPU) and only the other queries go through
+    the mask. Exact (same rule, tested on CPU and GPU); used only when no Random Frame Mask drop or
+    window hides a frame. 0 (default) disables it: its GPU speed is not measured yet (docs/BENCHMARKS.md)."""
     pad_to_multiple: int = 1
     """Pad the sequence at its end to a multiple of this (padded tokens are masked and carry no loss);
     sequence parallelism needs a multiple of the TP size, which the builder adds on its own."""
@@ -206,6 +211,8 @@ class ModelConfig:
         for name in ("latent_dim", "max_scales", "pad_to_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.attention_split_tokens < 0:
+            raise ValueError(f"attention_split_tokens must be >= 0 (0 = off), got {self.attention_split_tokens}")
         if self.norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("norm_eps and init_std must be > 0")
         if self.loss.scale_weights is not None and len(self.loss.scale_weights) > self.max_scales:

@@ -85,6 +85,14 @@ class TokenLayout:
     def tables(self, device: torch.device | str = "cpu") -> "LayoutTables":
         return _tables(self, str(device))
 
+    def large_blocks(self, min_tokens: int) -> tuple[tuple[int, int], ...]:
+        """``(start, end)`` sequence ranges of every (frame, scale) block of at least ``min_tokens``
+        tokens, in sequence order (``min_tokens <= 0``: none)."""
+        if min_tokens <= 0:
+            return ()
+        return tuple((s.start, s.stop) for t in range(self.frames) for k in range(self.num_scales)
+                     for s in [self.step_slice(t, k)] if s.stop - s.start >= min_tokens)
+
 
 @dataclass(frozen=True)
 class LayoutTables:

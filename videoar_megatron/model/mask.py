@@ -87,36 +87,47 @@ def is_full_context(frame_visible_BTT: torch.Tensor) -> bool:
 
 def dense_mask(tables: LayoutTables, frame_visible_BTT: torch.Tensor, text_len_B: torch.Tensor,
                q_start: int = 0, q_end: int | None = None, kv_end: int | None = None,
-               full_context: bool = False) -> torch.Tensor:
+               full_context: bool = False, q_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask ``(B, 1, Q, KV)`` for SDPA (True = attend), rows ``q_start:q_end``.
 
     The row range serves KV-cached sampling: the queries of one (frame, scale) step against every
-    key cached so far.
+    key cached so far. ``q_positions`` (instead of the range) selects any rows, in that order: the
+    queries that the split attention leaves to the mask.
     """
     S = tables.kind_S.shape[0]
-    q_end = S if q_end is None else q_end
-    kv_end = q_end if kv_end is None else kv_end
     device = tables.kind_S.device
+    if q_positions is None:
+        q_end = S if q_end is None else q_end
+        q_positions = torch.arange(q_start, q_end, device=device)
+        kv_end = q_end if kv_end is None else kv_end
+    else:
+        kv_end = S if kv_end is None else kv_end
     b = torch.arange(frame_visible_BTT.shape[0], device=device)[:, None, None]
     kv = torch.arange(kv_end, device=device)[None, None, :]
     # Row chunks bound the broadcast int64 index grids of the frame-table lookup (B x rows x KV).
-    chunks = [mask_rule(b, torch.arange(r, min(r + DENSE_ROWS, q_end), device=device)[None, :, None], kv,
+    chunks = [mask_rule(b, q_positions[r:r + DENSE_ROWS][None, :, None], kv,
                         tables, frame_visible_BTT, text_len_B, full_context)
-              for r in range(q_start, q_end, DENSE_ROWS)]
+              for r in range(0, len(q_positions), DENSE_ROWS)]
     return torch.cat(chunks, dim=1)[:, None]
 
 
 def mask_mod(tables: LayoutTables, frame_visible_BTT: torch.Tensor, text_len_B: torch.Tensor,
-             full_context: bool = False):
-    """The rule as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` (heads share one mask)."""
+             full_context: bool = False, q_positions: torch.Tensor | None = None):
+    """The rule as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` (heads share one mask); with
+    ``q_positions`` query ``q_idx`` is the token at sequence position ``q_positions[q_idx]``."""
     def videoar_mask(b, h, q_idx, kv_idx):
         return mask_rule(b, q_idx, kv_idx, tables, frame_visible_BTT, text_len_B, full_context)
-    return videoar_mask
+
+    def subset_mask(b, h, q_idx, kv_idx):
+        return mask_rule(b, q_positions[q_idx], kv_idx, tables, frame_visible_BTT, text_len_B, full_context)
+    return videoar_mask if q_positions is None else subset_mask
 
 
 def block_mask(tables: LayoutTables, frame_visible_BTT: torch.Tensor, text_len_B: torch.Tensor,
-               block_size: int = 128, full_context: bool | None = None):
-    """FlexAttention ``BlockMask`` from the same rule (block-sparse; compiled on CUDA).
+               block_size: int = 128, full_context: bool | None = None,
+               q_positions: torch.Tensor | None = None):
+    """FlexAttention ``BlockMask`` from the same rule (block-sparse; compiled on CUDA), for every query
+    or for the queries at ``q_positions`` (ascending) against every key.
 
     ``full_context=None`` checks the frame table (one host sync) and takes the cheaper rule when no
     frame is masked."""
@@ -125,9 +136,10 @@ def block_mask(tables: LayoutTables, frame_visible_BTT: torch.Tensor, text_len_B
     device = tables.kind_S.device
     if full_context is None:
         full_context = is_full_context(frame_visible_BTT)
-    rule = mask_mod(tables, frame_visible_BTT, text_len_B, full_context)
+    rule = mask_mod(tables, frame_visible_BTT, text_len_B, full_context, q_positions)
+    Q = S if q_positions is None else len(q_positions)
     return create_block_mask(rule, frame_visible_BTT.shape[0],
-                             None, S, S, device=device, BLOCK_SIZE=block_size,
+                             None, Q, S, device=device, BLOCK_SIZE=block_size,
                              _compile=device.type == "cuda")
 
 

@@ -29,7 +29,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from videoar_megatron.model import mask as mask_lib
-from videoar_megatron.model.attention import AttentionInputs, KVCache
+from videoar_megatron.model.attention import AttentionInputs, KVCache, split_plan
 from videoar_megatron.model.config import ModelConfig, ParallelConfig
 from videoar_megatron.model.embedding import VideoAREmbedding
 from videoar_megatron.model.layer_spec import get_videoar_block_spec, transformer_config
@@ -90,9 +90,22 @@ class VideoARModel(MegatronModule):
         if kv_cache is not None or positions != slice(0, batch.layout.seq_len):
             rows = mask_lib.dense_mask(tables, batch.frame_visible_BTT, text_len, positions.start, positions.stop)
             return AttentionInputs(mask_B1QK=rows, kv_cache=kv_cache, q_start=positions.start)
+        full = mask_lib.is_full_context(batch.frame_visible_BTT)
+        split = split_plan(batch.layout, self.cfg.attention_split_tokens, str(device)) if full else None
+        rows = None if split is None else split.rest_S
+        inputs = AttentionInputs(split=split)
+        if split is not None:
+            lens = text_len.tolist()
+            inputs.text_len = None if min(lens) == batch.layout.prefix_len else tuple(lens)
+            if not len(rows):
+                return inputs
         if self.backend(device) == "flex":
-            return AttentionInputs(block_mask=mask_lib.block_mask(tables, batch.frame_visible_BTT, text_len))
-        return AttentionInputs(mask_B1QK=mask_lib.dense_mask(tables, batch.frame_visible_BTT, text_len))
+            inputs.block_mask = mask_lib.block_mask(tables, batch.frame_visible_BTT, text_len, full_context=full,
+                                                    q_positions=rows)
+        else:
+            inputs.mask_B1QK = mask_lib.dense_mask(tables, batch.frame_visible_BTT, text_len, full_context=full,
+                                                   q_positions=rows)
+        return inputs
 
     # --- forward ------------------------------------------------------------------------------
     def forward(self, batch: VideoARBatch, *, kv_cache: KVCache | None = None,
