@@ -77,7 +77,12 @@ class PretokenizeConfig:
     decoder: str = "dali"
     """dali (production) or pyav (CPU baseline for the benchmark; decodes any libavcodec codec)."""
     decode_threads: int = 2
-    """DALI CPU threads per decoder (or PyAV threads)."""
+    """DALI CPU threads per decode pipeline (or PyAV threads)."""
+    decode_pipelines: int = 0
+    """DALI pipelines per worker; each batch is split over them and they decode concurrently (on the GPU
+    each has its own CUDA stream and NVDEC sessions, so several NVDEC engines work at once). 0 = auto:
+    4 with decode_device=gpu, 1 on cpu (DALI's CPU decoder already spreads a batch over decode_threads).
+    Capped at batch_size. The frames, and so the shards, do not depend on it."""
     probe_workers: int = 4
     """Threads probing containers (PyAV demux) ahead of decoding."""
     prefetch_batches: int = 2
@@ -113,6 +118,8 @@ class PretokenizeConfig:
             raise ValueError(f"decoder must be dali or pyav, got {self.decoder!r}")
         if self.decoder == "pyav" and self.decode_device == "gpu":
             raise ValueError("decoder=pyav decodes on the CPU: set decode_device to cpu or auto")
+        if self.decode_pipelines < 0:
+            raise ValueError(f"decode_pipelines must be >= 0 (0 = auto), got {self.decode_pipelines}")
         for knob in ("batch_size", "decode_threads", "probe_workers", "prefetch_batches", "shard_size_limit"):
             if getattr(self, knob) < 1:
                 raise ValueError(f"{knob} must be >= 1, got {getattr(self, knob)}")
@@ -387,6 +394,18 @@ def _background(gen: Iterator, depth: int, setup: Callable[[], None] | None = No
         stop.set()
 
 
+GPU_DECODE_PIPELINES = 4
+"""decode_pipelines=0 (auto) with NVDEC decode. One synchronous pipeline decoded 17x128² clips at about
+54 clips/s on an H100 (a quarter of the encoder's rate) while the GPU has 7 NVDEC engines; a guess until
+`benchmarks/bench_pretokenize.py --decode-pipelines 1,2,4,8` measures the best count."""
+
+
+def decode_pipelines(cfg: PretokenizeConfig, decode_device: str) -> int:
+    """The DALI pipeline count for ``cfg.decode_pipelines`` (0 = auto) on ``decode_device``."""
+    wanted = cfg.decode_pipelines or (GPU_DECODE_PIPELINES if decode_device == "gpu" else 1)
+    return min(wanted, cfg.batch_size)
+
+
 class ClipStream:
     """Yields, in manifest order, batches ``(jobs, results, decode_seconds)`` and rejects."""
 
@@ -424,10 +443,11 @@ class ClipStream:
         if c.decoder == "pyav":
             return PyAVClipDecoder(height=c.clips.height, width=c.clips.width, num_threads=c.decode_threads)
         return DaliClipDecoder(height=c.clips.height, width=c.clips.width, device=self.decode_device,
-                               device_id=self.device_id, batch_size=c.batch_size, num_threads=c.decode_threads)
+                               device_id=self.device_id, batch_size=c.batch_size, num_threads=c.decode_threads,
+                               pipelines=decode_pipelines(c, self.decode_device))
 
     def _decoded(self, rows, rejects) -> Iterator[tuple[list[ClipJob], list, float]]:
-        # One decoder (DALI pipeline) per process, built on first use and reused by later partitions.
+        # One decoder (its DALI pipelines) per process, built on first use and reused by later partitions.
         if self._cached_decoder is None:
             self._cached_decoder = self._decoder()
         decoder = self._cached_decoder
@@ -627,6 +647,7 @@ class Pretokenizer:
         log = {**stats.__dict__, "clips_per_s": stats.clips_per_s, "host": socket.gethostname(),
                "pid": os.getpid(), "worker": self.worker.index, "workers": self.worker.count,
                "launcher": self.worker.launcher, "device": str(self.device), "decode_device": self.decode_device,
+               "decode_pipelines": decode_pipelines(self.cfg, self.decode_device) if self.cfg.decoder == "dali" else 0,
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         shards.write_json(self.out / shards.LOG_DIR / f"{stats.partition}.json", log)
 

@@ -206,6 +206,14 @@ def test_two_workers_split_without_overlap_or_gap(tok, clean, clean_run, tmp_pat
     assert len(ids) == len(set(ids)) == 10
 
 
+@pytest.mark.parametrize("pipelines", [2, 3])
+def test_shards_do_not_depend_on_the_decode_pipeline_count(tok, clean, clean_run, tmp_path, pipelines):
+    # batch_size 3: two pipelines decode slices of 2 + 1 clips, three pipelines one clip each
+    out = tmp_path / "shards"
+    Pretokenizer(pretok_config(tok, clean, out, num_partitions=3, decode_pipelines=pipelines), Worker(0, 1)).run()
+    assert tree_bytes(out) == tree_bytes(clean_run)
+
+
 @pytest.mark.parametrize("total", [0, 1, 5, 7, 100, 1001])
 @pytest.mark.parametrize("count", [1, 2, 3, 8])
 def test_partition_ranges_cover_the_manifest_exactly(total, count):
@@ -230,6 +238,10 @@ def test_config_errors_name_the_knob(tok, clean, tmp_path):
         pretok_config(tok, clean, tmp_path, scale_schedule=[[1, 1], [4, 4]])
     with pytest.raises(ValueError, match="latent_dtype"):
         pretok_config(tok, clean, tmp_path, latent_dtype="int8")
+    with pytest.raises(ValueError, match=r"decode_pipelines must be >= 0 \(0 = auto\), got -1"):
+        pretok_config(tok, clean, tmp_path, decode_pipelines=-1)
+    with pytest.raises(ValueError, match="decode_pipelines must be >= 1, got 0"):
+        DaliClipDecoder(height=32, width=32, pipelines=0)
     with pytest.raises(ValueError, match="clips.num_frames"):
         Pretokenizer(pretok_config(tok, clean, tmp_path, clips={"num_frames": 8}), Worker(0, 1))
     with pytest.raises(ValueError, match=r"scale_schedule \(empty: the tokenizer's\) ends at \[2, 2\]"):

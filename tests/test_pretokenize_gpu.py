@@ -40,6 +40,19 @@ def test_nvdec_frames_stay_on_the_gpu(tmp_path):
         assert (g.cpu().float() - c.float()).abs().mean() < 6.0  # same frames; NVDEC colour conversion differs a bit
 
 
+def test_nvdec_frames_do_not_depend_on_the_pipeline_count(tmp_path):
+    records = read_manifest(make_clean_corpus(tmp_path, num=3, size=GPU_SIZE))
+    plans = [ClipPlan(path=r.path, start_frame=s, stride=st, num_frames=5) for r in records for s, st in ((0, 1), (2, 2))]
+    reference = DaliClipDecoder(height=32, width=32, device="gpu", batch_size=4).decode(plans)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # pool threads must copy on the caller's stream, as one pipeline does
+        got = DaliClipDecoder(height=32, width=32, device="gpu", batch_size=4, pipelines=3).decode(plans)
+    side.synchronize()
+    assert len(got) == len(reference) == 6
+    for g, r in zip(got, reference):
+        assert g.is_cuda and torch.equal(g, r)
+
+
 def test_gpu_accepts_h264_and_mpeg4_and_still_rejects_the_broken(tok, tmp_path):
     manifest, expected = make_mixed_corpus(tmp_path / "mixed", size=GPU_SIZE)
     write_mpeg4_avi(tmp_path / "mixed" / "ucf" / "v_x.avi", label=1, seed=5, size=GPU_SIZE)
