@@ -47,6 +47,7 @@ from videoar_megatron.common.atomic import _fsync_dir, is_committed, mark_commit
 from videoar_megatron.common.distributed import pick_device
 
 SPATIAL_FACTOR = 16  # the tokenizer's spatial compression (checked again against the tokenizer)
+MEMORY_FORMATS = {"auto": None, "channels_last": torch.channels_last_3d, "contiguous": torch.contiguous_format}
 
 
 @dataclass(kw_only=True)
@@ -95,6 +96,11 @@ class PretokenizeConfig:
     """Maximum bytes per MDS shard file."""
     deterministic: bool = True
     """Deterministic cuDNN kernels (needed for byte-identical reruns on GPU)."""
+    encoder_memory_format: str = "auto"
+    """Layout of the tokenizer encoder's weights and activations: channels_last (NDHWC, cuDNN's native
+    layout for bf16 tensor-core 3-D convolutions), contiguous (NCDHW), or auto (channels_last on cuda,
+    contiguous on cpu). The latents agree to float rounding (CPU: GroupNorm sums in another order), but
+    the layouts run different kernels, so byte-identical reruns need the same value."""
     max_decode_error_rate: float = 0.5
     """Abort a partition (nothing committed; the error quotes the first decode error) when more than this
     fraction of its clips fail to decode after at least 32 tries: that is a broken decoder setup (driver,
@@ -118,6 +124,9 @@ class PretokenizeConfig:
             raise ValueError(f"decoder must be dali or pyav, got {self.decoder!r}")
         if self.decoder == "pyav" and self.decode_device == "gpu":
             raise ValueError("decoder=pyav decodes on the CPU: set decode_device to cpu or auto")
+        if self.encoder_memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"encoder_memory_format must be one of {list(MEMORY_FORMATS)}, "
+                             f"got {self.encoder_memory_format!r}")
         if self.decode_pipelines < 0:
             raise ValueError(f"decode_pipelines must be >= 0 (0 = auto), got {self.decode_pipelines}")
         for knob in ("batch_size", "decode_threads", "probe_workers", "prefetch_batches", "shard_size_limit"):
@@ -203,6 +212,13 @@ class EncodedBatch:
     text: list[tuple[np.ndarray, np.ndarray]] | None
 
 
+def encoder_memory_format(cfg: PretokenizeConfig, device: torch.device) -> torch.memory_format:
+    """The torch memory format for ``cfg.encoder_memory_format`` on ``device`` (auto: NDHWC on cuda)."""
+    if cfg.encoder_memory_format == "auto":
+        return torch.channels_last_3d if device.type == "cuda" else torch.contiguous_format
+    return MEMORY_FORMATS[cfg.encoder_memory_format]
+
+
 class ClipEncoder:
     """Tokenizer encoder + multi-scale BSQ bits (+ text features) for batches of decoded clips."""
 
@@ -227,6 +243,11 @@ class ClipEncoder:
         self.schedule = [list(s) for s in self.quantizer.scales]
         self.latent_dim = tcfg.latent_dim
         self.encode_dtype = "bfloat16" if device.type == "cuda" else "float32"
+        self.memory_format = encoder_memory_format(cfg, device)
+        if self.memory_format == torch.channels_last_3d:
+            # Only the encoder runs here. Its convs then get NDHWC inputs: CausalConv3d writes its
+            # time-padded input in the weight's layout (see tokenizer.model.CausalConv3d._cat_time).
+            self.tokenizer.encoder.to(memory_format=torch.channels_last_3d)
         self.text = FrozenTextEncoder(cfg.text_encoder, device) if cfg.text_encoder.path else None
 
     @torch.no_grad()
@@ -648,6 +669,7 @@ class Pretokenizer:
                "pid": os.getpid(), "worker": self.worker.index, "workers": self.worker.count,
                "launcher": self.worker.launcher, "device": str(self.device), "decode_device": self.decode_device,
                "decode_pipelines": decode_pipelines(self.cfg, self.decode_device) if self.cfg.decoder == "dali" else 0,
+               "encoder_memory_format": str(self.encoder.memory_format).removeprefix("torch."),
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         shards.write_json(self.out / shards.LOG_DIR / f"{stats.partition}.json", log)
 
