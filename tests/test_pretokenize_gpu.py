@@ -74,8 +74,9 @@ def test_gpu_pipeline_equals_direct_bf16_encode_and_is_close_to_cpu_fp32(tok, tm
     Pretokenizer(gpu_config(tok, corpus, gpu_out, num_partitions=1), Worker(0, 1)).run()
     Pretokenizer(pretok_config(tok, corpus, cpu_out, num_partitions=1), Worker(0, 1)).run()
     got = read_all(gpu_out)
-    # direct: same clips, same batches, DALI GPU decode, bf16 autocast encode
+    # direct: same clips, same batches, DALI GPU decode, bf16 autocast encode, NDHWC encoder (auto on cuda)
     model = load_tokenizer(tok, device="cuda")
+    model.encoder.to(memory_format=torch.channels_last_3d)
     clips_cfg = pretok_config(tok, corpus, tmp_path / "x").clips
     jobs = [p for r in read_manifest(corpus) for p in plan_clips(probe_video(r.path, "gpu"), clips_cfg)]
     decoder = DaliClipDecoder(height=CLIP["height"], width=CLIP["width"], device="gpu", batch_size=3)
@@ -96,6 +97,20 @@ def test_gpu_pipeline_equals_direct_bf16_encode_and_is_close_to_cpu_fp32(tok, tm
     for g in got:
         t, d, h, w = g["latent"].shape
         assert torch.equal(q.flatten_bits(q.latent_to_bits(g["latent"])).reshape(t, -1, d), g["bits"])
+
+
+def test_gpu_channels_last_encoder_is_close_to_contiguous(tok, tmp_path):
+    corpus = make_clean_corpus(tmp_path / "corpus", num=4, size=GPU_SIZE)
+    runs = {}
+    for layout in ("channels_last", "contiguous"):
+        out = tmp_path / layout
+        Pretokenizer(gpu_config(tok, corpus, out, encoder_memory_format=layout), Worker(0, 1)).run()
+        runs[layout] = read_all(out)
+    assert len(runs["channels_last"]) == len(runs["contiguous"]) == 8
+    for a, b in zip(runs["channels_last"], runs["contiguous"]):
+        rel = (a["latent"] - b["latent"]).norm() / b["latent"].norm()
+        assert rel < 0.02, rel  # other cuDNN kernels, bf16 rounding
+        assert (a["bits"] == b["bits"]).float().mean() > 0.95
 
 
 def test_gpu_rerun_is_byte_identical(tok, tmp_path):
