@@ -1,8 +1,9 @@
 """Text features from a frozen local text encoder, the PyAV reference decoder against DALI, DALI frames
-that do not depend on the decode pipeline count, and two torchrun workers writing one shard set
-concurrently."""
+that do not depend on the decode pipeline count, the benchmark's CPU smoke run, and two torchrun workers
+writing one shard set concurrently."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,20 @@ def test_decoded_frames_do_not_depend_on_the_pipeline_count(tmp_path):
         assert len(got) == len(reference)
         for g, want in zip(got, reference):
             assert type(g) is type(want) and (torch.equal(g, want) if isinstance(g, torch.Tensor) else g == want)
+
+
+def test_benchmark_smoke_on_cpu(tmp_path):
+    from benchmarks.bench_pretokenize import main
+    out = tmp_path / "bench.json"
+    assert main(["--preset", "tiny", "--device", "cpu", "--clips", "8", "--unique-videos", "2", "--base-channels", "8",
+                 "--res-blocks", "1", "--latent-dim", "8", "--encoder-iters", "1", "--decode-pipelines", "1,2",
+                 "--full", "each", "--out", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert set(r["decode_only_clips_per_s"]) == {"1", "2"} and r["speedup_dali_vs_pyav"] > 0
+    assert set(r["encoder_only_by_memory_format"]) == {"contiguous", "channels_last"}
+    assert r["chosen"]["encoder_memory_format"] in r["encoder_only_by_memory_format"]
+    full = [*r["dali_full_by_pipelines"].values(), r["pyav_cpu"]]
+    assert len(full) == 3 and all(b["clips"] == 8 and b["rejects"] == 0 for b in full)
 
 
 def test_two_torchrun_workers_write_the_same_shards_as_one_process(tmp_path, torchrun):

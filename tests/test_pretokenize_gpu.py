@@ -3,6 +3,7 @@ stay on the GPU, the bf16 pipeline equals a direct bf16 encode of the same clips
 fp32 CPU path, and a rerun is byte-identical."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -125,5 +126,9 @@ def test_benchmark_smoke_on_gpu(tmp_path):
     from benchmarks.bench_pretokenize import main
     out = tmp_path / "bench.json"
     assert main(["--preset", "17x128", "--clips", "64", "--batch-size", "16", "--base-channels", "16",
-                 "--res-blocks", "1", "--latent-dim", "16", "--encoder-iters", "2", "--out", str(out)]) == 0
-    assert '"speedup_dali_vs_pyav"' in Path(out).read_text()
+                 "--res-blocks", "1", "--latent-dim", "16", "--encoder-iters", "2", "--decode-pipelines", "1,2",
+                 "--encoder-memory-format", "both", "--full", "each", "--out", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["speedup_dali_vs_pyav"] > 0 and set(r["decode_only_clips_per_s"]) == {"1", "2"}
+    assert set(r["encoder_only_by_memory_format"]) == {"contiguous", "channels_last"}
+    assert all(b["clips"] == 64 and b["rejects"] == 0 for b in r["dali_full_by_pipelines"].values())
