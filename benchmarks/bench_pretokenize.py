@@ -302,13 +302,13 @@ def figures(decode: dict, encode: dict, chosen: dict, runs: dict, device: str) -
     """The result fields; the headline (``dali_<device>``, speedup) is the fastest full DALI run."""
     best_n = max(runs["dali"], key=lambda n: runs["dali"][n]["clips_per_s"])  # the only one unless --full each
     best, pyav = runs["dali"][best_n], runs["pyav"]
-    ceiling = encode[chosen["encoder_memory_format"]]
+    d, p, ceiling = best["clips_per_s"], pyav["clips_per_s"], encode[chosen["encoder_memory_format"]]
     return {"decode_only_clips_per_s": decode, "encoder_only_by_memory_format": encode,
             "chosen": {k: v for k, v in chosen.items() if k != "decode_only"},
             "dali_full_by_pipelines": runs["dali"], "dali_full_pipelines": best_n, f"dali_{device}": best,
             "pyav_cpu": pyav, "encoder_only_clips_per_s": ceiling,
-            "speedup_dali_vs_pyav": round(best["clips_per_s"] / pyav["clips_per_s"], 2) if pyav["clips_per_s"] else None,
-            "dali_fraction_of_encoder_only": round(best["clips_per_s"] / ceiling, 3) if ceiling else None}
+            "speedup_dali_vs_pyav": round(d / p, 2) if p else None,
+            "dali_fraction_of_encoder_only": round(d / ceiling, 3) if ceiling else None}
 
 
 def bench_preset(name: str, args, work: Path) -> dict:

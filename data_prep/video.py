@@ -5,9 +5,9 @@ decoding) so that missing files, unknown codecs, codecs this device cannot decod
 for one clip are rejected with a precise reason *before* DALI sees them. DALI then decodes strided
 clips (``device="mixed"`` = NVDEC on GPU hosts, libavcodec on CPU), resizes so the frame covers the
 target size and centre-crops. A DALI decode error kills the pipeline object ("Current pipeline object
-is no longer valid"), so on an error the slice of the batch that pipeline ran is re-decoded one clip at
-a time on fresh pipelines and the first error's text becomes that clip's reject reason. Decoded frame counts are always checked: a
-truncated VP9 file decodes its first frames without any error.
+is no longer valid"), so on an error the slice of the batch that pipeline ran is re-decoded one clip
+at a time on fresh pipelines and the first error's text becomes that clip's reject reason. Decoded
+frame counts are always checked: a truncated VP9 file decodes its first frames without any error.
 """
 from __future__ import annotations
 
@@ -163,9 +163,9 @@ class DaliClipDecoder:
 
     ``pipelines`` > 1 keeps that many DALI pipelines and splits every batch into contiguous slices, one
     per pipeline, run concurrently from a thread pool (``pipe.run`` releases the GIL). On the GPU each
-    pipeline has its own CUDA stream and NVDEC sessions, so several decode engines work at once: one
-    synchronous pipeline leaves NVDEC idle while its batch's per-clip setup runs. Every clip is decoded
-    by one pipeline on its own, so the frames do not depend on the pipeline count.
+    pipeline has its own CUDA stream and NVDEC sessions, so several decode engines can work at once
+    (one synchronous pipeline decoded 17x128² clips at a quarter of the encoder's rate on an H100).
+    Every clip is decoded by one pipeline on its own, so the frames do not depend on the count.
     """
 
     def __init__(self, *, height: int, width: int, device: str = "cpu", device_id: int = 0,

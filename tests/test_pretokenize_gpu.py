@@ -4,7 +4,6 @@ fp32 CPU path, and a rerun is byte-identical."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -43,7 +42,8 @@ def test_nvdec_frames_stay_on_the_gpu(tmp_path):
 
 def test_nvdec_frames_do_not_depend_on_the_pipeline_count(tmp_path):
     records = read_manifest(make_clean_corpus(tmp_path, num=3, size=GPU_SIZE))
-    plans = [ClipPlan(path=r.path, start_frame=s, stride=st, num_frames=5) for r in records for s, st in ((0, 1), (2, 2))]
+    plans = [ClipPlan(path=r.path, start_frame=s, stride=st, num_frames=5)
+             for r in records for s, st in ((0, 1), (2, 2))]
     reference = DaliClipDecoder(height=32, width=32, device="gpu", batch_size=4).decode(plans)
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):  # pool threads must copy on the caller's stream, as one pipeline does
