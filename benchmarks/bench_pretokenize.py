@@ -1,21 +1,30 @@
 """Pre-tokenization throughput: DALI decode feeding the tokenizer encoder vs a PyAV CPU-decode baseline
-feeding the same encoder, measured in one run, plus the encoder alone (the ceiling) and where the time
-goes (decode busy time, time the encoder waited for frames, encode, write).
+feeding the same encoder, measured in one run, plus what decides the settings: DALI decode alone for
+each --decode-pipelines count, the encoder alone (the ceiling) in each --encoder-memory-format, and
+where the time of a full run goes (decode busy time, time the encoder waited for frames, encode, write).
 
     python benchmarks/bench_pretokenize.py                      # GPU host: 17x128² and 33x384x672
     python benchmarks/bench_pretokenize.py --preset tiny --device cpu --clips 16   # CPU smoke run
 
+Per preset, in this order: (1) decode only, DALI, once per pipeline count; the fastest count (the
+smallest within 5% of the fastest) is chosen; (2) encoder only on resident frames, once per memory
+format; the faster is chosen; (3) the full DALI pipeline with the chosen settings (--full each: once
+per pipeline count); (4) the full PyAV pipeline with the chosen memory format. Every figure is printed
+with its ratio to (4), the baseline of the same run.
+
 Goal (issue 5): DALI GPU decode is encoder-bound (pipeline clips/s close to encoder-only clips/s) and
->= 3x the PyAV baseline. Both paths run the production code (`data_prep.pretokenize.Pretokenizer`),
-differing only in the `decoder` / `decode_device` knobs. Source videos are synthetic (a moving
-texture, cheap to render at any size) encoded with --source-codec at --source-size; a few unique files
-are repeated to reach --clips (page cache helps both decoders alike). The tokenizer is random-init
-unless --tokenizer is given (throughput does not depend on the weights).
-Needs torch, PyAV, nvidia-dali, and mosaicml-streaming unless --no-write.
+>= 3x the PyAV baseline. The full runs use the production code (`data_prep.pretokenize.Pretokenizer`),
+differing only in the `decoder` / `decode_device` / `decode_pipelines` / `encoder_memory_format` knobs.
+Source videos are synthetic (a moving texture, cheap to render at any size) encoded with --source-codec
+at the preset's size; a few unique files are repeated to reach --clips (page cache helps both decoders
+alike). The tokenizer is random-init unless --tokenizer is given (throughput does not depend on the
+weights). Needs torch, PyAV, nvidia-dali, and mosaicml-streaming unless --no-write.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import shutil
@@ -108,7 +117,8 @@ class NullWriter:
         self.bytes += sum(v.nbytes for v in sample.values() if isinstance(v, np.ndarray))
 
 
-def run_pipeline(args, preset: Preset, tok: Path, manifest: Path, work: Path, decoder: str, decode_device: str):
+def run_pipeline(args, preset: Preset, tok: Path, manifest: Path, work: Path, decoder: str, decode_device: str,
+                 pipelines: int, memory_format: str):
     """One full pre-tokenization over ``manifest``; returns the partition stats (after a warm-up run)."""
     from data_prep import pretokenize
     from data_prep.pretokenize import PretokenizeConfig, Pretokenizer, Worker
@@ -125,21 +135,65 @@ def run_pipeline(args, preset: Preset, tok: Path, manifest: Path, work: Path, de
                                                           width=preset.width, clips_per_video=1),
             batch_size=args.batch_size or preset.batch_size, device=args.device, decoder=decoder,
             decode_device=decode_device, decode_threads=args.decode_threads if decoder == "dali" else args.cpu_workers,
+            decode_pipelines=pipelines, encoder_memory_format=memory_format,
             probe_workers=args.probe_workers, num_partitions=1, latent_dtype="bfloat16",
             deterministic=args.deterministic, progress_bar=False)
         stats = Pretokenizer(cfg, Worker(0, 1)).run()[0]
         shutil.rmtree(out, ignore_errors=True)
+        release_memory()  # the Pretokenizer's DALI pipelines and encoder, before the next one is built
     return stats
 
 
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def clip_plans(preset: Preset, manifest: Path, device: str) -> list:
+    """The ClipPlans a pre-tokenization run decodes for ``manifest`` (one clip per row)."""
+    from data_prep.manifest import read_manifest
+    from data_prep.video import ClipSamplingConfig, plan_clips, probe_video
+    sampling = ClipSamplingConfig(num_frames=preset.frames, height=preset.height, width=preset.width)
+    return [p for r in read_manifest(manifest) for p in plan_clips(probe_video(r.path, device), sampling)]
+
+
+def decode_batches(decoder, plans: list, batch_size: int) -> None:
+    """Decode ``plans`` batch by batch as ClipStream does (GPU: on a side stream, synchronised per batch)."""
+    stream = torch.cuda.Stream() if decoder.device == "gpu" else None
+    for i in range(0, len(plans), batch_size):
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            results = decoder.decode(plans[i:i + batch_size])
+        if stream is not None:
+            stream.synchronize()
+        failed = [r for r in results if not isinstance(r, torch.Tensor)]
+        if failed:
+            raise RuntimeError(f"{len(failed)} clips failed to decode, first: {failed[0].reason}")
+
+
+def decode_only(args, preset: Preset, plans: list, warm_plans: list, device: str, pipelines: int) -> float:
+    """Clips/s of DALI decoding alone with ``pipelines`` pipelines (no encoder competing for the GPU)."""
+    from data_prep.video import DaliClipDecoder
+    bs = args.batch_size or preset.batch_size
+    decoder = DaliClipDecoder(height=preset.height, width=preset.width, device=device, batch_size=bs,
+                              num_threads=args.decode_threads, pipelines=pipelines)
+    decode_batches(decoder, warm_plans, bs)  # builds every pipeline
+    t0 = time.perf_counter()
+    decode_batches(decoder, plans, bs)
+    rate = len(plans) / (time.perf_counter() - t0)
+    del decoder
+    release_memory()
+    return rate
+
+
 @torch.no_grad()
-def encoder_only(args, preset: Preset, tok: Path, iters: int) -> float:
+def encoder_only(args, preset: Preset, tok: Path, iters: int, memory_format: str) -> float:
     """Clips/s of encode + quantize alone on resident random frames (the ceiling of the pipeline)."""
     from data_prep.pretokenize import ClipEncoder, PretokenizeConfig
     from data_prep.video import ClipSamplingConfig
     cfg = PretokenizeConfig(tokenizer=str(tok), input_manifest="-", output_dir="-", latent_dtype="bfloat16",
                             clips=ClipSamplingConfig(num_frames=preset.frames, height=preset.height, width=preset.width),
-                            deterministic=args.deterministic)
+                            deterministic=args.deterministic, encoder_memory_format=memory_format)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = args.deterministic
@@ -155,7 +209,10 @@ def encoder_only(args, preset: Preset, tok: Path, iters: int) -> float:
     for _ in range(iters):
         enc.encode(frames, ["x"] * bs)
     sync()
-    return iters * bs / (time.perf_counter() - t0)
+    rate = iters * bs / (time.perf_counter() - t0)
+    del enc, frames
+    release_memory()
+    return rate
 
 
 def breakdown(s) -> dict:
@@ -165,7 +222,66 @@ def breakdown(s) -> dict:
             "write_s": round(s.write_s, 3)}
 
 
-def bench_preset(name: str, args, work: Path) -> dict:
+def pick_pipelines(rates: dict[int, float]) -> int:
+    """The fewest pipelines within 5% of the fastest decode (fewer threads and NVDEC sessions)."""
+    best = max(rates.values())
+    return min(n for n, r in rates.items() if r >= 0.95 * best)
+
+
+def sweep_decode(args, preset: Preset, manifest: Path, device: str) -> dict[int, float]:
+    bs = args.batch_size or preset.batch_size
+    counts = sorted({min(n, bs) for n in args.decode_pipelines})  # the decoder caps at batch_size
+    plans, warm = clip_plans(preset, manifest, device), clip_plans(preset, args._warm_manifest, device)
+    rates = {}
+    for n in counts:
+        rates[n] = round(decode_only(args, preset, plans, warm, device, n), 2)
+        print(f"  decode only, DALI {device}, {n} pipeline(s): {rates[n]} clips/s", flush=True)
+    return rates
+
+
+def sweep_encoder(args, preset: Preset, tok: Path) -> dict[str, float]:
+    rates = {}
+    for fmt in args.encoder_memory_formats:
+        rates[fmt] = round(encoder_only(args, preset, tok, args.encoder_iters, fmt), 2)
+        print(f"  encoder only, {fmt}: {rates[fmt]} clips/s", flush=True)
+    return rates
+
+
+def full_runs(args, preset: Preset, tok: Path, manifest: Path, work: Path, device: str, chosen: dict) -> dict:
+    """The full DALI pipeline (with the chosen count, or each count) and the PyAV baseline."""
+    counts = sorted(chosen["decode_only"]) if args.full == "each" else [chosen["decode_pipelines"]]
+    fmt = chosen["encoder_memory_format"]
+    dali = {}
+    for n in counts:
+        dali[n] = breakdown(run_pipeline(args, preset, tok, manifest, work, "dali", device, n, fmt))
+        print(f"  DALI {device} decode ({n} pipeline(s)) -> encoder ({fmt}): {dali[n]}", flush=True)
+    pyav = breakdown(run_pipeline(args, preset, tok, manifest, work, "pyav", "cpu", 1, fmt))
+    print(f"  PyAV cpu decode ({args.cpu_workers} threads) -> encoder ({fmt}): {pyav}", flush=True)
+    return {"dali": dali, "pyav": pyav}
+
+
+def summary_lines(r: dict, device: str) -> list[str]:
+    """Every figure of a preset next to the PyAV baseline of the same run, with the ratio."""
+    p = r["pyav_cpu"]["clips_per_s"]
+
+    def row(label: str, rate: float, extra: str = "") -> str:
+        ratio = f"{rate / p:6.2f}x PyAV" if p else "    n/a"
+        return f"  {label:<52s} {rate:9.2f} clips/s {ratio}{extra}"
+
+    lines = [row("PyAV cpu decode -> encoder (the baseline)", p)]
+    lines += [row(f"decode only, DALI {device}, {n} pipeline(s)", v) for n, v in r["decode_only_clips_per_s"].items()]
+    lines += [row(f"encoder only, {f}", v) for f, v in r["encoder_only_by_memory_format"].items()]
+    ceiling = r["encoder_only_clips_per_s"]
+    for n, b in r["dali_full_by_pipelines"].items():
+        d = b["clips_per_s"]
+        lines.append(row(f"DALI {device} -> encoder, {n} pipeline(s), {r['chosen']['encoder_memory_format']}", d,
+                         f"  (goal >= 3x) at {100 * d / ceiling:.0f}% of encoder-only" if ceiling else ""))
+    return lines
+
+
+def prepare(name: str, args, work: Path) -> tuple[Preset, Path, Path, str, dict]:
+    """Sources, warm-up sources and tokenizer of a preset; returns (preset, manifest, tokenizer, DALI
+    device, the result's header)."""
     preset = PRESETS[name]
     clips = args.clips or preset.clips
     cuda = args.device != "cpu" and torch.cuda.is_available()
@@ -176,22 +292,50 @@ def bench_preset(name: str, args, work: Path) -> dict:
     bs = args.batch_size or preset.batch_size
     args._warm_manifest = make_sources(src / "warm", preset, args.source_codec, 1, 2 * bs)
     tok = Path(args.tokenizer) if args.tokenizer else make_tokenizer(work / f"tok-{name}", args, preset)
-    dali_device = "gpu" if cuda else "cpu"
-    result = {"preset": name, "clips": clips, "batch_size": bs, "source_codec": args.source_codec,
+    header = {"preset": name, "clips": clips, "batch_size": bs, "source_codec": args.source_codec,
               "source_size": list(preset.source), "device": "cuda" if cuda else "cpu",
-              "gpu": torch.cuda.get_device_name() if cuda else None}
-    result[f"dali_{dali_device}"] = breakdown(run_pipeline(args, preset, tok, manifest, work, "dali", dali_device))
-    print(f"  DALI {dali_device:3s} decode -> encoder: {result[f'dali_{dali_device}']}", flush=True)
-    result["pyav_cpu"] = breakdown(run_pipeline(args, preset, tok, manifest, work, "pyav", "cpu"))
-    print(f"  PyAV cpu decode -> encoder: {result['pyav_cpu']}", flush=True)
-    result["encoder_only_clips_per_s"] = round(encoder_only(args, preset, tok, args.encoder_iters), 2)
-    d, p = result[f"dali_{dali_device}"]["clips_per_s"], result["pyav_cpu"]["clips_per_s"]
-    e = result["encoder_only_clips_per_s"]
-    result["speedup_dali_vs_pyav"] = round(d / p, 2) if p else None
-    result["dali_fraction_of_encoder_only"] = round(d / e, 3) if e else None
-    print(f"  encoder only: {e} clips/s | DALI/PyAV = {result['speedup_dali_vs_pyav']}x (goal >= 3x) | "
-          f"DALI pipeline at {100 * (result['dali_fraction_of_encoder_only'] or 0):.0f}% of encoder-only", flush=True)
+              "gpu": torch.cuda.get_device_name() if cuda else None, "deterministic": args.deterministic}
+    return preset, manifest, tok, "gpu" if cuda else "cpu", header
+
+
+def figures(decode: dict, encode: dict, chosen: dict, runs: dict, device: str) -> dict:
+    """The result fields; the headline (``dali_<device>``, speedup) is the fastest full DALI run."""
+    best_n = max(runs["dali"], key=lambda n: runs["dali"][n]["clips_per_s"])  # the only one unless --full each
+    best, pyav = runs["dali"][best_n], runs["pyav"]
+    d, p, ceiling = best["clips_per_s"], pyav["clips_per_s"], encode[chosen["encoder_memory_format"]]
+    return {"decode_only_clips_per_s": decode, "encoder_only_by_memory_format": encode,
+            "chosen": {k: v for k, v in chosen.items() if k != "decode_only"},
+            "dali_full_by_pipelines": runs["dali"], "dali_full_pipelines": best_n, f"dali_{device}": best,
+            "pyav_cpu": pyav, "encoder_only_clips_per_s": ceiling,
+            "speedup_dali_vs_pyav": round(d / p, 2) if p else None,
+            "dali_fraction_of_encoder_only": round(d / ceiling, 3) if ceiling else None}
+
+
+def bench_preset(name: str, args, work: Path) -> dict:
+    preset, manifest, tok, device, result = prepare(name, args, work)
+    decode = sweep_decode(args, preset, manifest, device)
+    encode = sweep_encoder(args, preset, tok)
+    chosen = {"decode_pipelines": pick_pipelines(decode), "encoder_memory_format": max(encode, key=encode.get),
+              "decode_only": decode}
+    runs = full_runs(args, preset, tok, manifest, work, device, chosen)
+    result.update(figures(decode, encode, chosen, runs, device))
+    print(f"-- {name} summary (chosen: {chosen['decode_pipelines']} pipeline(s), "
+          f"{chosen['encoder_memory_format']}) --", *summary_lines(result, device), sep="\n", flush=True)
     return result
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"pipeline counts must be >= 1, got {text!r}")
+    return values
+
+
+MEMORY_FORMAT_CHOICES = {"both": ["contiguous", "channels_last"], "contiguous": ["contiguous"],
+                         "channels_last": ["channels_last"]}
 
 
 def main(argv=None) -> int:
@@ -207,7 +351,13 @@ def main(argv=None) -> int:
     p.add_argument("--base-channels", type=int, default=64, help="random tokenizer width (default 64)")
     p.add_argument("--res-blocks", type=int, default=2, help="random tokenizer res blocks per level (default 2)")
     p.add_argument("--latent-dim", type=int, default=32, help="random tokenizer bits per token (default 32)")
-    p.add_argument("--decode-threads", type=int, default=4, help="DALI threads (default 4)")
+    p.add_argument("--decode-threads", type=int, default=4, help="DALI threads per pipeline (default 4)")
+    p.add_argument("--decode-pipelines", type=int_list, default=[1, 2, 4, 8],
+                   help="DALI pipeline counts to sweep, comma-separated (default 1,2,4,8; capped at the batch size)")
+    p.add_argument("--encoder-memory-format", choices=list(MEMORY_FORMAT_CHOICES), default="both",
+                   help="encoder layouts to time (default both; the faster feeds the full runs)")
+    p.add_argument("--full", choices=["best", "each"], default="best",
+                   help="full DALI runs: with the chosen pipeline count only (default), or with each count")
     p.add_argument("--cpu-workers", type=int, default=os.cpu_count() or 4,
                    help="PyAV baseline decode threads (default: all cores)")
     p.add_argument("--probe-workers", type=int, default=8)
@@ -218,17 +368,20 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="", help="write the results JSON here (default: print only)")
     p.add_argument("--work-dir", default="", help="scratch directory (default: a temporary one, removed)")
     args = p.parse_args(argv)
+    args.encoder_memory_formats = MEMORY_FORMAT_CHOICES[args.encoder_memory_format]
     if args.device == "cpu" and args.source_codec not in ("vp9",):
         print("note: DALI on CPU decodes only vp8/vp9/mjpeg; using --source-codec vp9")
         args.source_codec = "vp9"
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_pretok_"))
     names = ["17x128", "33x384x672"] if args.preset == "both" else [args.preset]
+    t0 = time.perf_counter()
     try:
         results = [bench_preset(n, args, work) for n in names]
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps({"results": results, "torch": torch.__version__}, indent=2)
+    text = json.dumps({"results": results, "torch": torch.__version__,
+                       "wall_s": round(time.perf_counter() - t0, 1)}, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")

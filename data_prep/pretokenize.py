@@ -47,6 +47,7 @@ from videoar_megatron.common.atomic import _fsync_dir, is_committed, mark_commit
 from videoar_megatron.common.distributed import pick_device
 
 SPATIAL_FACTOR = 16  # the tokenizer's spatial compression (checked again against the tokenizer)
+MEMORY_FORMATS = {"auto": None, "channels_last": torch.channels_last_3d, "contiguous": torch.contiguous_format}
 
 
 @dataclass(kw_only=True)
@@ -77,7 +78,12 @@ class PretokenizeConfig:
     decoder: str = "dali"
     """dali (production) or pyav (CPU baseline for the benchmark; decodes any libavcodec codec)."""
     decode_threads: int = 2
-    """DALI CPU threads per decoder (or PyAV threads)."""
+    """DALI CPU threads per decode pipeline (or PyAV threads)."""
+    decode_pipelines: int = 0
+    """DALI pipelines per worker; each batch is split over them and they decode concurrently (on the GPU
+    each has its own CUDA stream and NVDEC sessions, so several NVDEC engines work at once). 0 = auto:
+    4 with decode_device=gpu, 1 on cpu (DALI's CPU decoder already spreads a batch over decode_threads).
+    Capped at batch_size. The frames, and so the shards, do not depend on it."""
     probe_workers: int = 4
     """Threads probing containers (PyAV demux) ahead of decoding."""
     prefetch_batches: int = 2
@@ -90,6 +96,11 @@ class PretokenizeConfig:
     """Maximum bytes per MDS shard file."""
     deterministic: bool = True
     """Deterministic cuDNN kernels (needed for byte-identical reruns on GPU)."""
+    encoder_memory_format: str = "auto"
+    """Layout of the tokenizer encoder's weights and activations: channels_last (NDHWC, cuDNN's native
+    layout for bf16 tensor-core 3-D convolutions), contiguous (NCDHW), or auto (channels_last on cuda,
+    contiguous on cpu). The latents agree to float rounding (CPU: GroupNorm sums in another order), but
+    the layouts run different kernels, so byte-identical reruns need the same value."""
     max_decode_error_rate: float = 0.5
     """Abort a partition (nothing committed; the error quotes the first decode error) when more than this
     fraction of its clips fail to decode after at least 32 tries: that is a broken decoder setup (driver,
@@ -113,6 +124,11 @@ class PretokenizeConfig:
             raise ValueError(f"decoder must be dali or pyav, got {self.decoder!r}")
         if self.decoder == "pyav" and self.decode_device == "gpu":
             raise ValueError("decoder=pyav decodes on the CPU: set decode_device to cpu or auto")
+        if self.encoder_memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"encoder_memory_format must be one of {list(MEMORY_FORMATS)}, "
+                             f"got {self.encoder_memory_format!r}")
+        if self.decode_pipelines < 0:
+            raise ValueError(f"decode_pipelines must be >= 0 (0 = auto), got {self.decode_pipelines}")
         for knob in ("batch_size", "decode_threads", "probe_workers", "prefetch_batches", "shard_size_limit"):
             if getattr(self, knob) < 1:
                 raise ValueError(f"{knob} must be >= 1, got {getattr(self, knob)}")
@@ -196,6 +212,13 @@ class EncodedBatch:
     text: list[tuple[np.ndarray, np.ndarray]] | None
 
 
+def encoder_memory_format(cfg: PretokenizeConfig, device: torch.device) -> torch.memory_format:
+    """The torch memory format for ``cfg.encoder_memory_format`` on ``device`` (auto: NDHWC on cuda)."""
+    if cfg.encoder_memory_format == "auto":
+        return torch.channels_last_3d if device.type == "cuda" else torch.contiguous_format
+    return MEMORY_FORMATS[cfg.encoder_memory_format]
+
+
 class ClipEncoder:
     """Tokenizer encoder + multi-scale BSQ bits (+ text features) for batches of decoded clips."""
 
@@ -220,6 +243,11 @@ class ClipEncoder:
         self.schedule = [list(s) for s in self.quantizer.scales]
         self.latent_dim = tcfg.latent_dim
         self.encode_dtype = "bfloat16" if device.type == "cuda" else "float32"
+        self.memory_format = encoder_memory_format(cfg, device)
+        if self.memory_format == torch.channels_last_3d:
+            # Only the encoder runs here. Its convs then get NDHWC inputs: CausalConv3d writes its
+            # time-padded input in the weight's layout (see tokenizer.model.CausalConv3d._cat_time).
+            self.tokenizer.encoder.to(memory_format=torch.channels_last_3d)
         self.text = FrozenTextEncoder(cfg.text_encoder, device) if cfg.text_encoder.path else None
 
     @torch.no_grad()
@@ -387,6 +415,18 @@ def _background(gen: Iterator, depth: int, setup: Callable[[], None] | None = No
         stop.set()
 
 
+GPU_DECODE_PIPELINES = 4
+"""decode_pipelines=0 (auto) with NVDEC decode. One synchronous pipeline decoded 17x128² clips at about
+54 clips/s on an H100 (a quarter of the encoder's rate) while the GPU has 7 NVDEC engines; a guess until
+`benchmarks/bench_pretokenize.py --decode-pipelines 1,2,4,8` measures the best count."""
+
+
+def decode_pipelines(cfg: PretokenizeConfig, decode_device: str) -> int:
+    """The DALI pipeline count for ``cfg.decode_pipelines`` (0 = auto) on ``decode_device``."""
+    wanted = cfg.decode_pipelines or (GPU_DECODE_PIPELINES if decode_device == "gpu" else 1)
+    return min(wanted, cfg.batch_size)
+
+
 class ClipStream:
     """Yields, in manifest order, batches ``(jobs, results, decode_seconds)`` and rejects."""
 
@@ -424,10 +464,11 @@ class ClipStream:
         if c.decoder == "pyav":
             return PyAVClipDecoder(height=c.clips.height, width=c.clips.width, num_threads=c.decode_threads)
         return DaliClipDecoder(height=c.clips.height, width=c.clips.width, device=self.decode_device,
-                               device_id=self.device_id, batch_size=c.batch_size, num_threads=c.decode_threads)
+                               device_id=self.device_id, batch_size=c.batch_size, num_threads=c.decode_threads,
+                               pipelines=decode_pipelines(c, self.decode_device))
 
     def _decoded(self, rows, rejects) -> Iterator[tuple[list[ClipJob], list, float]]:
-        # One decoder (DALI pipeline) per process, built on first use and reused by later partitions.
+        # One decoder (its DALI pipelines) per process, built on first use and reused by later partitions.
         if self._cached_decoder is None:
             self._cached_decoder = self._decoder()
         decoder = self._cached_decoder
@@ -627,6 +668,8 @@ class Pretokenizer:
         log = {**stats.__dict__, "clips_per_s": stats.clips_per_s, "host": socket.gethostname(),
                "pid": os.getpid(), "worker": self.worker.index, "workers": self.worker.count,
                "launcher": self.worker.launcher, "device": str(self.device), "decode_device": self.decode_device,
+               "decode_pipelines": decode_pipelines(self.cfg, self.decode_device) if self.cfg.decoder == "dali" else 0,
+               "encoder_memory_format": str(self.encoder.memory_format).removeprefix("torch."),
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         shards.write_json(self.out / shards.LOG_DIR / f"{stats.partition}.json", log)
 

@@ -5,13 +5,15 @@ decoding) so that missing files, unknown codecs, codecs this device cannot decod
 for one clip are rejected with a precise reason *before* DALI sees them. DALI then decodes strided
 clips (``device="mixed"`` = NVDEC on GPU hosts, libavcodec on CPU), resizes so the frame covers the
 target size and centre-crops. A DALI decode error kills the pipeline object ("Current pipeline object
-is no longer valid"), so on an error the batch is re-decoded one clip at a time on fresh pipelines and
-the first error's text becomes that clip's reject reason. Decoded frame counts are always checked: a
-truncated VP9 file decodes its first frames without any error.
+is no longer valid"), so on an error the slice of the batch that pipeline ran is re-decoded one clip
+at a time on fresh pipelines and the first error's text becomes that clip's reject reason. Decoded
+frame counts are always checked: a truncated VP9 file decodes its first frames without any error.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -158,21 +160,33 @@ class DaliClipDecoder:
 
     ``device="gpu"`` decodes with NVDEC and returns CUDA tensors (no host round trip); ``"cpu"``
     returns CPU tensors. Failed clips come back as :class:`VideoUnusable` in their slot.
+
+    ``pipelines`` > 1 keeps that many DALI pipelines and splits every batch into contiguous slices, one
+    per pipeline, run concurrently from a thread pool (``pipe.run`` releases the GIL). On the GPU each
+    pipeline has its own CUDA stream and NVDEC sessions, so several decode engines can work at once
+    (one synchronous pipeline decoded 17x128² clips at a quarter of the encoder's rate on an H100).
+    Every clip is decoded by one pipeline on its own, so the frames do not depend on the count.
     """
 
     def __init__(self, *, height: int, width: int, device: str = "cpu", device_id: int = 0,
-                 batch_size: int = 8, num_threads: int = 2):
+                 batch_size: int = 8, num_threads: int = 2, pipelines: int = 1):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"decode device must be cpu or gpu, got {device!r}")
+        if pipelines < 1:
+            raise ValueError(f"decode_pipelines must be >= 1, got {pipelines}")
         self.height, self.width = height, width
         self.device, self.device_id = device, device_id
         self.batch_size, self.num_threads = batch_size, num_threads
-        self._pipe = None
+        self.pipelines = min(pipelines, batch_size)  # more would never get a clip
+        # The largest slice _split makes of a full batch: each pipeline's (maximum) DALI batch size.
+        self.slice_size = math.ceil(batch_size / self.pipelines)
+        self._pipes: list = [None] * self.pipelines
+        self._pool = None
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
 
-        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads,
+        @pipeline_def(batch_size=self.slice_size, num_threads=self.num_threads,
                       device_id=self.device_id if self.device == "gpu" else None,
                       exec_dynamic=True, prefetch_queue_depth=1)
         def clip_pipeline():
@@ -192,10 +206,10 @@ class DaliClipDecoder:
         pipe.build()
         return pipe
 
-    def _run(self, plans: Sequence[ClipPlan]) -> list[torch.Tensor]:
-        if self._pipe is None:
-            self._pipe = self._build()
-        pipe = self._pipe
+    def _run(self, slot: int, plans: Sequence[ClipPlan]) -> list[torch.Tensor]:
+        if self._pipes[slot] is None:
+            self._pipes[slot] = self._build()
+        pipe = self._pipes[slot]
         pipe.feed_input("encoded", [np.fromfile(p.path, dtype=np.uint8) for p in plans])
         pipe.feed_input("start", [np.int32(p.start_frame) for p in plans])
         pipe.feed_input("stride", [np.int32(p.stride) for p in plans])
@@ -219,23 +233,46 @@ class DaliClipDecoder:
         return frames
 
     def decode(self, plans: Sequence[ClipPlan]) -> list[torch.Tensor | VideoUnusable]:
-        """Decode clips; each result is frames ``(F, H, W, 3)`` uint8 or the reason it failed."""
+        """Decode clips; each result is frames ``(F, H, W, 3)`` uint8 or the reason it failed.
+
+        GPU frames are allocated and copied on the caller's current CUDA stream (also when a pool
+        thread runs the pipeline), so the caller synchronises that one stream before using them.
+        """
+        stream = torch.cuda.current_stream(self.device_id) if self.device == "gpu" else None
         results: list[torch.Tensor | VideoUnusable] = []
         for i in range(0, len(plans), self.batch_size):
-            chunk = plans[i:i + self.batch_size]
-            try:
-                results += [self._check(p, f) for p, f in zip(chunk, self._run(chunk))]
-            except Exception:
-                self._pipe = None  # a failed DALI pipeline object is dead; isolate the culprit
-                results += [self._decode_one(p) for p in chunk]
+            slices = _split(plans[i:i + self.batch_size], self.pipelines)
+            if len(slices) == 1:  # one pipeline: run it on the caller's thread, as without a pool
+                results += self._decode_slice(0, slices[0], None)
+                continue
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.pipelines, thread_name_prefix="dali-decode")
+            for part in self._pool.map(self._decode_slice, range(len(slices)), slices,
+                                       [stream] * len(slices)):
+                results += part
         return results
 
-    def _decode_one(self, plan: ClipPlan) -> torch.Tensor | VideoUnusable:
+    def _decode_slice(self, slot: int, plans: Sequence[ClipPlan], stream) -> list[torch.Tensor | VideoUnusable]:
+        """Decode ``plans`` on pipeline ``slot``; on a pool thread, with the caller's CUDA stream."""
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            try:
+                return [self._check(p, f) for p, f in zip(plans, self._run(slot, plans))]
+            except Exception:
+                self._pipes[slot] = None  # a failed DALI pipeline object is dead; isolate the culprit
+                return [self._decode_one(slot, p) for p in plans]
+
+    def _decode_one(self, slot: int, plan: ClipPlan) -> torch.Tensor | VideoUnusable:
         try:
-            return self._check(plan, self._run([plan])[0])
+            return self._check(plan, self._run(slot, [plan])[0])
         except Exception as e:
-            self._pipe = None
+            self._pipes[slot] = None
             return VideoUnusable(f"decode error: {_first_dali_error(str(e))}", "decode_error")
+
+
+def _split(items: Sequence, parts: int) -> list[Sequence]:
+    """Non-empty ``items`` in at most ``parts`` contiguous slices of near-equal size, in order."""
+    size = math.ceil(len(items) / parts)
+    return [items[k:k + size] for k in range(0, len(items), size)]
 
 
 def _first_dali_error(text: str) -> str:

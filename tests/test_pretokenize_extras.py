@@ -1,7 +1,9 @@
-"""Text features from a frozen local text encoder, the PyAV reference decoder against DALI, and
-two torchrun workers writing one shard set concurrently."""
+"""Text features from a frozen local text encoder, the PyAV reference decoder against DALI, DALI frames
+that do not depend on the decode pipeline count, the benchmark's CPU smoke run, and two torchrun workers
+writing one shard set concurrently."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import torch
 
 from data_prep import shards
 from data_prep.manifest import read_manifest
+from data_prep.synth import make_corpus
 from data_prep.pretokenize import Pretokenizer, Worker
 from data_prep.text_encoder import FrozenTextEncoder, TextEncoderConfig
 from data_prep.video import ClipPlan, DaliClipDecoder, PyAVClipDecoder, VideoUnusable
@@ -69,6 +72,50 @@ def test_pyav_reference_decoder_picks_the_same_frames_as_dali(tmp_path):
             assert same < 2.5 and same < 0.6 * shifted  # colour conversion differs a little; frames match
     short = ClipPlan(path=records[0].path, start_frame=8, stride=2, num_frames=5)  # needs frame 16 of 12
     assert isinstance(PyAVClipDecoder(height=32, width=32).decode([short])[0], VideoUnusable)
+
+
+def decoded(results) -> list:
+    """Frames as they are, failures as (kind, reason): comparable with ``==`` slot by slot."""
+    return [(r.kind, r.reason) if isinstance(r, VideoUnusable) else r for r in results]
+
+
+def test_decoded_frames_do_not_depend_on_the_pipeline_count(tmp_path):
+    vp9 = read_manifest(make_corpus(tmp_path / "vp9", num=3, classes=2, codec="vp9", frames=12, size=(48, 64),
+                                    fps=8, seed=1))
+    mjpeg = read_manifest(make_corpus(tmp_path / "mjpeg", num=2, classes=2, codec="mjpeg", frames=12,
+                                      size=(48, 64), fps=8, seed=2))
+    garbage = tmp_path / "garbage.webm"  # an EBML magic and noise: DALI fails the whole pipeline run on it
+    garbage.write_bytes(b"\x1aE\xdf\xa3" + bytes(range(256)) * 8)
+    plans = [ClipPlan(path=r.path, start_frame=start, stride=stride, num_frames=5)
+             for r in vp9 + mjpeg for start, stride in ((0, 1), (3, 2))]
+    plans.insert(5, ClipPlan(path=str(garbage), start_frame=0, stride=1, num_frames=5))
+    plans.insert(8, ClipPlan(path=vp9[0].path, start_frame=8, stride=2, num_frames=5))  # needs frame 16 of 12
+    # 12 clips in batches of 5, 5 and 2; 2, 3 and 4 pipelines cut a batch of 5 into 3+2, 2+2+1 and 2+2+1
+    reference = decoded(DaliClipDecoder(height=32, width=32, batch_size=5, num_threads=1, pipelines=1).decode(plans))
+    kinds = [r[0] if isinstance(r, tuple) else "frames" for r in reference]
+    assert kinds == ["frames"] * 5 + ["decode_error"] + ["frames"] * 2 + ["frame_count"] + ["frames"] * 3
+    assert "Failed to create video decoder" in reference[5][1]  # the failing clip alone, with its reason
+    assert not torch.equal(reference[0], reference[2])  # different videos: a reordering would show
+    for pipelines in (2, 3, 4):
+        got = decoded(DaliClipDecoder(height=32, width=32, batch_size=5, num_threads=1,
+                                      pipelines=pipelines).decode(plans))
+        assert len(got) == len(reference)
+        for g, want in zip(got, reference):
+            assert type(g) is type(want) and (torch.equal(g, want) if isinstance(g, torch.Tensor) else g == want)
+
+
+def test_benchmark_smoke_on_cpu(tmp_path):
+    from benchmarks.bench_pretokenize import main
+    out = tmp_path / "bench.json"
+    assert main(["--preset", "tiny", "--device", "cpu", "--clips", "8", "--unique-videos", "2", "--base-channels", "8",
+                 "--res-blocks", "1", "--latent-dim", "8", "--encoder-iters", "1", "--decode-pipelines", "1,2",
+                 "--full", "each", "--out", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert set(r["decode_only_clips_per_s"]) == {"1", "2"} and r["speedup_dali_vs_pyav"] > 0
+    assert set(r["encoder_only_by_memory_format"]) == {"contiguous", "channels_last"}
+    assert r["chosen"]["encoder_memory_format"] in r["encoder_only_by_memory_format"]
+    full = [*r["dali_full_by_pipelines"].values(), r["pyav_cpu"]]
+    assert len(full) == 3 and all(b["clips"] == 8 and b["rejects"] == 0 for b in full)
 
 
 def test_two_torchrun_workers_write_the_same_shards_as_one_process(tmp_path, torchrun):

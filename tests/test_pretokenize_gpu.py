@@ -3,7 +3,7 @@ stay on the GPU, the bf16 pipeline equals a direct bf16 encode of the same clips
 fp32 CPU path, and a rerun is byte-identical."""
 from __future__ import annotations
 
-from pathlib import Path
+import json
 
 import pytest
 import torch
@@ -40,6 +40,20 @@ def test_nvdec_frames_stay_on_the_gpu(tmp_path):
         assert (g.cpu().float() - c.float()).abs().mean() < 6.0  # same frames; NVDEC colour conversion differs a bit
 
 
+def test_nvdec_frames_do_not_depend_on_the_pipeline_count(tmp_path):
+    records = read_manifest(make_clean_corpus(tmp_path, num=3, size=GPU_SIZE))
+    plans = [ClipPlan(path=r.path, start_frame=s, stride=st, num_frames=5)
+             for r in records for s, st in ((0, 1), (2, 2))]
+    reference = DaliClipDecoder(height=32, width=32, device="gpu", batch_size=4).decode(plans)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # pool threads must copy on the caller's stream, as one pipeline does
+        got = DaliClipDecoder(height=32, width=32, device="gpu", batch_size=4, pipelines=3).decode(plans)
+    side.synchronize()
+    assert len(got) == len(reference) == 6
+    for g, r in zip(got, reference):
+        assert g.is_cuda and torch.equal(g, r)
+
+
 def test_gpu_accepts_h264_and_mpeg4_and_still_rejects_the_broken(tok, tmp_path):
     manifest, expected = make_mixed_corpus(tmp_path / "mixed", size=GPU_SIZE)
     write_mpeg4_avi(tmp_path / "mixed" / "ucf" / "v_x.avi", label=1, seed=5, size=GPU_SIZE)
@@ -61,8 +75,9 @@ def test_gpu_pipeline_equals_direct_bf16_encode_and_is_close_to_cpu_fp32(tok, tm
     Pretokenizer(gpu_config(tok, corpus, gpu_out, num_partitions=1), Worker(0, 1)).run()
     Pretokenizer(pretok_config(tok, corpus, cpu_out, num_partitions=1), Worker(0, 1)).run()
     got = read_all(gpu_out)
-    # direct: same clips, same batches, DALI GPU decode, bf16 autocast encode
+    # direct: same clips, same batches, DALI GPU decode, bf16 autocast encode, NDHWC encoder (auto on cuda)
     model = load_tokenizer(tok, device="cuda")
+    model.encoder.to(memory_format=torch.channels_last_3d)
     clips_cfg = pretok_config(tok, corpus, tmp_path / "x").clips
     jobs = [p for r in read_manifest(corpus) for p in plan_clips(probe_video(r.path, "gpu"), clips_cfg)]
     decoder = DaliClipDecoder(height=CLIP["height"], width=CLIP["width"], device="gpu", batch_size=3)
@@ -85,6 +100,20 @@ def test_gpu_pipeline_equals_direct_bf16_encode_and_is_close_to_cpu_fp32(tok, tm
         assert torch.equal(q.flatten_bits(q.latent_to_bits(g["latent"])).reshape(t, -1, d), g["bits"])
 
 
+def test_gpu_channels_last_encoder_is_close_to_contiguous(tok, tmp_path):
+    corpus = make_clean_corpus(tmp_path / "corpus", num=4, size=GPU_SIZE)
+    runs = {}
+    for layout in ("channels_last", "contiguous"):
+        out = tmp_path / layout
+        Pretokenizer(gpu_config(tok, corpus, out, encoder_memory_format=layout), Worker(0, 1)).run()
+        runs[layout] = read_all(out)
+    assert len(runs["channels_last"]) == len(runs["contiguous"]) == 8
+    for a, b in zip(runs["channels_last"], runs["contiguous"]):
+        rel = (a["latent"] - b["latent"]).norm() / b["latent"].norm()
+        assert rel < 0.02, rel  # other cuDNN kernels, bf16 rounding
+        assert (a["bits"] == b["bits"]).float().mean() > 0.95
+
+
 def test_gpu_rerun_is_byte_identical(tok, tmp_path):
     corpus = make_clean_corpus(tmp_path / "corpus", num=4, size=GPU_SIZE)
     a, b = tmp_path / "a", tmp_path / "b"
@@ -97,5 +126,9 @@ def test_benchmark_smoke_on_gpu(tmp_path):
     from benchmarks.bench_pretokenize import main
     out = tmp_path / "bench.json"
     assert main(["--preset", "17x128", "--clips", "64", "--batch-size", "16", "--base-channels", "16",
-                 "--res-blocks", "1", "--latent-dim", "16", "--encoder-iters", "2", "--out", str(out)]) == 0
-    assert '"speedup_dali_vs_pyav"' in Path(out).read_text()
+                 "--res-blocks", "1", "--latent-dim", "16", "--encoder-iters", "2", "--decode-pipelines", "1,2",
+                 "--encoder-memory-format", "both", "--full", "each", "--out", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["speedup_dali_vs_pyav"] > 0 and set(r["decode_only_clips_per_s"]) == {"1", "2"}
+    assert set(r["encoder_only_by_memory_format"]) == {"contiguous", "channels_last"}
+    assert all(b["clips"] == 64 and b["rejects"] == 0 for b in r["dali_full_by_pipelines"].values())

@@ -51,12 +51,27 @@ class CausalConv3d(nn.Module):
             pad = x_BCTHW[:, :, :1].expand(-1, -1, self.kt - 1, -1, -1)
         else:
             pad = cached
-        x = torch.cat([pad, x_BCTHW], dim=2) if pad.shape[2] else x_BCTHW
+        x = self._cat_time(pad, x_BCTHW) if pad.shape[2] else x_BCTHW
         if stream is not None:
             # The next chunk's first window starts `stride` frames after this chunk's last window.
             keep = self.kt - self.stride_t
             stream.frames[self] = x[:, :, x.shape[2] - keep:] if keep else x[:, :, :0]
         return self.conv(x)
+
+    def _cat_time(self, pad_BCtHW: torch.Tensor, x_BCTHW: torch.Tensor) -> torch.Tensor:
+        """``[pad, x]`` along time, laid out like the conv weight. ``torch.cat`` returns NCDHW here (the
+        expanded pad has no channels-last strides; on CUDA GroupNorm also returns NCDHW), so with
+        channels_last_3d weights (``module.to(memory_format=torch.channels_last_3d)``) the conv would copy
+        its input a second time; writing the concatenation in NDHWC makes this copy the only one."""
+        if not _is_channels_last(self.conv.weight):
+            return torch.cat([pad_BCtHW, x_BCTHW], dim=2)
+        b, c, t, h, w = x_BCTHW.shape
+        k = pad_BCtHW.shape[2]
+        out = torch.empty((b, c, k + t, h, w), dtype=x_BCTHW.dtype, device=x_BCTHW.device,
+                          memory_format=torch.channels_last_3d)
+        out[:, :, :k].copy_(pad_BCtHW)
+        out[:, :, k:].copy_(x_BCTHW)
+        return out
 
     def init_identity_last_slice(self) -> None:
         """Make the conv the identity on its newest frame (needs cin == cout)."""
@@ -69,6 +84,11 @@ class CausalConv3d(nn.Module):
             w[torch.arange(w.shape[0]), torch.arange(w.shape[1]), -1, kh, kw] = 1.0
             if self.conv.bias is not None:
                 self.conv.bias.zero_()
+
+
+def _is_channels_last(weight: torch.Tensor) -> bool:
+    """True for a Conv3d weight stored NDHWC (a 1x1x1 kernel is both layouts and counts as NCDHW)."""
+    return weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
 
 
 class FrameGroupNorm(nn.GroupNorm):
