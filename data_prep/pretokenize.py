@@ -82,7 +82,8 @@ class PretokenizeConfig:
     decode_pipelines: int = 0
     """DALI pipelines per worker; each batch is split over them and they decode concurrently (on the GPU
     each has its own CUDA stream and NVDEC sessions, so several NVDEC engines work at once). 0 = auto:
-    4 with decode_device=gpu, 1 on cpu (DALI's CPU decoder already spreads a batch over decode_threads).
+    8 with decode_device=gpu (best measured on an H100), 1 on cpu (DALI's CPU decoder already spreads
+    a batch over decode_threads).
     Capped at batch_size. The frames, and so the shards, do not depend on it."""
     probe_workers: int = 4
     """Threads probing containers (PyAV demux) ahead of decoding."""
@@ -97,10 +98,10 @@ class PretokenizeConfig:
     deterministic: bool = True
     """Deterministic cuDNN kernels (needed for byte-identical reruns on GPU)."""
     encoder_memory_format: str = "auto"
-    """Layout of the tokenizer encoder's weights and activations: channels_last (NDHWC, cuDNN's native
-    layout for bf16 tensor-core 3-D convolutions), contiguous (NCDHW), or auto (channels_last on cuda,
-    contiguous on cpu). The latents agree to float rounding (CPU: GroupNorm sums in another order), but
-    the layouts run different kernels, so byte-identical reruns need the same value."""
+    """Layout of the tokenizer encoder's weights and activations: channels_last (NDHWC), contiguous
+    (NCDHW), or auto (contiguous: on an H100 channels_last encoded 5% (17x128²) and 12% (33x384x672)
+    slower, GroupNorm converting back each time; docs/BENCHMARKS.md). The latents agree to float
+    rounding, but the layouts run different kernels, so byte-identical reruns need the same value."""
     max_decode_error_rate: float = 0.5
     """Abort a partition (nothing committed; the error quotes the first decode error) when more than this
     fraction of its clips fail to decode after at least 32 tries: that is a broken decoder setup (driver,
@@ -213,9 +214,9 @@ class EncodedBatch:
 
 
 def encoder_memory_format(cfg: PretokenizeConfig, device: torch.device) -> torch.memory_format:
-    """The torch memory format for ``cfg.encoder_memory_format`` on ``device`` (auto: NDHWC on cuda)."""
+    """The torch memory format for ``cfg.encoder_memory_format`` on ``device`` (auto: NCDHW, measured faster)."""
     if cfg.encoder_memory_format == "auto":
-        return torch.channels_last_3d if device.type == "cuda" else torch.contiguous_format
+        return torch.contiguous_format
     return MEMORY_FORMATS[cfg.encoder_memory_format]
 
 
@@ -415,10 +416,10 @@ def _background(gen: Iterator, depth: int, setup: Callable[[], None] | None = No
         stop.set()
 
 
-GPU_DECODE_PIPELINES = 4
-"""decode_pipelines=0 (auto) with NVDEC decode. One synchronous pipeline decoded 17x128² clips at about
-54 clips/s on an H100 (a quarter of the encoder's rate) while the GPU has 7 NVDEC engines; a guess until
-`benchmarks/bench_pretokenize.py --decode-pipelines 1,2,4,8` measures the best count."""
+GPU_DECODE_PIPELINES = 8
+"""decode_pipelines=0 (auto) with NVDEC decode. Measured on an H100 (benchmarks/bench_pretokenize.py,
+17x128² clips from 320x240 h264, decode only): 1, 2, 4, 8 pipelines gave 85.5, 97.8, 100.0, 106.2
+clips/s; at 33x384x672 the count made no difference (35 clips/s, five times the encoder's rate)."""
 
 
 def decode_pipelines(cfg: PretokenizeConfig, decode_device: str) -> int:

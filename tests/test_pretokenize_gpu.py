@@ -75,9 +75,8 @@ def test_gpu_pipeline_equals_direct_bf16_encode_and_is_close_to_cpu_fp32(tok, tm
     Pretokenizer(gpu_config(tok, corpus, gpu_out, num_partitions=1), Worker(0, 1)).run()
     Pretokenizer(pretok_config(tok, corpus, cpu_out, num_partitions=1), Worker(0, 1)).run()
     got = read_all(gpu_out)
-    # direct: same clips, same batches, DALI GPU decode, bf16 autocast encode, NDHWC encoder (auto on cuda)
+    # direct: same clips, same batches, DALI GPU decode, bf16 autocast encode, NCDHW encoder (auto)
     model = load_tokenizer(tok, device="cuda")
-    model.encoder.to(memory_format=torch.channels_last_3d)
     clips_cfg = pretok_config(tok, corpus, tmp_path / "x").clips
     jobs = [p for r in read_manifest(corpus) for p in plan_clips(probe_video(r.path, "gpu"), clips_cfg)]
     decoder = DaliClipDecoder(height=CLIP["height"], width=CLIP["width"], device="gpu", batch_size=3)

@@ -31,13 +31,13 @@ positions; a step writes its tokens at ``q_start:q_end`` and attends over ``0:q_
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
@@ -46,6 +46,12 @@ from videoar_megatron.model.layout import TokenLayout
 from videoar_megatron.model.mask import compiled_flex_attention
 
 FLEX_KERNEL_OPTIONS = {"FORCE_USE_FLEX_ATTENTION": True}
+CACHED_STEP_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+"""SDPA kernels for the masked KV-cached decode steps on CUDA. Measured on an H100 with
+benchmarks/check_sample_repro.py (VideoAR-L, bf16, batch 32): under the automatic choice this SDPA was
+the first op whose output differed between two decodes of the same batch (every time at batch 32, now
+and then at batch 1; one flipped bit changes the rest of the video); with the memory-efficient kernel
+every repeat is bit-identical (tests/test_sample_gpu.py)."""
 
 
 class KVCache:
@@ -166,33 +172,11 @@ def _masked(q, k, v, inputs: AttentionInputs, scale: float, gqa: bool) -> torch.
         # kernel, which has no valid config for some small fp32 shapes (NoValidChoicesError).
         return compiled_flex_attention()(q, k, v, block_mask=inputs.block_mask, scale=scale, enable_gqa=gqa,
                                          kernel_options=FLEX_KERNEL_OPTIONS)
-    if inputs.kv_cache is not None:
-        with deterministic_kernels():
+    if inputs.kv_cache is not None and q.is_cuda:
+        with sdpa_kernel(CACHED_STEP_BACKENDS):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask_B1QK, scale=scale,
                                                   enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask_B1QK, scale=scale, enable_gqa=gqa)
-
-
-@contextlib.contextmanager
-def deterministic_kernels():
-    """PyTorch's deterministic kernel choice for the ops inside (global flags, restored on exit).
-
-    Used for the masked SDPA of KV-cached decode steps. Measured on an H100 with
-    ``benchmarks/check_sample_repro.py`` (VideoAR-L, bf16): without it that SDPA is the first op
-    whose output differs between two decodes of the same batch (batch 32 every time, batch 1 now and
-    then), and one flipped bit changes the rest of the video; with it repeats are bit-identical. The
-    kernel is chosen at launch, so a CUDA graph captured under it replays the deterministic kernel.
-    ``warn_only``: nothing raises; uninitialised-memory filling stays off (costly, and not needed).
-    """
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-        torch.utils.deterministic.fill_uninitialized_memory = saved[2]
 
 
 def _unmasked(q, k, v, end: int, text_len, prefix_len: int, scale: float, gqa: bool) -> torch.Tensor:
