@@ -100,6 +100,17 @@ def test_class_names_long_videos_and_step_directories(assets, tmp_path):
     assert decode(out / "videos/sample_00000.mp4").shape[0] == 19
 
 
+def test_run_directory_is_accepted_as_ckpt(assets, tmp_path):
+    """`--ckpt runs/ar/NAME` (a run directory: checkpoints under checkpoints/) finds its newest step."""
+    from videoar_megatron.sampling.loading import SamplerLoadError, resolve_checkpoint
+    run = tmp_path / "runs" / "ar" / "x"
+    run.mkdir(parents=True)
+    (run / "checkpoints").symlink_to(assets / "run", target_is_directory=True)
+    assert resolve_checkpoint(run) == run / "checkpoints" / "step_00000200"
+    with pytest.raises(SamplerLoadError, match="nor a run directory whose checkpoints/ holds one"):
+        resolve_checkpoint(tmp_path / "runs")
+
+
 def test_video_to_video_and_image_to_video(assets, tmp_path):
     given = (np.random.default_rng(0).random((5, 64, 64, 3)) * 255).astype(np.uint8)
     clip = write_mp4(tmp_path / "in.mp4", given, fps=8)

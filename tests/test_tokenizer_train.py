@@ -8,6 +8,7 @@ The first DeepSpeed run on a machine builds its shm op (about a minute, cached a
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -167,6 +168,23 @@ def test_nan_with_stop_policy_exits_and_saves_nothing_after_it(tmp_path, corpus)
     assert not (run / "checkpoints" / "step_00000004").exists()
     events = [json.loads(line) for line in (run / "nonfinite.jsonl").read_text().splitlines()]
     assert sorted(e["rank"] for e in events) == [0, 1]
+
+
+def test_resume_refusals_exit_2_with_one_line_naming_the_cause(tmp_path, corpus):
+    recipe = write_recipe(tmp_path / "micro.yaml", corpus, steps=2, checkpoint__every=2)
+    run = tmp_path / "run"
+    torchrun(run, recipe, nproc=1)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    # torchrun itself exits 1 on any failed child; its failure report carries the child's code
+    changed = torchrun(run, recipe, "model.norm_groups=2", nproc=1, expect_ok=False)
+    assert changed.returncode != 0 and re.search(r"exitcode\s*:\s*2\b", changed.stderr), changed.stderr[-3000:]
+    assert "videoar tokenizer train: " in changed.stderr
+    assert "recipe changed model.norm_groups (and 0 more)" in changed.stderr
+    assert "tokenizer/trainer.py" not in changed.stderr          # one line, no traceback of ours
+    wider = torchrun(run, recipe, "steps=3", nproc=2, expect_ok=False)
+    assert wider.returncode != 0 and re.search(r"exitcode\s*:\s*2\b", wider.stderr), wider.stderr[-3000:]
+    assert "was written by 1 ranks, this job has 2" in wider.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
 def test_init_from_recipe_trains_the_image_stage_first_then_reinflates(tmp_path, corpus):

@@ -64,6 +64,11 @@ class NonFiniteError(RuntimeError):
     """Training stopped because of non-finite losses (numerics.on_nonfinite / max_nonfinite)."""
 
 
+class ResumeRefused(RuntimeError):
+    """The run directory's checkpoint cannot continue under this job (world size, recipe, data sources,
+    or an init source that does not fit): nothing was trained or written."""
+
+
 class AutoencoderForTraining(nn.Module):
     """What the autoencoder engine wraps: returns plain tensors, so DeepSpeed hooks every output."""
 
@@ -416,7 +421,7 @@ class TokenizerTrainer:
     def _check_compatible(self, ckpt: Path) -> None:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         if state["world_size"] != self.ctx.world_size:
-            raise RuntimeError(f"{ckpt} was written by {state['world_size']} ranks, this job has "
+            raise ResumeRefused(f"{ckpt} was written by {state['world_size']} ranks, this job has "
                                f"{self.ctx.world_size}: ZeRO partitions and data positions cannot be resharded")
         from videoar_megatron.common.config import load_config
         from tokenizer.train_config import TokenizerTrainConfig as _Cfg
@@ -425,7 +430,7 @@ class TokenizerTrainer:
         for section in ("model", "discriminator"):
             diff = sorted(k for k in now[section] if now[section][k] != saved[section].get(k))
             if diff:
-                raise RuntimeError(f"{ckpt}: recipe changed {section}.{diff[0]} (and {len(diff) - 1} more) since "
+                raise ResumeRefused(f"{ckpt}: recipe changed {section}.{diff[0]} (and {len(diff) - 1} more) since "
                                    "the checkpoint was written; start a new run directory")
 
     def _load(self, ckpt: Path, restore_data: bool = True) -> None:
@@ -442,7 +447,7 @@ class TokenizerTrainer:
             self.samples = state["samples"]
             for stream, key in ((self.video_stream, "video_stream"), (self.image_stream, "image_stream")):
                 if (stream is None) != (state[key] is None):
-                    raise RuntimeError(f"{ckpt}: the data sources changed ({key}) since the checkpoint")
+                    raise ResumeRefused(f"{ckpt}: the data sources changed ({key}) since the checkpoint")
                 if stream is not None:
                     stream.load_state_dict(state[key])
 

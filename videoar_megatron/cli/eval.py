@@ -52,7 +52,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                        help="output directory for config.yaml and the reports")
     fvd = sub.choices["fvd"]
     fvd.add_argument("--checkpoint", required=True,
-                     help="VideoAR AR checkpoint: a committed step directory or a run's checkpoint root (newest)")
+                     help="VideoAR AR checkpoint: a committed step directory, a checkpoint root or a run "
+                          "directory (newest)")
     fvd.add_argument("--tokenizer", required=True,
                      help="tokenizer directory (its hash must match the checkpoint's tokenizer_hash)")
     fvd.add_argument("--sample-recipe", required=True,

@@ -38,8 +38,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                     "Videos longer than the checkpoint's window, --video (video-to-video) and --image "
                     "(image-to-video) are made window by window by re-encoding the last frames.")
     p.add_argument("--ckpt", required=True,
-                   help="AR checkpoint: a committed step_XXXXXXXX directory, or a run's checkpoint root "
-                        "(its newest committed step)")
+                   help="AR checkpoint: a committed step_XXXXXXXX directory, a checkpoint root, or a "
+                        "`videoar train` run directory (the newest committed step)")
     p.add_argument("--tokenizer", required=True,
                    help="tokenizer directory; its content hash must match the checkpoint's tokenizer_hash")
     add_recipe_args(p, SamplingConfig, required=False,

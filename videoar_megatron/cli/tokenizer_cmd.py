@@ -87,7 +87,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from tokenizer.train_config import TokenizerTrainConfig
-    from tokenizer.trainer import run_with_init_stage
+    from tokenizer.trainer import NonFiniteError, ResumeRefused, run_with_init_stage
+    from videoar_megatron.cli.train import EXIT_CONFIG, EXIT_NUMERICS
     from videoar_megatron.common.config import ConfigError, read_recipe_chain
     from videoar_megatron.common.distributed import init_distributed, shutdown_distributed
     from videoar_megatron.common.run_logging import setup_console_logging
@@ -104,6 +105,12 @@ def cmd_train(args) -> int:
         return run_with_init_stage(cfg, ctx, run_dir, recipe_dir)
     except ConfigError as err:
         raise SystemExit(f"videoar tokenizer train: {err}") from None
+    except ResumeRefused as err:  # same exit codes as `videoar train`
+        print(f"videoar tokenizer train: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except NonFiniteError as err:
+        print(f"videoar tokenizer train: {err}", file=sys.stderr)
+        return EXIT_NUMERICS
     finally:
         shutdown_distributed()
 

@@ -29,7 +29,8 @@ from videoar_megatron.model.model import build_model
 from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel
 from videoar_megatron.sampling.config import SamplingConfig
 from videoar_megatron.sampling.sampler import VideoARSampler
-from videoar_megatron.training.dist_ckpt import TRAIN_STATE_FILE, find_resume_checkpoint, load_model_weights
+from videoar_megatron.training.dist_ckpt import (CHECKPOINT_DIR, TRAIN_STATE_FILE, find_resume_checkpoint,
+                                                 load_model_weights)
 
 REQUIRED_STATE = ("step", "model_config", "scale_schedule", "latent_frames", "tokenizer_hash")
 
@@ -50,7 +51,8 @@ class CheckpointInfo:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A committed step directory: ``path`` itself, or the newest committed step under it."""
+    """A committed step directory: ``path`` itself, the newest committed step under it, or under
+    ``path/checkpoints`` (a run directory of ``videoar train``, as ``--load`` accepts)."""
     path = Path(path)
     if not path.is_dir():
         raise SamplerLoadError(f"checkpoint not found: {path}")
@@ -58,10 +60,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if not is_committed(path):
             raise SamplerLoadError(f"{path} has no COMMITTED marker: the save did not finish")
         return path
-    latest = find_resume_checkpoint(path)
+    latest = find_resume_checkpoint(path) or find_resume_checkpoint(path / CHECKPOINT_DIR)
     if latest is None:
-        raise SamplerLoadError(f"{path}: neither a checkpoint step directory ({TRAIN_STATE_FILE}) nor a run root "
-                               "holding a committed step_XXXXXXXX directory")
+        raise SamplerLoadError(f"{path}: neither a checkpoint step directory ({TRAIN_STATE_FILE}), nor a directory "
+                               f"holding a committed step_XXXXXXXX directory, nor a run directory whose "
+                               f"{CHECKPOINT_DIR}/ holds one")
     return latest
 
 

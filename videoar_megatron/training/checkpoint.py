@@ -243,7 +243,7 @@ def resolve_weights_path(path: str | Path) -> Path:
         return path
     latest = dist_ckpt.find_resume_checkpoint(path)
     if latest is None:
-        latest = dist_ckpt.find_resume_checkpoint(path / "checkpoints")
+        latest = dist_ckpt.find_resume_checkpoint(path / dist_ckpt.CHECKPOINT_DIR)
     if latest is None:
         raise FileNotFoundError(f"checkpoint.load={path}: neither a committed checkpoint (step_*/COMMITTED) "
                                 f"nor a directory holding one")

@@ -35,6 +35,8 @@ from videoar_megatron.common.atomic import (atomic_write_json, committed_steps, 
 from videoar_megatron.common.distributed import DistContext
 
 TRAIN_STATE_FILE = "train_state.json"
+CHECKPOINT_DIR = "checkpoints"
+"""Where a run directory keeps its step_XXXXXXXX checkpoints."""
 
 
 class SyncTorchDistSaveStrategy(SaveShardedStrategy):

@@ -46,7 +46,6 @@ from videoar_megatron.training.optim import (build_host_optimizer, build_megatro
 from videoar_megatron.training.preemption import (REQUEUE_EXIT_CODE, PreemptionWatcher, clear_requeue,
                                                   request_requeue)
 
-CHECKPOINT_DIR = "checkpoints"
 LOSS_CURVES_FILE = "loss_curves.png"
 PLOT_KEYS = ("loss", "bit_accuracy", "grad_norm", "lr", "tokens_per_s", "mfu")
 
@@ -130,7 +129,7 @@ class Trainer:
     # --- restore ------------------------------------------------------------------------------
     @property
     def checkpoint_root(self) -> Path:
-        return self.run_dir / CHECKPOINT_DIR
+        return self.run_dir / dist_ckpt.CHECKPOINT_DIR
 
     def restore(self) -> str:
         """Resume from the newest committed checkpoint of the run, else load initial weights
