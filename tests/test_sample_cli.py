@@ -111,6 +111,16 @@ def test_run_directory_is_accepted_as_ckpt(assets, tmp_path):
         resolve_checkpoint(tmp_path / "runs")
 
 
+def test_checkpoint_of_a_newer_format_is_refused_by_name(assets, tmp_path):
+    import shutil
+    step = shutil.copytree(assets / "run" / "step_00000200", tmp_path / "step_00000200")
+    state = json.loads((step / "train_state.json").read_text())
+    (step / "train_state.json").write_text(json.dumps({**state, "format_version": 2}))
+    with pytest.raises(SystemExit, match="checkpoint format_version 2; this videoar-megatron reads format 1"):
+        videoar(["sample", "--ckpt", str(step), "--tokenizer", str(assets / "tokenizer"), "--recipe", str(TINY),
+                 "--out", str(tmp_path / "out"), "--class", "1"])
+
+
 def test_video_to_video_and_image_to_video(assets, tmp_path):
     given = (np.random.default_rng(0).random((5, 64, 64, 3)) * 255).astype(np.uint8)
     clip = write_mp4(tmp_path / "in.mp4", given, fps=8)

@@ -83,3 +83,14 @@ def test_incomplete_or_tampered_checkpoint_is_refused(tmp_path, model):
         load_tokenizer(tmp_path / "tok")
     with pytest.raises(TokenizerCheckpointError, match="not found"):
         load_tokenizer(tmp_path / "nothing")
+
+
+def test_run_directory_and_newer_format_get_errors_that_say_what_to_do(tmp_path, model):
+    save_tokenizer(model, tmp_path / "run" / "tokenizer")          # how `videoar tokenizer train` exports
+    with pytest.raises(TokenizerCheckpointError, match=r"is a tokenizer training run directory: its tokenizer is "
+                                                       r".*run/tokenizer"):
+        load_tokenizer(tmp_path / "run")
+    meta = tmp_path / "run" / "tokenizer" / "meta.json"
+    meta.write_text(meta.read_text().replace('"format": 1', '"format": 2'))
+    with pytest.raises(TokenizerCheckpointError, match="tokenizer format 2; this videoar-megatron reads format 1"):
+        load_tokenizer(tmp_path / "run" / "tokenizer")

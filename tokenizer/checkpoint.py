@@ -29,6 +29,8 @@ CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
+TOKENIZER_EXPORT_DIR = "tokenizer"
+"""Where ``videoar tokenizer train`` exports the tokenizer inside its run directory."""
 
 
 class TokenizerCheckpointError(RuntimeError):
@@ -77,10 +79,17 @@ def load_tokenizer(directory: str | Path, device: str | torch.device = "cpu",
     if not directory.is_dir():
         raise TokenizerCheckpointError(f"tokenizer directory not found: {directory}")
     if not is_committed(directory):
+        if is_committed(directory / TOKENIZER_EXPORT_DIR):
+            raise TokenizerCheckpointError(f"{directory} is a tokenizer training run directory: its tokenizer is "
+                                           f"{directory / TOKENIZER_EXPORT_DIR}")
         raise TokenizerCheckpointError(f"{directory} has no COMMITTED marker: the save did not finish")
     for name in (CONFIG_FILE, WEIGHTS_FILE, META_FILE):
         if not (directory / name).is_file():
             raise TokenizerCheckpointError(f"{directory / name} is missing")
+    version = json.loads((directory / META_FILE).read_text()).get("format", FORMAT_VERSION)
+    if version > FORMAT_VERSION:
+        raise TokenizerCheckpointError(f"{directory} has tokenizer format {version}; this videoar-megatron reads "
+                                       f"format {FORMAT_VERSION} and older: upgrade it")
     try:
         cfg = load_config(TokenizerModelConfig, directory / CONFIG_FILE)
     except ConfigError as e:

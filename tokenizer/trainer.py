@@ -38,7 +38,7 @@ from torch import nn
 
 from data_prep.clip_dataset import (REJECTS_FILE, ClipStream, RejectLog, VideoSource, read_sources,
                                     source_for)
-from tokenizer.checkpoint import load_tokenizer, save_tokenizer
+from tokenizer.checkpoint import TOKENIZER_EXPORT_DIR, load_tokenizer, save_tokenizer
 from tokenizer.discriminator import Discriminator3D
 from tokenizer.evaluate import evaluate_tokenizer, psnr_per_clip
 from tokenizer.inflate import inflate_from_file, reinflate
@@ -54,7 +54,6 @@ from videoar_megatron.common.run_logging import METRICS_FILE, RunLogger, get_log
 PREEMPTED_EXIT_CODE = 75
 """Exit code after a signal-triggered save (EX_TEMPFAIL): the launcher should requeue the job."""
 CHECKPOINT_DIR = "checkpoints"
-TOKENIZER_EXPORT_DIR = "tokenizer"
 NONFINITE_LOG = "nonfinite.jsonl"
 AE_TAG, DISC_TAG = "autoencoder", "discriminator"
 PLOT_KEYS = ("g_total", "rec", "psnr", "commit", "entropy", "d_total", "gan_g", "lr")

@@ -12,7 +12,6 @@ size whatever the training layout was (``dist_checkpointing`` reshards).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from videoar_megatron.model.parallel import destroy_model_parallel, init_model_p
 from videoar_megatron.sampling.config import SamplingConfig
 from videoar_megatron.sampling.sampler import VideoARSampler
 from videoar_megatron.training.dist_ckpt import (CHECKPOINT_DIR, TRAIN_STATE_FILE, find_resume_checkpoint,
-                                                 load_model_weights)
+                                                 load_model_weights, read_train_state)
 
 REQUIRED_STATE = ("step", "model_config", "scale_schedule", "latent_frames", "tokenizer_hash")
 
@@ -70,7 +69,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def read_checkpoint_info(step_dir: Path) -> CheckpointInfo:
     state_file = step_dir / TRAIN_STATE_FILE
-    state = json.loads(state_file.read_text())
+    try:
+        state = read_train_state(step_dir)
+    except ValueError as e:
+        raise SamplerLoadError(str(e)) from e
     missing = [k for k in REQUIRED_STATE if k not in state]
     if missing:
         raise SamplerLoadError(f"{state_file} lacks {missing}: not an AR checkpoint the sampler can read")

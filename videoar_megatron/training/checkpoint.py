@@ -37,7 +37,6 @@ from videoar_megatron.common.config import config_to_dict
 from videoar_megatron.common.distributed import DistContext
 from videoar_megatron.training import dist_ckpt
 
-FORMAT_VERSION = 1
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 """Megatron distributed-optimizer checkpoint format that reshards over TP, PP and DP."""
 
@@ -158,7 +157,7 @@ def train_state(*, step: int, consumed_samples: int, cfg, layout, data_state: di
     schedule, latent frames and tokenizer the contract's top-level fields describe."""
     manifest = next(iter(manifests.values()))
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": dist_ckpt.FORMAT_VERSION,
         "step": step,
         "consumed_samples": consumed_samples,
         "model_config": config_to_dict(cfg.model),

@@ -37,6 +37,8 @@ from videoar_megatron.common.distributed import DistContext
 TRAIN_STATE_FILE = "train_state.json"
 CHECKPOINT_DIR = "checkpoints"
 """Where a run directory keeps its step_XXXXXXXX checkpoints."""
+FORMAT_VERSION = 1
+"""``format_version`` of the train_state.json this code writes, and the newest it reads."""
 
 
 class SyncTorchDistSaveStrategy(SaveShardedStrategy):
@@ -90,13 +92,18 @@ def load_checkpoint(path: str | Path, sharded_state_dict: dict) -> tuple[dict, d
     path = Path(path)
     if not is_committed(path):
         raise RuntimeError(f"{path} is not a committed checkpoint (no COMMITTED marker)")
-    state = dist_checkpointing.load(sharded_state_dict, str(path))
-    train_state = json.loads((path / TRAIN_STATE_FILE).read_text())
-    return state, train_state
+    train_state = read_train_state(path)
+    return dist_checkpointing.load(sharded_state_dict, str(path)), train_state
 
 
 def read_train_state(path: str | Path) -> dict:
-    return json.loads((Path(path) / TRAIN_STATE_FILE).read_text())
+    """``train_state.json`` of a step directory; ValueError if a newer format wrote it."""
+    state = json.loads((Path(path) / TRAIN_STATE_FILE).read_text())
+    version = state.get("format_version", FORMAT_VERSION)
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format_version {version}; this videoar-megatron reads format "
+                         f"{FORMAT_VERSION} and older: upgrade it")
+    return state
 
 
 def find_resume_checkpoint(root: str | Path) -> Path | None:
