@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -81,24 +82,29 @@ def bench_layout(name: str, batch: int, args) -> None:
         inputs = split_inputs()
         label = f"split >= {n} ({len(plan.blocks)} SDPA, {len(plan.rest_S)} Flex q)"
         times[label] = fwd_bwd(lambda a, b, c, i=inputs: videoar_attention(a, b, c, i, scale), q, k, v, grad)
-        split_build[label] = cuda_time_ms(split_inputs, iters=args.iters)
-    ms = {label: cuda_time_ms(fn, iters=args.iters) for label, fn in times.items()}
+        split_build[label] = split_inputs
     pairs = attended_pairs(dense)
     causal_pairs = S * (S + 1) / 2
-    base = ms["causal SDPA (baseline)"]
     print(f"\n[{name}] S={S} tokens ({layout.video_len} video + {layout.prefix_len} prefix + {layout.pad} pad), "
           f"batch {batch}, {H} heads x {D}, bf16, RFM window={args.window} p_mask={args.p_mask}")
     print(f"  mask density {pairs / S ** 2:.3f} (causal {causal_pairs / S ** 2:.3f}); "
-          f"BlockMask sparsity {bm.sparsity():.1f}%")
-    for label, t in ms.items():
+          f"BlockMask sparsity {bm.sparsity():.1f}%", flush=True)
+    # Each row prints as soon as it is measured (with its wall time, compilation included), so a run cut
+    # short by a time limit still reports what it finished.
+    ms = {}
+    for label, fn in times.items():
+        t0 = time.perf_counter()
+        ms[label] = t = cuda_time_ms(fn, iters=args.iters)
+        base = ms["causal SDPA (baseline)"]
         useful = causal_pairs if label.startswith("causal") else pairs
         tflops = attention_flops(useful, H, D) * batch / (t * 1e-3) / 1e12
-        print(row(label, t, base) + f"  [{tflops:6.1f} TFLOP/s useful]")
+        print(row(label, t, base) + f"  [{tflops:6.1f} TFLOP/s useful] ({time.perf_counter() - t0:.0f} s wall)",
+              flush=True)
     print(row("FlexAttention vs dense-mask SDPA", ms["FlexAttention, VideoAR mask"],
               ms["dense-mask SDPA, VideoAR mask"]))
     print(row("BlockMask build (per step)", build_ms, base))
-    for label, t in split_build.items():
-        print(row(f"  mask build, {label.split(' (')[0]}", t, base))
+    for label, build in split_build.items():
+        print(row(f"  mask build, {label.split(' (')[0]}", cuda_time_ms(build, iters=args.iters), base), flush=True)
 
 
 def main(argv=None) -> int:

@@ -176,14 +176,15 @@ def main(argv=None) -> int:
         print(f"device: {name_dev}, torch {torch.__version__}, peak {args.peak_tflops} TFLOP/s for MFU")
         for name in args.layouts.split(","):
             layout, batch_size = LAYOUTS[name], int(batches.get(name, 1))
-            splits = [int(x) for x in args.split_tokens.split(",") if x] or [None]
-            ours = []
-            for split in splits:
-                ours.append(videoar_step(args, layout, batch_size, groups, ctx.device, split))
+            # The baseline first, then each VideoAR variant reported as soon as it is measured (a run cut
+            # short by a time limit still prints what it finished).
+            gpt_ms = gpt_step(args, videoar_config(args, layout), layout, batch_size, groups, ctx.device)
+            print(f"[{name}] GPT baseline step {gpt_ms:.1f} ms", flush=True)
+            for split in [int(x) for x in args.split_tokens.split(",") if x] or [None]:
                 torch.cuda.empty_cache() if ctx.device.type == "cuda" else None
-            gpt_ms = gpt_step(args, ours[0][1], layout, batch_size, groups, ctx.device)
-            for ours_ms, cfg, pairs in ours:
+                ours_ms, cfg, pairs = videoar_step(args, layout, batch_size, groups, ctx.device, split)
                 report(name, layout, batch_size, cfg, pairs, ours_ms, gpt_ms, args.peak_tflops)
+                sys.stdout.flush()
         destroy_model_parallel(ctx)
     finally:
         shutdown_distributed()
