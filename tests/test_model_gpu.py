@@ -36,21 +36,28 @@ def ucf_case(batch=2, frames=5, prefix=8):
     return layout, tables, vis, text_len
 
 
+def assert_equals_dense_sdpa(attend, tables, vis, text_len, dtype, tol, heads=4, head_dim=64, device="cuda"):
+    """``attend(q, k, v)`` equals SDPA under the whole dense mask, in its output and its q/k/v gradients."""
+    B, S = vis.shape[0], tables.kind_S.shape[0]
+    gen = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(B, heads, S, head_dim, device=device, generator=gen, dtype=dtype).requires_grad_()
+               for _ in range(3))
+    grad_out = torch.randn(B, heads, S, head_dim, device=device, generator=gen, dtype=dtype)
+    out = attend(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(tables, vis, text_len))
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
 def test_flex_attention_output_and_grads_equal_dense_sdpa(dtype, tol):
     layout, tables, vis, text_len = ucf_case()
-    S, B, H, Dh = layout.seq_len, 2, 4, 64
-    gen = torch.Generator("cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, H, S, Dh, device="cuda", generator=gen, dtype=dtype).requires_grad_()
-               for _ in range(3))
-    grad_out = torch.randn(B, H, S, Dh, device="cuda", generator=gen, dtype=dtype)
-    flex = compiled_flex_attention()(q, k, v, block_mask=block_mask(tables, vis, text_len))
-    flex_grads = torch.autograd.grad(flex, (q, k, v), grad_out)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(tables, vis, text_len))
-    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
-    torch.testing.assert_close(flex, ref, atol=tol, rtol=tol)
-    for a, b in zip(flex_grads, ref_grads):
-        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    bm = block_mask(tables, vis, text_len)
+    assert_equals_dense_sdpa(lambda q, k, v: compiled_flex_attention()(q, k, v, block_mask=bm),
+                             tables, vis, text_len, dtype, tol)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
@@ -59,24 +66,15 @@ def test_split_attention_output_and_grads_equal_dense_sdpa(dtype, tol):
     query subset, with a padded caption, equals SDPA under the whole dense mask."""
     from videoar_megatron.model.attention import AttentionInputs, split_plan, videoar_attention
     layout = TokenLayout(8, ((1, 1), (2, 3), (4, 7), (8, 14), (12, 21)), 3)   # blocks of 112 and 252 tokens
-    tables, S, B, H, Dh = layout.tables("cuda"), layout.seq_len, 2, 4, 64
-    vis = draw_frame_visibility(B, layout.frames, device="cuda")
+    tables = layout.tables("cuda")
+    vis = draw_frame_visibility(2, layout.frames, device="cuda")
     text_len = torch.tensor([8, 3], device="cuda")
-    gen = torch.Generator("cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, H, S, Dh, device="cuda", generator=gen, dtype=dtype).requires_grad_()
-               for _ in range(3))
-    grad_out = torch.randn(B, H, S, Dh, device="cuda", generator=gen, dtype=dtype)
     plan = split_plan(layout, 100, "cuda")
     assert len(plan.blocks) == 2 * layout.frames
     inputs = AttentionInputs(split=plan, text_len=(8, 3),
                              block_mask=block_mask(tables, vis, text_len, full_context=True, q_positions=plan.rest_S))
-    out = videoar_attention(q, k, v, inputs, scale=Dh ** -0.5)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(tables, vis, text_len))
-    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
-    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    assert_equals_dense_sdpa(lambda q, k, v: videoar_attention(q, k, v, inputs, scale=64 ** -0.5),
+                             tables, vis, text_len, dtype, tol)
 
 
 @pytest.fixture(scope="module")

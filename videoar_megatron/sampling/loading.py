@@ -28,7 +28,7 @@ from videoar_megatron.model.model import build_model
 from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel
 from videoar_megatron.sampling.config import SamplingConfig
 from videoar_megatron.sampling.sampler import VideoARSampler
-from videoar_megatron.training.dist_ckpt import (CHECKPOINT_DIR, TRAIN_STATE_FILE, find_resume_checkpoint,
+from videoar_megatron.training.dist_ckpt import (CHECKPOINT_DIR, TRAIN_STATE_FILE, find_newest_checkpoint,
                                                  load_model_weights, read_train_state)
 
 REQUIRED_STATE = ("step", "model_config", "scale_schedule", "latent_frames", "tokenizer_hash")
@@ -59,7 +59,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if not is_committed(path):
             raise SamplerLoadError(f"{path} has no COMMITTED marker: the save did not finish")
         return path
-    latest = find_resume_checkpoint(path) or find_resume_checkpoint(path / CHECKPOINT_DIR)
+    latest = find_newest_checkpoint(path)
     if latest is None:
         raise SamplerLoadError(f"{path}: neither a checkpoint step directory ({TRAIN_STATE_FILE}), nor a directory "
                                f"holding a committed step_XXXXXXXX directory, nor a run directory whose "

@@ -240,9 +240,7 @@ def resolve_weights_path(path: str | Path) -> Path:
     path = Path(path)
     if dist_ckpt.is_committed(path):
         return path
-    latest = dist_ckpt.find_resume_checkpoint(path)
-    if latest is None:
-        latest = dist_ckpt.find_resume_checkpoint(path / dist_ckpt.CHECKPOINT_DIR)
+    latest = dist_ckpt.find_newest_checkpoint(path)
     if latest is None:
         raise FileNotFoundError(f"checkpoint.load={path}: neither a committed checkpoint (step_*/COMMITTED) "
                                 f"nor a directory holding one")

@@ -111,6 +111,12 @@ def find_resume_checkpoint(root: str | Path) -> Path | None:
     return latest_committed(root)
 
 
+def find_newest_checkpoint(path: str | Path) -> Path | None:
+    """The newest committed step under ``path`` (a checkpoint root) or under ``path/checkpoints`` (a run
+    directory): what ``--load``, ``sample --ckpt`` and ``eval fvd --checkpoint`` accept besides a step."""
+    return find_resume_checkpoint(path) or find_resume_checkpoint(Path(path) / CHECKPOINT_DIR)
+
+
 def checkpoint_steps(root: str | Path) -> list[int]:
     return committed_steps(root)
 
