@@ -85,10 +85,10 @@ def main(argv=None) -> int:
         row = measure(args, size, gpus, gpu_gib, shards, runs)
         if row:
             rows.append(row)
-    print(f"\n{'size':<5} {'layout':<9} {'estimate GiB':>12} {'(w/o runtime)':>13} {'measured peak':>13} "
+    print(f"\n{'size':<5} {'layout':<9} {'estimate GiB':>12} {'est. w/o runtime':>16} {'measured peak':>13} "
           f"{'reserved':>9} {'peak / estimate w/o runtime':>28} {'tokens/s':>9} {'MFU':>6}")
     for r in rows:
-        print(f"{r['size']:<5} {r['layout']:<9} {r['estimate']:>12.1f} {r['estimate_core']:>13.1f} "
+        print(f"{r['size']:<5} {r['layout']:<9} {r['estimate']:>12.1f} {r['estimate_core']:>16.1f} "
               f"{r['mem_peak_gib']:>13.1f} {r['mem_reserved_gib']:>9.1f} {r['ratio']:>28.3f} "
               f"{r['tokens_per_s']:>9.0f} {r['mfu']:>6.3f}")
     print("\nbaseline = the dry run's analytic estimate (weights + grads + optimizer + activations; the "

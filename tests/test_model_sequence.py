@@ -1,4 +1,5 @@
-"""Sequence builder: Eq. 6 inputs, targets, <SOS>, previous-frame inputs, error correction wiring."""
+"""Sequence builder: Eq. 6 inputs, targets, <SOS>, previous-frame inputs, error correction wiring, and the
+one-pass build with per-sample generators equal to sample-by-sample builds."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +9,7 @@ from tokenizer.quantizer import MultiScaleBSQ
 from videoar_megatron.common.config import build_dataclass
 from videoar_megatron.model.config import ModelConfig
 from videoar_megatron.model.layout import TokenLayout
-from videoar_megatron.model.sequence import build_batch
+from videoar_megatron.model.sequence import build_batch, concat_batches
 
 SCALES = [(1, 1), (2, 2), (3, 3), (4, 4)]
 D = 8
@@ -123,3 +124,37 @@ def test_bad_inputs_name_the_knob():
     with pytest.raises(ValueError, match="num_classes"):
         build_batch(q, ModelConfig(size="tiny", latent_dim=D), latent_BdTHW=latent, cond=torch.tensor([1, 500]),
                     training=False)
+
+
+@pytest.mark.parametrize("condition", [{"kind": "class", "dropout": 0.5},
+                                       {"kind": "text_features", "text_len": 5, "feature_dim": 6, "dropout": 0.5}])
+def test_per_sample_generators_build_the_batch_of_one_sample_builds(condition):
+    """The trainer's one-pass micro-batch: every random part (flip ratios, flips and requantized targets,
+    Random Frame Mask, condition dropout) equals building each sample alone from its generator."""
+    B = 5
+    q, latent, _ = setup(frames=4, batch=B, seed=3)
+    cfg = build_dataclass(ModelConfig, {"latent_dim": D, "condition": condition, "pad_to_multiple": 8,
+                                        "mask": {"rfm_window": 3, "rfm_p_mask": 0.5},
+                                        "correction": {"p_min": 0.1, "p_max": 0.4, "delta": 0.05}})
+    if condition["kind"] == "class":
+        cond, text_len = torch.arange(B), None
+    else:
+        cond, text_len = torch.randn(B, 5, 6), torch.tensor([5, 1, 3, 2, 4])
+
+    def gens():
+        return [torch.Generator().manual_seed(100 + i) for i in range(B)]
+
+    one_pass = build_batch(q, cfg, latent_BdTHW=latent, cond=cond, text_len_B=text_len, training=True,
+                           generator=gens())
+    alone = concat_batches([build_batch(q, cfg, latent_BdTHW=latent[i:i + 1], cond=cond[i:i + 1],
+                                        text_len_B=None if text_len is None else text_len[i:i + 1],
+                                        training=True, generator=g) for i, g in enumerate(gens())])
+    assert one_pass.layout == alone.layout
+    for name in ("inputs_BNd", "targets_BNd", "frame_visible_BTT", "cond_drop_B", "flip_p_BTK", "text_len_B"):
+        assert torch.equal(getattr(one_pass, name), getattr(alone, name)), name
+    # the draws really are random and per sample (an equality of constants would prove nothing)
+    assert one_pass.cond_drop_B.any() and not one_pass.cond_drop_B.all()
+    assert not one_pass.frame_visible_BTT.all()
+    assert len(set(one_pass.flip_p_BTK[:, 0, 0].tolist())) == B
+    with pytest.raises(ValueError, match="4 per-sample generators for a batch of 5 samples"):
+        build_batch(q, cfg, latent_BdTHW=latent, cond=cond, text_len_B=text_len, training=True, generator=gens()[:4])

@@ -16,7 +16,8 @@ from videoar_megatron.model.layout import TokenLayout
 from videoar_megatron.model.mask import dense_mask, draw_frame_visibility
 from videoar_megatron.training.audit import consumed_samples
 from videoar_megatron.training.config import TrainConfig
-from videoar_megatron.training.data import concat_batches, sample_seed
+from videoar_megatron.model.sequence import concat_batches
+from videoar_megatron.training.data import sample_seed
 from videoar_megatron.training.metrics import attended_pairs, step_flops_per_sample
 
 

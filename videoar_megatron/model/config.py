@@ -178,7 +178,8 @@ class ModelConfig:
     """Split attention: (frame, scale) blocks of at least this many tokens run as unmasked SDPA calls
     over the keys before their end (FlashAttention kernels on GPU) and only the other queries go through
     the mask. Exact (same rule, tested on CPU and GPU); used only when no Random Frame Mask drop or
-    window hides a frame. 0 (default) disables it: its GPU speed is not measured yet (docs/BENCHMARKS.md)."""
+    window hides a frame. 0 (default) disables it: at 250 it made the stage-III VideoAR-L step 1.33x
+    slower on an H100 (docs/BENCHMARKS.md); larger thresholds are unmeasured."""
     pad_to_multiple: int = 1
     """Pad the sequence at its end to a multiple of this (padded tokens are masked and carry no loss);
     sequence parallelism needs a multiple of the TP size, which the builder adds on its own."""

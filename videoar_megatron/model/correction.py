@@ -24,17 +24,18 @@ import torch
 
 from tokenizer.quantizer import MultiScaleBSQ, RequantizedOutput
 from videoar_megatron.model.config import CorrectionConfig
+from videoar_megatron.model.rng import Generators, draw_device, rand_rows
 
 
-def _uniform(low: torch.Tensor, high: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    u = torch.rand(low.shape, generator=generator, device=low.device, dtype=torch.float64)
+def _uniform(low: torch.Tensor, high: torch.Tensor, generator: Generators) -> torch.Tensor:
+    u = rand_rows(low.shape, generator, dtype=torch.float64, device=low.device)
     return low + (high - low) * u
 
 
 def draw_flip_ratios(batch: int, frames: int, scales: int, cfg: CorrectionConfig,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: Generators = None) -> torch.Tensor:
     """Flip ratios ``p_BTK`` (float64, on the generator's device) following Eq. 8."""
-    device = generator.device if generator is not None else torch.device("cpu")
+    device = draw_device(generator, "cpu")
     p_BTK = torch.zeros(batch, frames, scales, dtype=torch.float64, device=device)
     if not cfg.enabled:
         return p_BTK
@@ -47,16 +48,15 @@ def draw_flip_ratios(batch: int, frames: int, scales: int, cfg: CorrectionConfig
     return p_BTK
 
 
-def flip_bits(bits_Nhwd: torch.Tensor, p_N: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def flip_bits(bits_Nhwd: torch.Tensor, p_N: torch.Tensor, generator: Generators) -> torch.Tensor:
     """XOR each bit with an i.i.d. Bernoulli(p_N[n]) draw."""
-    gen_device = generator.device if generator is not None else bits_Nhwd.device
-    u = torch.rand(bits_Nhwd.shape, generator=generator, device=gen_device).to(bits_Nhwd.device)
+    u = rand_rows(bits_Nhwd.shape, generator, device=bits_Nhwd.device).to(bits_Nhwd.device)
     flips = u < p_N.to(bits_Nhwd.device, torch.float32).view(-1, 1, 1, 1)
     return bits_Nhwd ^ flips
 
 
 def corrupt_and_requantize(quantizer: MultiScaleBSQ, latent_NdHW: torch.Tensor, p_NK: torch.Tensor,
-                           generator: torch.Generator | None = None) -> RequantizedOutput:
+                           generator: Generators = None) -> RequantizedOutput:
     """Requantize every frame with scale k's bits flipped at ratio ``p_NK[:, k]``.
 
     Returns the quantizer's output: ``target_bits`` (labels, re-quantized against the corrupted

@@ -25,6 +25,7 @@ import functools
 import torch
 
 from videoar_megatron.model.layout import PAD, VIDEO, LayoutTables
+from videoar_megatron.model.rng import Generators, rand_rows
 
 DENSE_ROWS = 1024
 """Query rows per chunk when building the dense mask."""
@@ -42,7 +43,7 @@ def frame_visibility(keep_BTT: torch.Tensor, window: int = 0) -> torch.Tensor:
 
 
 def draw_frame_visibility(batch: int, frames: int, *, window: int = 0, p_mask: float = 0.0,
-                          generator: torch.Generator | None = None,
+                          generator: Generators = None,
                           device: torch.device | str = "cpu") -> torch.Tensor:
     """Random Frame Mask draw: keep bits m_{t,t'} ~ Bernoulli(1 - p_mask) per sample and query frame.
 
@@ -50,8 +51,7 @@ def draw_frame_visibility(batch: int, frames: int, *, window: int = 0, p_mask: f
     """
     keep = torch.ones(batch, frames, frames, dtype=torch.bool)
     if p_mask > 0:
-        gen_device = generator.device if generator is not None else "cpu"
-        keep = (torch.rand(batch, frames, frames, generator=generator, device=gen_device) >= p_mask).cpu()
+        keep = (rand_rows((batch, frames, frames), generator) >= p_mask).cpu()
     return frame_visibility(keep, window).to(device)
 
 

@@ -19,7 +19,8 @@ they are the clean bits (the stored ones when given, else quantized from the lat
 Design decision: everything random about a training sample (flip ratios and flips, the Random Frame
 Mask table, condition dropout) is drawn here from an explicit ``torch.Generator``, never inside the
 model forward: tensor- and pipeline-parallel ranks of a replica build the same batch from the same
-seed, and a resumed run replays it.
+seed, and a resumed run replays it. A list of generators, one per sample, gives each sample its own
+stream while the batch is built in one pass (:mod:`.rng`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from videoar_megatron.model.config import ModelConfig
 from videoar_megatron.model.correction import corrupt_and_requantize, draw_flip_ratios
 from videoar_megatron.model.layout import TokenLayout
 from videoar_megatron.model.mask import draw_frame_visibility
+from videoar_megatron.model.rng import Generators, rand_rows
 
 
 @dataclass
@@ -74,6 +76,23 @@ class VideoARBatch:
         return replace(self, **moved)
 
 
+def concat_batches(parts: list[VideoARBatch]) -> VideoARBatch:
+    """Concatenate batches of one layout along the batch dimension."""
+    layouts = {p.layout for p in parts}
+    if len(layouts) != 1:
+        raise ValueError(f"cannot batch samples of different layouts: {sorted(map(str, layouts))}")
+    merged = {}
+    for f in fields(VideoARBatch):
+        values = [getattr(p, f.name) for p in parts]
+        if f.name == "layout":
+            merged[f.name] = values[0]
+        elif values[0] is None:
+            merged[f.name] = None
+        else:
+            merged[f.name] = torch.cat(values, dim=0)
+    return VideoARBatch(**merged)
+
+
 # --- condition --------------------------------------------------------------------------------
 
 def _condition_fields(cfg: ModelConfig, B: int, cond, text_len_B, device) -> dict:
@@ -100,11 +119,10 @@ def _condition_fields(cfg: ModelConfig, B: int, cond, text_len_B, device) -> dic
     return out
 
 
-def _draw_cond_drop(B: int, p: float, generator, device) -> torch.Tensor:
+def _draw_cond_drop(B: int, p: float, generator: Generators, device) -> torch.Tensor:
     if p <= 0:
         return torch.zeros(B, dtype=torch.bool, device=device)
-    gen_device = generator.device if generator is not None else "cpu"
-    return (torch.rand(B, generator=generator, device=gen_device) < p).to(device)
+    return (rand_rows((B,), generator) < p).to(device)
 
 
 # --- video ------------------------------------------------------------------------------------
@@ -142,7 +160,7 @@ def _clean_bits(quantizer: MultiScaleBSQ, latent_NdHW, bits_BTLd, B: int, T: int
 
 
 def video_tokens(quantizer: MultiScaleBSQ, cfg: ModelConfig, *, latent_BdTHW=None, bits_BTLd=None,
-                 correct: bool, generator=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 correct: bool, generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(inputs_BNd, targets_BNd, flip_p_BTK) of the video tokens; error correction when ``correct``."""
     ref = latent_BdTHW if latent_BdTHW is not None else bits_BTLd
     if ref is None:
@@ -167,13 +185,18 @@ def video_tokens(quantizer: MultiScaleBSQ, cfg: ModelConfig, *, latent_BdTHW=Non
 
 def build_batch(quantizer: MultiScaleBSQ, cfg: ModelConfig, *, latent_BdTHW: torch.Tensor | None = None,
                 bits_BTLd: torch.Tensor | None = None, cond=None, text_len_B=None, training: bool,
-                generator: torch.Generator | None = None, pad_to_multiple: int = 1) -> VideoARBatch:
+                generator: Generators = None, pad_to_multiple: int = 1) -> VideoARBatch:
     """Teacher-forced batch from latents ``(B, d, T, H, W)`` and/or packed bits ``(B, T, L, d)``.
 
     ``training`` switches on the random parts (error correction, frame-mask drops, condition
-    dropout), all drawn from ``generator``. ``pad_to_multiple`` is combined with
-    ``cfg.pad_to_multiple`` (sequence parallelism needs a multiple of the TP size).
+    dropout), all drawn from ``generator``: one for the batch, or a sequence of one per sample (each
+    sample is then exactly what a one-sample build from its generator gives). ``pad_to_multiple`` is
+    combined with ``cfg.pad_to_multiple`` (sequence parallelism needs a multiple of the TP size).
     """
+    ref = latent_BdTHW if latent_BdTHW is not None else bits_BTLd
+    if generator is not None and not isinstance(generator, torch.Generator) and ref is not None \
+            and len(generator) != ref.shape[0]:
+        raise ValueError(f"{len(generator)} per-sample generators for a batch of {ref.shape[0]} samples")
     if quantizer.dim != cfg.latent_dim:
         raise ValueError(f"latent_dim={cfg.latent_dim} but the tokenizer has {quantizer.dim} bits per token")
     if len(quantizer.scales) > cfg.max_scales:

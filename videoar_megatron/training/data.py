@@ -20,14 +20,14 @@ Design decisions:
   smooth weighted round-robin over the step index, so it does not depend on the layout or on where a
   run was interrupted. Every source has its own reader and its own saved position.
 - **Randomness per sample.** Each sample's error-correction flips, Random Frame Mask and condition
-  dropout are drawn from a generator seeded by (train.seed, step, sample id), and micro-batches are
-  built sample by sample and concatenated. The draws are thus independent of the layout (which rank
-  and micro-batch a sample lands in) and of where a run was interrupted: a resumed run replays them
+  dropout are drawn from a generator seeded by (train.seed, step, sample id); a micro-batch is built
+  in one pass with one generator per sample (:mod:`videoar_megatron.model.rng`), equal bit for bit to
+  building it sample by sample. The draws are thus independent of the layout (which rank and
+  micro-batch a sample lands in) and of where a run was interrupted: a resumed run replays them
   exactly, and TP/PP/DP layouts train on identical batches.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,23 +112,6 @@ def source_of_steps(weights: list[float], steps: int) -> list[int]:
     return out
 
 
-def concat_batches(parts: list[VideoARBatch]) -> VideoARBatch:
-    """Concatenate per-sample batches of one layout along the batch dimension."""
-    layouts = {p.layout for p in parts}
-    if len(layouts) != 1:
-        raise ValueError(f"cannot batch samples of different layouts: {sorted(map(str, layouts))}")
-    merged = {}
-    for f in dataclasses.fields(VideoARBatch):
-        values = [getattr(p, f.name) for p in parts]
-        if f.name == "layout":
-            merged[f.name] = values[0]
-        elif values[0] is None:
-            merged[f.name] = None
-        else:
-            merged[f.name] = torch.cat(values, dim=0)
-    return VideoARBatch(**merged)
-
-
 @dataclass
 class StepData:
     """What one replica trains on in one step."""
@@ -201,30 +184,32 @@ class SourceData:
         self.loader.load_state_dict(state)
         self._iter = None
 
-    def _condition(self, raw: dict, i: int):
+    def _condition(self, raw: dict, rows: slice):
         kind = self.model_cfg.condition.kind
         if kind == "class":
-            label = raw["label"][i:i + 1]
-            if int(label.min()) < 0:
-                raise ValueError(f"sample {raw['sample_id'][i]} of {self.cfg.path} has no class label (-1) but "
+            labels = raw["label"][rows]
+            if int(labels.min()) < 0:
+                bad = rows.start + int(torch.nonzero(labels < 0)[0])
+                raise ValueError(f"sample {raw['sample_id'][bad]} of {self.cfg.path} has no class label (-1) but "
                                  f"model.condition.kind=class")
-            return label, None
+            return labels, None
         if kind == "text_features":
-            mask = raw["text_mask"][i:i + 1]
-            return raw["text_features"][i:i + 1].to(self.device), mask.sum(-1).clamp(min=1)
+            mask = raw["text_mask"][rows]
+            return raw["text_features"][rows].to(self.device), mask.sum(-1).clamp(min=1)
         return None, None
 
     def _build(self, raw: dict, rows: slice, step: int) -> VideoARBatch:
-        parts = []
-        for i in range(rows.start, min(rows.stop, len(raw["sample_id"]))):
-            latent_BdTHW = raw["latent"][i:i + 1].permute(0, 2, 1, 3, 4).to(self.device)
-            bits = raw["bits"][i:i + 1].to(self.device) if self.use_stored_bits else None
-            cond, text_len = self._condition(raw, i)
-            gen = torch.Generator(self.device).manual_seed(sample_seed(self.seed, step, raw["sample_id"][i]))
-            parts.append(build_batch(self.quantizer, self.model_cfg, latent_BdTHW=latent_BdTHW, bits_BTLd=bits,
-                                     cond=cond, text_len_B=text_len, training=True, generator=gen,
-                                     pad_to_multiple=self.pad_to_multiple))
-        return concat_batches(parts)
+        """The micro-batch ``rows`` of ``raw`` in one pass; each sample draws its randomness from its
+        own generator, seeded by (seed, step, sample id), so a sample's batch rows do not depend on its
+        rank, micro-batch or position (see videoar_megatron/model/rng.py)."""
+        rows = slice(rows.start, min(rows.stop, len(raw["sample_id"])))
+        latent_BdTHW = raw["latent"][rows].permute(0, 2, 1, 3, 4).to(self.device)
+        bits = raw["bits"][rows].to(self.device) if self.use_stored_bits else None
+        cond, text_len = self._condition(raw, rows)
+        gens = [torch.Generator(self.device).manual_seed(sample_seed(self.seed, step, sample_id))
+                for sample_id in raw["sample_id"][rows]]
+        return build_batch(self.quantizer, self.model_cfg, latent_BdTHW=latent_BdTHW, bits_BTLd=bits, cond=cond,
+                           text_len_B=text_len, training=True, generator=gens, pad_to_multiple=self.pad_to_multiple)
 
 
 class TrainData:
