@@ -4,7 +4,14 @@ each --decode-pipelines count, the encoder alone (the ceiling) in each --encoder
 where the time of a full run goes (decode busy time, time the encoder waited for frames, encode, write).
 
     python benchmarks/bench_pretokenize.py                      # GPU host: 17x128² and 33x384x672
+    python benchmarks/bench_pretokenize.py --preset all         # also the UCF-101 recipe's sampling
     python benchmarks/bench_pretokenize.py --preset tiny --device cpu --clips 16   # CPU smoke run
+
+Presets: ``17x128`` (320x240 sources of 40 frames, one clip each), ``ucf101`` (the sampling of
+recipes/pretokenize/ucf101_17x128.yaml: 7 s sources at 25 fps, 4 clips of 17 frames at 8 fps per
+video), ``33x384x672`` (720p sources, one clip each). With several clips per video the decode-only
+sweep adds the same decoder decoding every clip on its own (``group_by_video=False``), the same-run
+baseline of decoding a video's clips together.
 
 Per preset, in this order: (1) decode only, DALI, once per pipeline count; the fastest count (the
 smallest within 5% of the fastest) is chosen; (2) encoder only on resident frames, once per memory
@@ -49,17 +56,28 @@ class Preset:
     source_frames: int
     batch_size: int
     clips: int
+    clips_per_video: int = 1
+    source_fps: int = 24
+    target_fps: float = 0.0      # 0: every frame (frame_stride 1)
+
+    def sampling(self):
+        from data_prep.video import ClipSamplingConfig
+        return ClipSamplingConfig(num_frames=self.frames, height=self.height, width=self.width,
+                                  clips_per_video=self.clips_per_video, target_fps=self.target_fps)
 
 
 PRESETS = {
-    "17x128": Preset(17, 128, 128, (240, 320), 40, 32, 512),          # UCF-101-like sources
+    "17x128": Preset(17, 128, 128, (240, 320), 40, 32, 512),          # UCF-101-size sources, 1 clip each
+    # recipes/pretokenize/ucf101_17x128.yaml: 7 s UCF-101-size sources at 25 fps, 4 clips of 17 frames at 8 fps
+    "ucf101": Preset(17, 128, 128, (240, 320), 175, 32, 512, clips_per_video=4, source_fps=25, target_fps=8.0),
     "33x384x672": Preset(33, 384, 672, (720, 1280), 80, 4, 64),      # 720p sources, stage III clips
     "tiny": Preset(9, 32, 32, (48, 64), 12, 4, 16),                  # CPU smoke run
+    "tiny-multi": Preset(9, 32, 32, (48, 64), 30, 4, 16, clips_per_video=2),  # CPU smoke, clips per video
 }
 
 
-def make_sources(out: Path, preset: Preset, codec: str, unique: int, clips: int, fps: int = 24) -> Path:
-    """``unique`` synthetic videos, repeated in a manifest of ``clips`` rows (one clip per row)."""
+def make_sources(out: Path, preset: Preset, codec: str, unique: int, clips: int) -> Path:
+    """``unique`` synthetic videos, repeated in a manifest of ``clips / clips_per_video`` rows."""
     import av
     from data_prep.manifest import VideoRecord, write_manifest
     encoders = {"h264": ("libx264", "mp4", {"preset": "veryfast", "crf": "23"}),
@@ -76,7 +94,7 @@ def make_sources(out: Path, preset: Preset, codec: str, unique: int, clips: int,
         tex = np.kron(tex, np.ones((8, 8, 1), np.uint8))[:h, :w]  # blocky texture: cheap, compressible
         path = out / f"src{v:03d}.{suffix}"
         with av.open(str(path), "w") as c:
-            s = c.add_stream(encoder, rate=fps, options=dict(options))
+            s = c.add_stream(encoder, rate=preset.source_fps, options=dict(options))
             s.width, s.height, s.pix_fmt = w, h, "yuv420p"
             for t in range(preset.source_frames):
                 frame = np.roll(tex, (2 * t, 3 * t), axis=(0, 1))
@@ -85,7 +103,8 @@ def make_sources(out: Path, preset: Preset, codec: str, unique: int, clips: int,
             for p in s.encode():
                 c.mux(p)
         paths.append(path)
-    records = [VideoRecord(path=str(paths[i % unique]), caption="texture", label=i % 10) for i in range(clips)]
+    rows = max(1, clips // preset.clips_per_video)
+    records = [VideoRecord(path=str(paths[i % unique]), caption="texture", label=i % 10) for i in range(rows)]
     return write_manifest(out / "manifest.csv", records, relative_to=out)
 
 
@@ -122,7 +141,6 @@ def run_pipeline(args, preset: Preset, tok: Path, manifest: Path, work: Path, de
     """One full pre-tokenization over ``manifest``; returns the partition stats (after a warm-up run)."""
     from data_prep import pretokenize
     from data_prep.pretokenize import PretokenizeConfig, Pretokenizer, Worker
-    from data_prep.video import ClipSamplingConfig
     if args.no_write:
         pretokenize._mds_writer = lambda: NullWriter
     stats = None
@@ -131,8 +149,7 @@ def run_pipeline(args, preset: Preset, tok: Path, manifest: Path, work: Path, de
         shutil.rmtree(out, ignore_errors=True)
         cfg = PretokenizeConfig(
             tokenizer=str(tok), input_manifest=str(manifest if attempt == "measured" else args._warm_manifest),
-            output_dir=str(out), clips=ClipSamplingConfig(num_frames=preset.frames, height=preset.height,
-                                                          width=preset.width, clips_per_video=1),
+            output_dir=str(out), clips=preset.sampling(),
             batch_size=args.batch_size or preset.batch_size, device=args.device, decoder=decoder,
             decode_device=decode_device, decode_threads=args.decode_threads if decoder == "dali" else args.cpu_workers,
             decode_pipelines=pipelines, encoder_memory_format=memory_format,
@@ -151,11 +168,10 @@ def release_memory() -> None:
 
 
 def clip_plans(preset: Preset, manifest: Path, device: str) -> list:
-    """The ClipPlans a pre-tokenization run decodes for ``manifest`` (one clip per row)."""
+    """The ClipPlans a pre-tokenization run decodes for ``manifest`` (the preset's clips per row)."""
     from data_prep.manifest import read_manifest
-    from data_prep.video import ClipSamplingConfig, plan_clips, probe_video
-    sampling = ClipSamplingConfig(num_frames=preset.frames, height=preset.height, width=preset.width)
-    return [p for r in read_manifest(manifest) for p in plan_clips(probe_video(r.path, device), sampling)]
+    from data_prep.video import plan_clips, probe_video
+    return [p for r in read_manifest(manifest) for p in plan_clips(probe_video(r.path, device), preset.sampling())]
 
 
 def decode_batches(decoder, plans: list, batch_size: int) -> None:
@@ -171,12 +187,14 @@ def decode_batches(decoder, plans: list, batch_size: int) -> None:
             raise RuntimeError(f"{len(failed)} clips failed to decode, first: {failed[0].reason}")
 
 
-def decode_only(args, preset: Preset, plans: list, warm_plans: list, device: str, pipelines: int) -> float:
-    """Clips/s of DALI decoding alone with ``pipelines`` pipelines (no encoder competing for the GPU)."""
+def decode_only(args, preset: Preset, plans: list, warm_plans: list, device: str, pipelines: int,
+                group_by_video: bool = True) -> float:
+    """Clips/s of DALI decoding alone with ``pipelines`` pipelines (no encoder competing for the GPU);
+    ``group_by_video=False`` decodes every clip on its own (the decoder before session 4)."""
     from data_prep.video import DaliClipDecoder
     bs = args.batch_size or preset.batch_size
     decoder = DaliClipDecoder(height=preset.height, width=preset.width, device=device, batch_size=bs,
-                              num_threads=args.decode_threads, pipelines=pipelines)
+                              num_threads=args.decode_threads, pipelines=pipelines, group_by_video=group_by_video)
     decode_batches(decoder, warm_plans, bs)  # builds every pipeline
     t0 = time.perf_counter()
     decode_batches(decoder, plans, bs)
@@ -190,9 +208,8 @@ def decode_only(args, preset: Preset, plans: list, warm_plans: list, device: str
 def encoder_only(args, preset: Preset, tok: Path, iters: int, memory_format: str) -> float:
     """Clips/s of encode + quantize alone on resident random frames (the ceiling of the pipeline)."""
     from data_prep.pretokenize import ClipEncoder, PretokenizeConfig
-    from data_prep.video import ClipSamplingConfig
     cfg = PretokenizeConfig(tokenizer=str(tok), input_manifest="-", output_dir="-", latent_dtype="bfloat16",
-                            clips=ClipSamplingConfig(num_frames=preset.frames, height=preset.height, width=preset.width),
+                            clips=preset.sampling(),
                             deterministic=args.deterministic, encoder_memory_format=memory_format)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -239,6 +256,17 @@ def sweep_decode(args, preset: Preset, manifest: Path, device: str) -> dict[int,
     return rates
 
 
+def clip_by_clip(args, preset: Preset, manifest: Path, device: str, pipelines: int) -> float | None:
+    """With several clips per video: decode only, every clip on its own (the same-run baseline of
+    decoding a video's clips together)."""
+    if preset.clips_per_video == 1:
+        return None
+    plans, warm = clip_plans(preset, manifest, device), clip_plans(preset, args._warm_manifest, device)
+    rate = round(decode_only(args, preset, plans, warm, device, pipelines, group_by_video=False), 2)
+    print(f"  decode only, DALI {device}, {pipelines} pipeline(s), every clip on its own: {rate} clips/s", flush=True)
+    return rate
+
+
 def sweep_encoder(args, preset: Preset, tok: Path) -> dict[str, float]:
     rates = {}
     for fmt in args.encoder_memory_formats:
@@ -270,6 +298,9 @@ def summary_lines(r: dict, device: str) -> list[str]:
 
     lines = [row("PyAV cpu decode -> encoder (the baseline)", p)]
     lines += [row(f"decode only, DALI {device}, {n} pipeline(s)", v) for n, v in r["decode_only_clips_per_s"].items()]
+    if r.get("decode_only_clip_by_clip_clips_per_s"):
+        n = r["chosen"]["decode_pipelines"]
+        lines.append(row(f"decode only, {n} pipeline(s), every clip on its own", r["decode_only_clip_by_clip_clips_per_s"]))
     lines += [row(f"encoder only, {f}", v) for f, v in r["encoder_only_by_memory_format"].items()]
     ceiling = r["encoder_only_clips_per_s"]
     for n, b in r["dali_full_by_pipelines"].items():
@@ -317,8 +348,11 @@ def bench_preset(name: str, args, work: Path) -> dict:
     encode = sweep_encoder(args, preset, tok)
     chosen = {"decode_pipelines": pick_pipelines(decode), "encoder_memory_format": max(encode, key=encode.get),
               "decode_only": decode}
+    one_by_one = clip_by_clip(args, preset, manifest, device, chosen["decode_pipelines"])
     runs = full_runs(args, preset, tok, manifest, work, device, chosen)
     result.update(figures(decode, encode, chosen, runs, device))
+    result["clips_per_video"] = preset.clips_per_video
+    result["decode_only_clip_by_clip_clips_per_s"] = one_by_one
     print(f"-- {name} summary (chosen: {chosen['decode_pipelines']} pipeline(s), "
           f"{chosen['encoder_memory_format']}) --", *summary_lines(result, device), sep="\n", flush=True)
     return result
@@ -340,7 +374,9 @@ MEMORY_FORMAT_CHOICES = {"both": ["contiguous", "channels_last"], "contiguous": 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=[*PRESETS, "both"], default="both", help="both = 17x128 and 33x384x672")
+    p.add_argument("--preset", choices=[*PRESETS, "both", "all"], default="both",
+                   help="both = 17x128 and 33x384x672; all = 17x128, ucf101 (the UCF-101 recipe's 4 clips per "
+                        "video) and 33x384x672")
     p.add_argument("--clips", type=int, default=0, help="clips per preset (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=0, help="clips per batch (default: the preset's)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="encoder device")
@@ -373,7 +409,7 @@ def main(argv=None) -> int:
         print("note: DALI on CPU decodes only vp8/vp9/mjpeg; using --source-codec vp9")
         args.source_codec = "vp9"
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_pretok_"))
-    names = ["17x128", "33x384x672"] if args.preset == "both" else [args.preset]
+    names = {"both": ["17x128", "33x384x672"], "all": ["17x128", "ucf101", "33x384x672"]}.get(args.preset, [args.preset])
     t0 = time.perf_counter()
     try:
         results = [bench_preset(n, args, work) for n in names]

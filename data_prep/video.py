@@ -2,12 +2,12 @@
 
 Design decision: every video is probed first (PyAV, container metadata and packet count, no pixel
 decoding) so that missing files, unknown codecs, codecs this device cannot decode and videos too short
-for one clip are rejected with a precise reason *before* DALI sees them. DALI then decodes strided
-clips (``device="mixed"`` = NVDEC on GPU hosts, libavcodec on CPU), resizes so the frame covers the
-target size and centre-crops. A DALI decode error kills the pipeline object ("Current pipeline object
-is no longer valid"), so on an error the slice of the batch that pipeline ran is re-decoded one clip
-at a time on fresh pipelines and the first error's text becomes that clip's reject reason. Decoded
-frame counts are always checked: a truncated VP9 file decodes its first frames without any error.
+for one clip are rejected with a precise reason *before* DALI sees them. DALI then decodes the clips
+(``device="mixed"`` = NVDEC on GPU hosts, libavcodec on CPU), the clips of one video together as one
+sample (each needed source frame once), resizes so the frame covers the target size and centre-crops.
+A DALI decode error kills the pipeline object ("Current pipeline object is no longer valid"), so on an
+error the slice of the batch that pipeline ran is re-decoded one clip at a time on fresh pipelines
+and the first error's text becomes that clip's reject reason. Decoded frame counts are always checked.
 """
 from __future__ import annotations
 
@@ -95,6 +95,45 @@ class ClipPlan:
         return [self.start_frame + i * self.stride for i in range(self.num_frames)]
 
 
+@dataclass(frozen=True)
+class VideoRequest:
+    """Consecutive clips of one video, decoded together: ``frames`` is the sorted union of their frame
+    indices (each source frame decoded once) and ``positions[i]`` are clip i's rows in that decode."""
+
+    plans: tuple[ClipPlan, ...]
+    frames: tuple[int, ...]
+    positions: tuple[tuple[int, ...], ...]
+
+    @property
+    def path(self) -> str:
+        return self.plans[0].path
+
+
+def group_by_video(plans: Sequence[ClipPlan]) -> list[VideoRequest]:
+    """Runs of consecutive plans of one video (``plan_clips`` lists a video's clips together) that lie
+    close: a clip joins the run when it starts at most one clip span after the run's last frame.
+
+    Decoding a run decodes every frame between its clips; across a longer gap a fresh decode that
+    seeks is cheaper (measured with DALI on CPU: 2 clips of 9 frames 12 frames apart decoded 1.4x
+    faster one by one, while the UCF-101 recipe's 4 overlapping clips per video decoded 1.9x faster
+    together)."""
+    runs: list[list[ClipPlan]] = []
+    for plan in plans:
+        prev = runs[-1][-1] if runs else None
+        span = (plan.num_frames - 1) * plan.stride + 1
+        if prev is not None and prev.path == plan.path and plan.start_frame <= prev.frame_indices[-1] + span:
+            runs[-1].append(plan)
+        else:
+            runs.append([plan])
+    return [_request(run) for run in runs]
+
+
+def _request(plans: Sequence[ClipPlan]) -> VideoRequest:
+    frames = sorted({i for p in plans for i in p.frame_indices})
+    row = {f: r for r, f in enumerate(frames)}
+    return VideoRequest(tuple(plans), tuple(frames), tuple(tuple(row[i] for i in p.frame_indices) for p in plans))
+
+
 def probe_video(path: str | Path, device: str = "cpu") -> VideoInfo:
     """Container facts of a video without decoding pixels; raises :class:`VideoUnusable`."""
     import av
@@ -165,11 +204,18 @@ class DaliClipDecoder:
     per pipeline, run concurrently from a thread pool (``pipe.run`` releases the GIL). On the GPU each
     pipeline has its own CUDA stream and NVDEC sessions, so several decode engines can work at once
     (one synchronous pipeline decoded 17x128² clips at a quarter of the encoder's rate on an H100).
-    Every clip is decoded by one pipeline on its own, so the frames do not depend on the count.
+
+    Consecutive clips of one video are one DALI sample (``group_by_video``, on by default): the decoder
+    is handed the file and opened once, and decodes the union of the clips' frames once (DALI's
+    ``frames`` argument); the clips are then rows of that output. The decoder's per-sample setup was
+    the measured bottleneck at 17x128² (about 10 ms per clip on NVDEC), and the shipped UCF-101 recipe
+    cuts 4 clips per video. A video whose decode fails or comes back short is decoded again clip by
+    clip, so each clip gets its own result and reason, as without grouping. Frames do not depend on
+    the grouping or on the pipeline count (tested).
     """
 
     def __init__(self, *, height: int, width: int, device: str = "cpu", device_id: int = 0,
-                 batch_size: int = 8, num_threads: int = 2, pipelines: int = 1):
+                 batch_size: int = 8, num_threads: int = 2, pipelines: int = 1, group_by_video: bool = True):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"decode device must be cpu or gpu, got {device!r}")
         if pipelines < 1:
@@ -177,6 +223,7 @@ class DaliClipDecoder:
         self.height, self.width = height, width
         self.device, self.device_id = device, device_id
         self.batch_size, self.num_threads = batch_size, num_threads
+        self.group_by_video = group_by_video
         self.pipelines = min(pipelines, batch_size)  # more would never get a clip
         # The largest slice _split makes of a full batch: each pipeline's (maximum) DALI batch size.
         self.slice_size = math.ceil(batch_size / self.pipelines)
@@ -191,12 +238,9 @@ class DaliClipDecoder:
                       exec_dynamic=True, prefetch_queue_depth=1)
         def clip_pipeline():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-            start = fn.external_source(name="start", dtype=types.INT32, ndim=0)
-            stride = fn.external_source(name="stride", dtype=types.INT32, ndim=0)
-            length = fn.external_source(name="length", dtype=types.INT32, ndim=0)
+            indices = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
             frames = fn.decoders.video(encoded, device="mixed" if self.device == "gpu" else "cpu",
-                                       start_frame=start, stride=stride, sequence_length=length,
-                                       pad_mode="none")
+                                       frames=indices, pad_mode="none")
             frames = fn.resize(frames, size=[self.height, self.width], mode="not_smaller",
                                antialias=True)
             return fn.crop(frames, crop=[self.height, self.width], crop_pos_x=0.5, crop_pos_y=0.5,
@@ -206,16 +250,15 @@ class DaliClipDecoder:
         pipe.build()
         return pipe
 
-    def _run(self, slot: int, plans: Sequence[ClipPlan]) -> list[torch.Tensor]:
+    def _run(self, slot: int, requests: Sequence[VideoRequest]) -> list[torch.Tensor]:
+        """Decoded frames ``(len(r.frames), H, W, 3)`` of each request (one DALI sample each)."""
         if self._pipes[slot] is None:
             self._pipes[slot] = self._build()
         pipe = self._pipes[slot]
-        pipe.feed_input("encoded", [np.fromfile(p.path, dtype=np.uint8) for p in plans])
-        pipe.feed_input("start", [np.int32(p.start_frame) for p in plans])
-        pipe.feed_input("stride", [np.int32(p.stride) for p in plans])
-        pipe.feed_input("length", [np.int32(p.num_frames) for p in plans])
+        pipe.feed_input("encoded", [np.fromfile(r.path, dtype=np.uint8) for r in requests])
+        pipe.feed_input("frames", [np.asarray(r.frames, dtype=np.int32) for r in requests])
         (out,) = pipe.run()
-        return [self._to_torch(out[i]) for i in range(len(plans))]
+        return [self._to_torch(out[i]) for i in range(len(requests))]
 
     def _to_torch(self, tensor) -> torch.Tensor:
         if self.device == "gpu":
@@ -239,9 +282,10 @@ class DaliClipDecoder:
         thread runs the pipeline), so the caller synchronises that one stream before using them.
         """
         stream = torch.cuda.current_stream(self.device_id) if self.device == "gpu" else None
+        requests = group_by_video(plans) if self.group_by_video else [_request([p]) for p in plans]
         results: list[torch.Tensor | VideoUnusable] = []
-        for i in range(0, len(plans), self.batch_size):
-            slices = _split(plans[i:i + self.batch_size], self.pipelines)
+        for i in range(0, len(requests), self.batch_size):
+            slices = _split(requests[i:i + self.batch_size], self.pipelines)
             if len(slices) == 1:  # one pipeline: run it on the caller's thread, as without a pool
                 results += self._decode_slice(0, slices[0], None)
                 continue
@@ -252,21 +296,35 @@ class DaliClipDecoder:
                 results += part
         return results
 
-    def _decode_slice(self, slot: int, plans: Sequence[ClipPlan], stream) -> list[torch.Tensor | VideoUnusable]:
-        """Decode ``plans`` on pipeline ``slot``; on a pool thread, with the caller's CUDA stream."""
+    def _decode_slice(self, slot: int, requests: Sequence[VideoRequest], stream) -> list[torch.Tensor | VideoUnusable]:
+        """Decode ``requests`` on pipeline ``slot`` (on a pool thread, with the caller's CUDA stream);
+        one result per clip."""
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             try:
-                return [self._check(p, f) for p, f in zip(plans, self._run(slot, plans))]
+                decoded = self._run(slot, requests)
             except Exception:
                 self._pipes[slot] = None  # a failed DALI pipeline object is dead; isolate the culprit
-                return [self._decode_one(slot, p) for p in plans]
+                decoded = [None] * len(requests)
+            return [clip for r, frames in zip(requests, decoded) for clip in self._clips(slot, r, frames)]
 
-    def _decode_one(self, slot: int, plan: ClipPlan) -> torch.Tensor | VideoUnusable:
+    def _clips(self, slot: int, request: VideoRequest, frames) -> list[torch.Tensor | VideoUnusable]:
+        """The clips of ``request`` from its decoded ``frames`` (None: its pipeline run failed). A failed
+        run is redone clip by clip on a fresh pipeline, and so is a short decode of several clips (a
+        truncated file still yields its early clips), so every clip gets its own result and reason."""
+        if frames is not None and len(request.plans) == 1:
+            return [self._check(request.plans[0], frames)]
+        if frames is not None and tuple(frames.shape) == (len(request.frames), self.height, self.width, 3):
+            return [frames[list(rows)] for rows in request.positions]
+        return [self._decode_one(slot, _request([p])) for p in request.plans]
+
+    def _decode_one(self, slot: int, request: VideoRequest) -> torch.Tensor | VideoUnusable:
+        """The one clip of ``request``; a DALI error's text becomes its reject reason."""
         try:
-            return self._check(plan, self._run(slot, [plan])[0])
+            (frames,) = self._run(slot, [request])
         except Exception as e:
             self._pipes[slot] = None
             return VideoUnusable(f"decode error: {_first_dali_error(str(e))}", "decode_error")
+        return self._check(request.plans[0], frames)
 
 
 def _split(items: Sequence, parts: int) -> list[Sequence]:
@@ -307,8 +365,8 @@ class PyAVClipDecoder:
     It is the baseline the pre-tokenization benchmark compares DALI against, and an independent
     reference for which source frames a :class:`ClipPlan` selects. Every codec libavcodec knows is
     decoded (so it does not reproduce DALI's codec limits; probe with the DALI device for that).
-    Clips of a batch decode in parallel threads (libavcodec releases the GIL); each clip decodes
-    from the start of the file up to its last frame, so long videos are slow: it is a baseline.
+    Videos of a batch decode in parallel threads (libavcodec releases the GIL); the clips of one
+    video are decoded together, in one pass from the start of the file up to their last frame.
     """
 
     def __init__(self, *, height: int, width: int, num_threads: int = 2, device: str = "cpu"):
@@ -317,32 +375,37 @@ class PyAVClipDecoder:
         self.height, self.width, self.num_threads = height, width, num_threads
         self.device = "cpu"
 
-    def _decode_one(self, plan: ClipPlan) -> torch.Tensor | VideoUnusable:
+    def _decode_video(self, request: VideoRequest) -> list[torch.Tensor | VideoUnusable]:
         import av
-        wanted = plan.frame_indices
+        wanted = request.frames
         frames: list[np.ndarray] = []
         try:
-            with av.open(plan.path) as container:
+            with av.open(request.path) as container:
                 stream = container.streams.video[0]
                 stream.thread_type = "AUTO"
-                next_i = 0
                 for index, frame in enumerate(container.decode(stream)):
-                    if index == wanted[next_i]:
+                    if index == wanted[len(frames)]:
                         frames.append(frame.to_ndarray(format="rgb24"))
-                        next_i += 1
-                        if next_i == len(wanted):
+                        if len(frames) == len(wanted):
                             break
         except Exception as e:
-            return VideoUnusable(f"decode error: {type(e).__name__}: {e}", "decode_error")
-        if len(frames) != plan.num_frames:
-            return VideoUnusable(f"decoded {len(frames)} frames but expected {plan.num_frames} "
+            return [VideoUnusable(f"decode error: {type(e).__name__}: {e}", "decode_error")] * len(request.plans)
+        return [self._clip(plan, rows, frames) for plan, rows in zip(request.plans, request.positions)]
+
+    def _clip(self, plan: ClipPlan, rows: tuple[int, ...], frames: list[np.ndarray]) -> torch.Tensor | VideoUnusable:
+        got = sum(r < len(frames) for r in rows)  # a truncated stream ends early: later clips come up short
+        if got != plan.num_frames:
+            return VideoUnusable(f"decoded {got} frames but expected {plan.num_frames} "
                                  f"(truncated or corrupt stream)", "frame_count")
-        return resize_cover_crop(torch.from_numpy(np.stack(frames)), self.height, self.width)
+        return resize_cover_crop(torch.from_numpy(np.stack([frames[r] for r in rows])), self.height, self.width)
 
     def decode(self, plans: Sequence[ClipPlan]) -> list[torch.Tensor | VideoUnusable]:
         """Decode clips; each result is frames ``(F, H, W, 3)`` uint8 (CPU) or the reason it failed."""
-        if self.num_threads <= 1 or len(plans) <= 1:
-            return [self._decode_one(p) for p in plans]
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(self.num_threads) as pool:
-            return list(pool.map(self._decode_one, plans))
+        requests = group_by_video(plans)
+        if self.num_threads <= 1 or len(requests) <= 1:
+            per_video = [self._decode_video(r) for r in requests]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(self.num_threads) as pool:
+                per_video = list(pool.map(self._decode_video, requests))
+        return [clip for clips in per_video for clip in clips]

@@ -79,7 +79,7 @@ def decoded(results) -> list:
     return [(r.kind, r.reason) if isinstance(r, VideoUnusable) else r for r in results]
 
 
-def test_decoded_frames_do_not_depend_on_the_pipeline_count(tmp_path):
+def test_decoded_frames_do_not_depend_on_the_pipeline_count_or_on_grouping_clips_by_video(tmp_path):
     vp9 = read_manifest(make_corpus(tmp_path / "vp9", num=3, classes=2, codec="vp9", frames=12, size=(48, 64),
                                     fps=8, seed=1))
     mjpeg = read_manifest(make_corpus(tmp_path / "mjpeg", num=2, classes=2, codec="mjpeg", frames=12,
@@ -93,25 +93,53 @@ def test_decoded_frames_do_not_depend_on_the_pipeline_count(tmp_path):
     # 12 clips in batches of 5, 5 and 2; 2, 3 and 4 pipelines cut a batch of 5 into 3+2, 2+2+1 and 2+2+1
     reference = decoded(DaliClipDecoder(height=32, width=32, batch_size=5, num_threads=1, pipelines=1).decode(plans))
     kinds = [r[0] if isinstance(r, tuple) else "frames" for r in reference]
-    assert kinds == ["frames"] * 5 + ["decode_error"] + ["frames"] * 2 + ["frame_count"] + ["frames"] * 3
+    assert kinds == ["frames"] * 5 + ["decode_error"] + ["frames"] * 2 + ["decode_error"] + ["frames"] * 3
     assert "Failed to create video decoder" in reference[5][1]  # the failing clip alone, with its reason
+    assert "out-of-bounds frame index 12" in reference[8][1]
     assert not torch.equal(reference[0], reference[2])  # different videos: a reordering would show
-    for pipelines in (2, 3, 4):
-        got = decoded(DaliClipDecoder(height=32, width=32, batch_size=5, num_threads=1,
-                                      pipelines=pipelines).decode(plans))
+    # pipelines=1 above decoded the clips of a video together (one DALI sample per video);
+    # group_by_video=False decodes every clip on its own
+    for pipelines, grouped in ((2, True), (3, True), (4, True), (1, False), (3, False)):
+        got = decoded(DaliClipDecoder(height=32, width=32, batch_size=5, num_threads=1, pipelines=pipelines,
+                                      group_by_video=grouped).decode(plans))
         assert len(got) == len(reference)
         for g, want in zip(got, reference):
             assert type(g) is type(want) and (torch.equal(g, want) if isinstance(g, torch.Tensor) else g == want)
 
 
+def test_clips_of_one_video_decode_together_and_a_bad_clip_does_not_take_the_others(tmp_path):
+    from data_prep.video import group_by_video
+    (video,) = read_manifest(make_corpus(tmp_path / "v", num=1, classes=1, codec="vp9", frames=12, size=(48, 64),
+                                         fps=8, seed=3))
+    overlapping = [ClipPlan(path=video.path, start_frame=s, stride=st, num_frames=4) for s, st in ((0, 2), (3, 1), (5, 2))]
+    (request,) = group_by_video(overlapping)
+    assert request.frames == (0, 2, 3, 4, 5, 6, 7, 9, 11)  # each source frame once
+    together = DaliClipDecoder(height=32, width=32, batch_size=8).decode(overlapping)
+    alone = [DaliClipDecoder(height=32, width=32, batch_size=8).decode([p])[0] for p in overlapping]
+    assert all(torch.equal(a, b) for a, b in zip(together, alone))
+    assert torch.equal(together[0][2], together[1][1])  # frame 4 is in both clips
+    pyav_together = PyAVClipDecoder(height=32, width=32).decode(overlapping)
+    pyav_alone = [PyAVClipDecoder(height=32, width=32).decode([p])[0] for p in overlapping]
+    assert all(torch.equal(a, b) for a, b in zip(pyav_together, pyav_alone))
+    # frame 12 does not exist: the video's decode fails, its clips are redone one by one
+    bad = ClipPlan(path=video.path, start_frame=6, stride=2, num_frames=4)
+    got = DaliClipDecoder(height=32, width=32, batch_size=8).decode([overlapping[0], bad, overlapping[2]])
+    assert torch.equal(got[0], alone[0]) and torch.equal(got[2], alone[2])
+    assert isinstance(got[1], VideoUnusable) and "out-of-bounds frame index 12" in got[1].reason
+    pyav = PyAVClipDecoder(height=32, width=32).decode([overlapping[0], bad, overlapping[2]])
+    assert torch.equal(pyav[0], pyav_alone[0]) and torch.equal(pyav[2], pyav_alone[2])
+    assert isinstance(pyav[1], VideoUnusable) and pyav[1].kind == "frame_count"
+
+
 def test_benchmark_smoke_on_cpu(tmp_path):
     from benchmarks.bench_pretokenize import main
     out = tmp_path / "bench.json"
-    assert main(["--preset", "tiny", "--device", "cpu", "--clips", "8", "--unique-videos", "2", "--base-channels", "8",
+    assert main(["--preset", "tiny-multi", "--device", "cpu", "--clips", "8", "--unique-videos", "2", "--base-channels", "8",
                  "--res-blocks", "1", "--latent-dim", "8", "--encoder-iters", "1", "--decode-pipelines", "1,2",
                  "--full", "each", "--out", str(out)]) == 0
     (r,) = json.loads(out.read_text())["results"]
     assert set(r["decode_only_clips_per_s"]) == {"1", "2"} and r["speedup_dali_vs_pyav"] > 0
+    assert r["clips_per_video"] == 2 and r["decode_only_clip_by_clip_clips_per_s"] > 0
     assert set(r["encoder_only_by_memory_format"]) == {"contiguous", "channels_last"}
     assert r["chosen"]["encoder_memory_format"] in r["encoder_only_by_memory_format"]
     full = [*r["dali_full_by_pipelines"].values(), r["pyav_cpu"]]
