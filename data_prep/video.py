@@ -205,10 +205,10 @@ class DaliClipDecoder:
     pipeline has its own CUDA stream and NVDEC sessions, so several decode engines can work at once
     (one synchronous pipeline decoded 17x128² clips at a quarter of the encoder's rate on an H100).
 
-    Consecutive clips of one video are one DALI sample (``group_by_video``, on by default): the decoder
-    is handed the file and opened once, and decodes the union of the clips' frames once (DALI's
-    ``frames`` argument); the clips are then rows of that output. The decoder's per-sample setup was
-    the measured bottleneck at 17x128² (about 10 ms per clip on NVDEC), and the shipped UCF-101 recipe
+    Nearby clips of one video (:func:`group_by_video`, on by default) are one DALI sample: the decoder
+    is handed the file and set up once, and decodes the union of the clips' frames once (DALI's
+    ``frames`` argument); the clips are then rows of that output. Decoding was the measured bottleneck
+    at 17x128² (about 10 ms per clip on NVDEC, one clip per sample), and the shipped UCF-101 recipe
     cuts 4 clips per video. A video whose decode fails or comes back short is decoded again clip by
     clip, so each clip gets its own result and reason, as without grouping. Frames do not depend on
     the grouping or on the pipeline count (tested).
