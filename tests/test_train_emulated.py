@@ -1,6 +1,6 @@
 """The trainer's GPU engine (Megatron DDP, distributed optimizer, 1F1B pipeline schedule) emulated on
-CPU/gloo (see tests/dist_scripts/emulated_megatron_train.py): PP=2 and TP=2 x PP=2 train like the host
-engine from the same seed checkpoint, and their distributed-optimizer checkpoints resume at another
+CPU/gloo (see tests/dist_scripts/emulated_megatron_train.py): PP=2, TP=2 x PP=2 and DP=2 x PP=2 train
+like the host engine from the same seed checkpoint, and their distributed-optimizer checkpoints resume at another
 layout with the same losses. The real thing runs in tests/test_train_gpu.py on a GPU host."""
 from __future__ import annotations
 
@@ -47,19 +47,23 @@ def test_pp2_megatron_engine_matches_the_host_engine_and_resumes_at_tp2(torchrun
     close(losses(run), ref, range(4, 7), 1e-5)
 
 
-def test_tp2_pp2_on_four_ranks_matches_the_host_engine_and_resumes_at_pp2(torchrun, host_reference, tiny_shards,
-                                                                          tmp_path):
-    """The 3-D layout the 4-GPU test covers (tests/test_train_gpu.py), on 4 gloo ranks: TP=2 inside each
-    of 2 pipeline stages, then its checkpoint at step 3 resumed as PP=2 alone."""
+@pytest.mark.parametrize("layout,resume,saved", [
+    (("parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"), ("parallel.pipeline_parallel=2",),
+     "saved at tp=2 pp=2 dp=1, resharded"),
+    (("parallel.pipeline_parallel=2",), ("parallel.tensor_parallel=2",), "saved at tp=1 pp=2 dp=2, resharded"),
+], ids=["tp2xpp2", "dp2xpp2"])
+def test_four_rank_layouts_match_the_host_engine_and_resume_on_two_ranks(torchrun, host_reference, tiny_shards,
+                                                                          tmp_path, layout, resume, saved):
+    """The 4-GPU layouts of tests/test_train_gpu.py on 4 gloo ranks (TP=2 inside each of 2 pipeline
+    stages; 2 data-parallel replicas of 2 stages), then the step-3 checkpoint resumed on 2 ranks."""
     seed, ref = host_reference
-    run = tmp_path / "tp2pp2"
-    torchrun(EMULATED, 4, run, f"data.path={tiny_shards}", *SETS, "parallel.tensor_parallel=2",
-             "parallel.pipeline_parallel=2", f"checkpoint.load={seed}")
+    run = tmp_path / "run"
+    torchrun(EMULATED, 4, run, f"data.path={tiny_shards}", *SETS, *layout, f"checkpoint.load={seed}")
     assert sorted(losses(run)) == list(range(1, 7))
     close(losses(run), ref, range(1, 7), 1e-6)
     shutil.rmtree(run / "checkpoints" / "step_00000006")
-    proc = torchrun(EMULATED, 2, run, f"data.path={tiny_shards}", *SETS, "parallel.pipeline_parallel=2")
-    assert "saved at tp=2 pp=2 dp=1, resharded" in proc.stderr
+    proc = torchrun(EMULATED, 2, run, f"data.path={tiny_shards}", *SETS, *resume)
+    assert saved in proc.stderr
     close(losses(run), ref, range(4, 7), 1e-5)
 
 
