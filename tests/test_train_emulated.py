@@ -1,6 +1,6 @@
 """The trainer's GPU engine (Megatron DDP, distributed optimizer, 1F1B pipeline schedule) emulated on
-CPU/gloo (see tests/dist_scripts/emulated_megatron_train.py): PP=2, TP=2 x PP=2 and DP=2 x PP=2 train
-like the host engine from the same seed checkpoint, and their distributed-optimizer checkpoints resume at another
+CPU/gloo (see tests/dist_scripts/emulated_megatron_train.py): PP=2, TP=2 x PP=2, DP=2 x PP=2 and TP=2
+with sequence parallelism train like the host engine from the same seed checkpoint, and their distributed-optimizer checkpoints resume at another
 layout with the same losses. The real thing runs in tests/test_train_gpu.py on a GPU host."""
 from __future__ import annotations
 
@@ -65,6 +65,16 @@ def test_four_rank_layouts_match_the_host_engine_and_resume_on_two_ranks(torchru
     proc = torchrun(EMULATED, 2, run, f"data.path={tiny_shards}", *SETS, *resume)
     assert saved in proc.stderr
     close(losses(run), ref, range(4, 7), 1e-5)
+
+
+def test_tp2_with_sequence_parallelism_matches_the_host_engine(torchrun, host_reference, tiny_shards, tmp_path):
+    """Sequence parallelism splits the sequence over the TP ranks outside attention (the builder pads it
+    to a multiple of TP); the losses must not notice."""
+    seed, ref = host_reference
+    run = tmp_path / "tp2sp"
+    torchrun(EMULATED, 2, run, f"data.path={tiny_shards}", *SETS, "parallel.tensor_parallel=2",
+             "parallel.sequence_parallel=true", f"checkpoint.load={seed}")
+    close(losses(run), ref, range(1, 7), 1e-6)
 
 
 def test_loading_weights_into_another_model_is_refused_naming_the_knob(host_reference, tiny_shards, tmp_path):
