@@ -107,6 +107,8 @@ def write_manifest(path: str | Path, records: list[VideoRecord], relative_to: Pa
                 d["path"] = str(Path(r.path).resolve().relative_to(relative_to.resolve()))
             except ValueError:
                 pass
+        if d["label"] < 0:  # caption-only: the label column stays empty, as read_manifest expects
+            d["label"] = None
         return {k: v for k, v in d.items() if v is not None}
 
     if path.suffix == ".jsonl":

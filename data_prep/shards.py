@@ -59,6 +59,11 @@ class ShardsIncomplete(RuntimeError):
     """The shard directory is not (yet) a complete, merged shard set."""
 
 
+class ShardContentError(ValueError):
+    """A sample cannot be used as the run is configured (e.g. no class label for a class-conditional
+    model); the message names the sample and the knob."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Per-sample encoding
 # ----------------------------------------------------------------------------------------------

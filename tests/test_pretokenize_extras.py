@@ -157,3 +157,11 @@ def test_two_torchrun_workers_write_the_same_shards_as_one_process(tmp_path, tor
     assert tree_bytes(both) == tree_bytes(single)
     logs = sorted(p.name for p in (both / "logs").glob("part-*.json"))
     assert logs == ["part-00000-of-00002.json", "part-00001-of-00002.json"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_manifest_round_trips_caption_only_and_labelled_rows(tmp_path, suffix):
+    from data_prep.manifest import VideoRecord, write_manifest
+    records = [VideoRecord(path=str(tmp_path / "a.webm"), caption="a dog runs"),
+               VideoRecord(path=str(tmp_path / "b.webm"), label=3, start=1.5, end=4.0, fps=25.0)]
+    assert read_manifest(write_manifest(tmp_path / f"m{suffix}", records)) == records

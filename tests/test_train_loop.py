@@ -1,6 +1,7 @@
 """AR training on CPU, one process: the tiny recipe learns; a crash during a save leaves the previous
 checkpoint in use and the resumed run equals the uninterrupted one bitwise; the checkpoint holds the
-contract fields; recipe mistakes are errors that name the key."""
+contract fields; recipe mistakes are errors that name the key; shards it cannot train on are refused
+in one line (exit 2)."""
 from __future__ import annotations
 
 import json
@@ -135,3 +136,29 @@ def test_mixed_sources_alternate_by_weight_and_resume_exactly(tiny_shards, tiny_
     shutil.rmtree(resumed / "checkpoints" / "step_00000012")
     run_train(1, resumed, tiny_shards, *mix)
     assert losses(resumed) == losses(run) and consumed_samples(resumed) == consumed_samples(run)
+
+
+def test_shards_without_samples_or_with_an_unlabelled_sample_are_refused_in_one_line(tiny_shards, tmp_path):
+    import dataclasses
+
+    from data_prep.manifest import VideoRecord, read_manifest, write_manifest
+    from data_prep.pretokenize import Pretokenizer, Worker
+    from tests.pretok_helpers import pretok_config
+    corpus, tokenizer = tiny_shards.parent / "corpus", tiny_shards.parent / "tokenizer"
+
+    def shards_of(name: str, records: list[VideoRecord]) -> Path:
+        manifest = write_manifest(corpus / f"{name}.csv", records, relative_to=corpus)
+        Pretokenizer(pretok_config(tokenizer, manifest, tmp_path / name, num_partitions=1), Worker(0, 1)).run()
+        return tmp_path / name
+
+    empty = shards_of("all_rejected", [VideoRecord(path=str(corpus / "missing.webm"), label=1)])
+    proc = run_train(1, tmp_path / "run_empty", empty, "train.steps=4", "optim.warmup_steps=1", expect_rc=2)
+    assert "the shard set holds no samples" in proc.stderr and "rejects.jsonl" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # one caption-only video in a class-conditional run: found when its batch is built, mid-run
+    records = read_manifest(corpus / "metadata.csv")
+    records[5] = dataclasses.replace(records[5], label=-1, caption="a caption")
+    proc = run_train(1, tmp_path / "run_unlabelled", shards_of("one_unlabelled", records), "train.steps=4",
+                     "optim.warmup_steps=1", expect_rc=2)
+    assert "has no class label (-1) but model.condition.kind=class" in proc.stderr
+    assert "Traceback" not in proc.stderr

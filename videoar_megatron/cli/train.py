@@ -69,7 +69,7 @@ def _dry_run(cfg, prog: str) -> int:
 
 
 def _train(cfg, run_dir: Path, prog: str, seed_only: bool) -> int:
-    from data_prep.shards import ShardManifestMismatch, ShardsIncomplete
+    from data_prep.shards import ShardContentError, ShardManifestMismatch, ShardsIncomplete
     from videoar_megatron.common.distributed import read_launch_env
     from videoar_megatron.common.run_logging import setup_console_logging
     from videoar_megatron.training.checkpoint import ResumeError
@@ -90,6 +90,9 @@ def _train(cfg, run_dir: Path, prog: str, seed_only: bool) -> int:
         code = trainer.train()
         log.info("%s at step %d of %d", "stopped" if code else "done", trainer.step, cfg.train.steps)
         return code
+    except ShardContentError as e:  # found mid-run: a sample the recipe cannot train on
+        print(f"{prog}: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     except NumericsError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return EXIT_NUMERICS

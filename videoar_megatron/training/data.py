@@ -36,7 +36,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from data_prep.reader import ShardReaderConfig, TokenShardLoader, build_shard_loader
-from data_prep.shards import INDEX_FILE
+from data_prep.shards import INDEX_FILE, ShardContentError
 from tokenizer.quantizer import MultiScaleBSQ
 from videoar_megatron.model.config import ModelConfig
 from videoar_megatron.model.sequence import VideoARBatch, build_batch
@@ -189,9 +189,9 @@ class SourceData:
         if kind == "class":
             labels = raw["label"][rows]
             if int(labels.min()) < 0:
-                bad = rows.start + int(torch.nonzero(labels < 0)[0])
-                raise ValueError(f"sample {raw['sample_id'][bad]} of {self.cfg.path} has no class label (-1) but "
-                                 f"model.condition.kind=class")
+                bad = next(i for i in range(rows.start, rows.stop) if int(raw["label"][i]) < 0)
+                raise ShardContentError(f"sample {raw['sample_id'][bad]} of {self.cfg.path} has no class label "
+                                        f"(-1) but model.condition.kind=class")
             return labels, None
         if kind == "text_features":
             mask = raw["text_mask"][rows]
