@@ -9,6 +9,7 @@ Layouts (tokens per latent frame × frames + prefix):
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Callable
 
 import torch
@@ -34,6 +35,20 @@ def cuda_time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> 
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, iters: int = 10) -> float:
+    """Median time of ``fn`` in milliseconds: CUDA events on a GPU (:func:`cuda_time_ms`), wall clock on
+    the CPU (one warm-up call)."""
+    if device.type == "cuda":
+        return cuda_time_ms(fn, warmup=3, iters=iters)
+    fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.ar_common import LAYOUTS, row  # noqa: E402
+from benchmarks.ar_common import LAYOUTS, row, time_ms  # noqa: E402
 from tokenizer.quantizer import MultiScaleBSQ  # noqa: E402
 from videoar_megatron.common.config import build_dataclass  # noqa: E402
 from videoar_megatron.model.config import ModelConfig  # noqa: E402
@@ -42,19 +41,6 @@ def model_config(args, layout) -> ModelConfig:
         "size": "tiny", "latent_dim": args.latent_dim, "max_scales": max(16, layout.num_scales),
         "condition": {"kind": "class", "num_classes": 101, "dropout": 0.1},
         "mask": {"rfm_window": 0, "rfm_p_mask": args.p_mask}})
-
-
-def timed_ms(fn, device: torch.device, iters: int) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    times = []
-    for _ in range(iters):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()  # the builds are launch-bound on GPU: time until their kernels are done
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def assert_identical(a: VideoARBatch, b: VideoARBatch) -> None:
@@ -82,8 +68,8 @@ def bench_layout(name: str, micro: int, args, device: torch.device) -> None:
         return build_batch(q, cfg, latent_BdTHW=latent_BdTHW, cond=labels_B, training=True, generator=gens())
 
     assert_identical(batched(), per_sample())
-    base_ms = timed_ms(per_sample, device, args.iters)
-    ours_ms = timed_ms(batched, device, args.iters)
+    base_ms = time_ms(per_sample, device, args.iters)
+    ours_ms = time_ms(batched, device, args.iters)
     print(f"\n[{name}] {layout.frames} latent frames x {layout.num_scales} scales ({layout.video_len} video "
           f"tokens), micro-batch {micro}, d={args.latent_dim}, {device.type}; batched == per-sample: yes")
     print(row("micro-batch build, batched", ours_ms, base_ms))

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.ar_common import LAYOUTS, attended_pairs, attention_flops, cuda_time_ms, row  # noqa: E402
+from benchmarks.ar_common import LAYOUTS, attended_pairs, attention_flops, row, time_ms  # noqa: E402
 from tokenizer.quantizer import MultiScaleBSQ  # noqa: E402
 from videoar_megatron.common.config import build_dataclass  # noqa: E402
 from videoar_megatron.common.distributed import init_distributed, shutdown_distributed  # noqa: E402
@@ -81,17 +81,6 @@ def matmul_params(cfg: ModelConfig, head_width: int) -> int:
     return cfg.num_layers * (layer_parameters(cfg) - norms) + cfg.hidden_size * head_width
 
 
-def timed_step(step, device, iters) -> float:
-    if device.type == "cuda":
-        return cuda_time_ms(step, warmup=3, iters=iters)
-    import time
-    step()
-    t = time.perf_counter()
-    for _ in range(iters):
-        step()
-    return (time.perf_counter() - t) / iters * 1e3
-
-
 def videoar_step(args, layout, batch_size, groups, device, split_tokens=None):
     cfg = videoar_config(args, layout, split_tokens)
     parallel = ParallelConfig(recompute=args.recompute)
@@ -113,7 +102,7 @@ def videoar_step(args, layout, batch_size, groups, device, split_tokens=None):
     sample = build_batch(q, cfg, latent_BdTHW=latent[:1], cond=feats[:1], training=True, generator=gen)
     pairs = attended_pairs(dense_mask(sample.layout.tables(device), sample.frame_visible_BTT,
                                       sample.text_len_B)) if layout.seq_len <= 20000 else float("nan")
-    ms = timed_step(step, device, args.iters)
+    ms = time_ms(step, device, args.iters)
     del model, opt
     return ms, cfg, pairs
 
@@ -140,7 +129,7 @@ def gpt_step(args, cfg, layout, batch_size, groups, device):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    ms = timed_step(step, device, args.iters)
+    ms = time_ms(step, device, args.iters)
     del model, opt
     return ms
 
