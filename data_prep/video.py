@@ -113,10 +113,10 @@ def group_by_video(plans: Sequence[ClipPlan]) -> list[VideoRequest]:
     """Runs of consecutive plans of one video (``plan_clips`` lists a video's clips together) that lie
     close: a clip joins the run when it starts at most one clip span after the run's last frame.
 
-    Decoding a run decodes every frame between its clips; across a longer gap a fresh decode that
-    seeks is cheaper (measured with DALI on CPU: 2 clips of 9 frames 12 frames apart decoded 1.4x
-    faster one by one, while the UCF-101 recipe's 4 overlapping clips per video decoded 1.9x faster
-    together)."""
+    Decoding a run decodes every frame between its clips; across a longer gap a fresh decode, which
+    seeks, can do less work (an ungated trial on CPU decoded 2 clips of 9 frames 12 frames apart more
+    slowly together). The UCF-101 recipe's 4 overlapping clips per video decoded 1.4-1.7x faster
+    together (DALI on CPU; docs/BENCHMARKS.md)."""
     runs: list[list[ClipPlan]] = []
     for plan in plans:
         prev = runs[-1][-1] if runs else None
