@@ -76,7 +76,9 @@ def main():
 
         def loss_func(logits):
             loss = bit_loss(logits, mb.targets_BNd, mb.layout, cfg.loss).loss
-            return loss, {"loss": loss.detach()}
+            # Megatron divides the returned loss by num_microbatches in place: hand it a copy so the
+            # logged value stays the per-microbatch loss (the trainer does the same).
+            return loss.clone(), {"loss": loss.detach()}
         return stage(mb), loss_func
 
     out = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(data), model=[model],
