@@ -24,9 +24,10 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "dev": ["pytest>=8", "scipy>=1.11"],
-    # Optional accelerators, GPU hosts only; both build against the local CUDA toolkit.
-    "flash": ["flash-attn>=2.6"],
-    "te": ["transformer-engine[pytorch]>=2.0"],
+    # model.flex_kernel=flash: FlexAttention's FlashAttention-4 backend (CuTe DSL, Hopper or newer; GPU
+    # hosts only). The FA4 release must match the torch release's FlexAttention glue; tested on torch
+    # 2.11.0+cu130 with flash-attn-4 4.0.0b5 + nvidia-cutlass-dsl-libs-cu13 4.4.2 (docs/training.md).
+    "flash": ["flash-attn-4>=4.0.0b5", "nvidia-cutlass-dsl[cu13]>=4.4.2"],
 }
 
 setup(

@@ -7,6 +7,8 @@ causal mask of the same length) with the ratio; FlexAttention is also compared w
 Frame Mask is drawn per sample, so the block mask is rebuilt every step, once for all layers).
 "split >= N" is the model's split attention (``ModelConfig.attention_split_tokens = N``): blocks of at
 least N tokens as unmasked SDPA calls, the other queries through Flex (only without a Random Frame Mask).
+"FLASH (FA4)" is FlexAttention's FlashAttention-4 backend (``ModelConfig.flex_kernel = flash``), timed
+when flash-attn-4 is installed.
 
     python benchmarks/bench_ar_attention.py [--layouts ucf,stage3] [--p-mask 0.0] [--window 0]
 """
@@ -22,7 +24,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.ar_common import LAYOUTS, attended_pairs, attention_flops, cuda_time_ms, row  # noqa: E402
-from videoar_megatron.model.attention import AttentionInputs, split_plan, videoar_attention  # noqa: E402
+from videoar_megatron.model.attention import (FLEX_KERNEL_OPTIONS, AttentionInputs, check_flex_kernel,  # noqa: E402
+                                              split_plan, videoar_attention)
 from videoar_megatron.model.mask import (block_mask, compiled_flex_attention, dense_mask,  # noqa: E402
                                          draw_frame_visibility, is_full_context)
 
@@ -39,6 +42,17 @@ def parse(argv):
     p.add_argument("--split-tokens", default="1000,250,128",
                    help="split attention thresholds to time (comma list; blocks of at least N tokens unmasked)")
     return p.parse_args(argv)
+
+
+def flash_available() -> bool:
+    """FlexAttention's FlashAttention-4 backend (model.flex_kernel=flash) can run here; else its rows
+    are left out, with the reason printed."""
+    try:
+        check_flex_kernel("flash", torch.device("cuda"))
+        return True
+    except ValueError as e:
+        print(f"(no FLASH rows: {e})")
+        return False
 
 
 def fwd_bwd(attn, q, k, v, grad):
@@ -65,10 +79,14 @@ def bench_layout(name: str, batch: int, args) -> None:
     times = {
         "causal SDPA (baseline)": fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
                                           q, k, v, grad),
-        "FlexAttention, VideoAR mask": fwd_bwd(lambda a, b, c: flex(a, b, c, block_mask=bm), q, k, v, grad),
+        "FlexAttention, VideoAR mask": fwd_bwd(
+            lambda a, b, c: flex(a, b, c, block_mask=bm, kernel_options=FLEX_KERNEL_OPTIONS["triton"]), q, k, v, grad),
         "dense-mask SDPA, VideoAR mask": fwd_bwd(
             lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=dense), q, k, v, grad),
     }
+    if args.flash:
+        times["FlexAttention FLASH (FA4), VideoAR mask"] = fwd_bwd(
+            lambda a, b, c: flex(a, b, c, block_mask=bm, kernel_options=FLEX_KERNEL_OPTIONS["flash"]), q, k, v, grad)
     scale = D ** -0.5
     split_build = {}
     for n in (int(x) for x in args.split_tokens.split(",") if x) if is_full_context(vis) else ():
@@ -114,6 +132,7 @@ def main(argv=None) -> int:
         return 2
     batches = dict(item.split("=") for item in args.batch.split(","))
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    args.flash = flash_available()
     for name in args.layouts.split(","):
         bench_layout(name, int(batches.get(name, 1)), args)
     return 0

@@ -11,6 +11,7 @@ over the pairs each mask lets through; backward = 2 x forward) for both models, 
 VideoAR / GPT. The goal is a tokens/s ratio >= 0.9.
 
     python benchmarks/bench_ar_train_step.py [--layouts ucf,stage3] [--size L] [--peak-tflops 989]
+    python benchmarks/bench_ar_train_step.py --layouts stage3 --flex-kernel flash   # needs the 'flash' extra
     python benchmarks/bench_ar_train_step.py --device cpu --size tiny --layouts ucf --iters 1   # smoke
 """
 from __future__ import annotations
@@ -63,6 +64,8 @@ def parse(argv):
     p.add_argument("--iters", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--split-tokens", default="",
                    help="comma list of ModelConfig.attention_split_tokens values to time (default: the config's)")
+    p.add_argument("--flex-kernel", default="triton", choices=["triton", "flash"],
+                   help="ModelConfig.flex_kernel: FlexAttention's Triton kernels or its FlashAttention-4 backend")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: smoke test of this script only")
     return p.parse_args(argv)
 
@@ -72,7 +75,7 @@ def videoar_config(args, layout, split_tokens: int | None = None) -> ModelConfig
     return build_dataclass(ModelConfig, {
         "size": args.size, "latent_dim": args.latent_dim, "max_scales": max(16, layout.num_scales),
         "condition": {"kind": "text_features", "text_len": layout.prefix_len, "feature_dim": 1024},
-        "mask": {"rfm_window": 0, "rfm_p_mask": args.p_mask}, **split})
+        "mask": {"rfm_window": 0, "rfm_p_mask": args.p_mask}, "flex_kernel": args.flex_kernel, **split})
 
 
 def matmul_params(cfg: ModelConfig, head_width: int) -> int:
@@ -142,7 +145,7 @@ def report(name, layout, batch_size, cfg, pairs, ours_ms, gpt_ms, peak):
     gpt_flops = 6 * matmul_params(cfg, GPT_VOCAB) * tokens + attn(causal_pairs)
     mfu = lambda flops, ms: flops / (ms * 1e-3) / (peak * 1e12)  # noqa: E731
     print(f"\n[{name}] {cfg.size}: {cfg.num_layers} x {cfg.hidden_size} x {cfg.num_attention_heads}, "
-          f"attention_split_tokens={cfg.attention_split_tokens}, "
+          f"flex_kernel={cfg.flex_kernel}, attention_split_tokens={cfg.attention_split_tokens}, "
           f"S={layout.seq_len}, batch {batch_size} ({tokens} tokens/step), VideoAR mask density "
           f"{pairs / layout.seq_len ** 2:.3f} vs causal {causal_pairs / layout.seq_len ** 2:.3f}")
     print(row("step time", ours_ms, gpt_ms))

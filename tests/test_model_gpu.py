@@ -1,4 +1,6 @@
-"""GPU promises (run with `make test-gpu`): FlexAttention equals the dense SDPA path; PP=2 equals PP=1.
+"""GPU promises (run with `make test-gpu`): FlexAttention equals the dense SDPA path (Triton kernels, and
+the FlashAttention-4 backend of ``model.flex_kernel=flash`` where flash-attn-4 is installed); PP=2 equals
+PP=1.
 
 On a CPU host these are skipped. The FlexAttention mask itself is checked against the brute-force
 reference on CPU (tests/test_model_mask.py), and its forward through eager flex; here the compiled
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 
 from tokenizer.quantizer import MultiScaleBSQ
 from videoar_megatron.common.config import build_dataclass
+from videoar_megatron.model.attention import FLEX_KERNEL_OPTIONS, check_flex_kernel
 from videoar_megatron.model.config import ModelConfig, ParallelConfig
 from videoar_megatron.model.layout import TokenLayout
 from videoar_megatron.model.loss import bit_loss
@@ -27,11 +30,11 @@ SCRIPTS = Path(__file__).parent / "dist_scripts"
 UCF_SCALES = ((1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (8, 8))  # 130 tokens per latent frame
 
 
-def ucf_case(batch=2, frames=5, prefix=8):
+def ucf_case(batch=2, frames=5, prefix=8, rfm=True):
     layout = TokenLayout(prefix, UCF_SCALES, frames)
     tables = layout.tables("cuda")
-    vis = draw_frame_visibility(batch, frames, window=3, p_mask=0.3, generator=torch.Generator().manual_seed(0),
-                                device="cuda")
+    vis = draw_frame_visibility(batch, frames, window=3 if rfm else 0, p_mask=0.3 if rfm else 0.0,
+                                generator=torch.Generator().manual_seed(0), device="cuda")
     text_len = torch.tensor([prefix, 3], device="cuda")[:batch]
     return layout, tables, vis, text_len
 
@@ -52,11 +55,23 @@ def assert_equals_dense_sdpa(attend, tables, vis, text_len, dtype, tol, heads=4,
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
-def test_flex_attention_output_and_grads_equal_dense_sdpa(dtype, tol):
-    layout, tables, vis, text_len = ucf_case()
+def skip_without_flash() -> None:
+    try:
+        check_flex_kernel("flash", torch.device("cuda"))
+    except ValueError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("rfm", [True, False], ids=["rfm", "full-context"])
+@pytest.mark.parametrize("kernel,dtype,tol", [("triton", torch.float32, 2e-5), ("triton", torch.bfloat16, 2e-2),
+                                              ("flash", torch.bfloat16, 2e-2)])  # FA4: 16-bit inputs only
+def test_flex_attention_output_and_grads_equal_dense_sdpa(kernel, dtype, tol, rfm):
+    if kernel == "flash":
+        skip_without_flash()
+    layout, tables, vis, text_len = ucf_case(rfm=rfm)
     bm = block_mask(tables, vis, text_len)
-    assert_equals_dense_sdpa(lambda q, k, v: compiled_flex_attention()(q, k, v, block_mask=bm),
+    options = FLEX_KERNEL_OPTIONS[kernel]
+    assert_equals_dense_sdpa(lambda q, k, v: compiled_flex_attention()(q, k, v, block_mask=bm, kernel_options=options),
                              tables, vis, text_len, dtype, tol)
 
 

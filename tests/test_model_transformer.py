@@ -153,6 +153,22 @@ def test_config_errors_name_the_knob():
         build_dataclass(ModelConfig, {"mask": {"rfm_p_mask": 1.5}})
     with pytest.raises(ValueError, match="size=custom needs"):
         ModelConfig(size="custom")
+    with pytest.raises(ValueError, match="flex_kernel"):
+        build_dataclass(ModelConfig, {"flex_kernel": "cute"})
+
+
+def test_flash_kernel_without_flash_attn_is_refused_before_building(groups):
+    """model.flex_kernel=flash on a CUDA device without flash-attn-4 is refused with the knob and the
+    fix named; on CPU (dense SDPA path) the knob is inert and the model builds."""
+    import importlib.util
+    from videoar_megatron.model.attention import check_flex_kernel
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(ValueError, match=r"model\.flex_kernel=flash needs FlashAttention-4.*\[flash\]"):
+        check_flex_kernel("flash", torch.device("cuda"))
+    check_flex_kernel("flash", torch.device("cpu"))
+    check_flex_kernel("triton", torch.device("cuda"))
+    model_of(make_cfg(flex_kernel="flash"), groups)
 
 
 @pytest.mark.parametrize("window", [0, 1])

@@ -32,6 +32,7 @@ positions; a step writes its tokens at ``q_start:q_end`` and attends over ``0:q_
 from __future__ import annotations
 
 import functools
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +46,30 @@ from megatron.core.utils import divide
 from videoar_megatron.model.layout import TokenLayout
 from videoar_megatron.model.mask import compiled_flex_attention
 
-FLEX_KERNEL_OPTIONS = {"FORCE_USE_FLEX_ATTENTION": True}
+FLEX_KERNEL_OPTIONS = {
+    # The general kernel always: for queries shorter than 128 Inductor would pick its decoding kernel,
+    # which has no valid config for some small fp32 shapes (NoValidChoicesError).
+    "triton": {"FORCE_USE_FLEX_ATTENTION": True},
+    "flash": {"BACKEND": "FLASH"},
+}
+"""``kernel_options`` of the compiled FlexAttention call per ``ModelConfig.flex_kernel``."""
+
+
+def check_flex_kernel(kernel: str, device: torch.device) -> None:
+    """Refuse ``model.flex_kernel=flash`` where it cannot run, before anything is built (else the
+    first step would fail inside Inductor's lowering)."""
+    if kernel != "flash" or device.type != "cuda":
+        return
+    if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn.cute") is None:
+        raise ValueError("model.flex_kernel=flash needs FlashAttention-4 (module flash_attn.cute): install "
+                         "the 'flash' extra (pip install -e '.[flash]', see docs/training.md) or set "
+                         "model.flex_kernel=triton")
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        raise ValueError(f"model.flex_kernel=flash needs a Hopper or newer GPU (compute capability >= 9.0); "
+                         f"this one is {major}.{minor}: set model.flex_kernel=triton")
+
+
 CACHED_STEP_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 """SDPA kernels for the masked KV-cached decode steps on CUDA. Measured on an H100 with
 benchmarks/check_sample_repro.py (VideoAR-L, bf16, batch 32): under the automatic choice this SDPA was
@@ -119,6 +143,8 @@ class AttentionInputs:
     """Unmasked large blocks; the mask (``mask_B1QK`` rows / ``block_mask``) then covers ``split.rest_S``."""
     text_len: tuple[int, ...] | None = None
     """Valid prefix length per sample when some caption is padded (split path only; None: all |Ψ|)."""
+    flex_kernel: str = "triton"
+    """Key of ``FLEX_KERNEL_OPTIONS`` for the flex path (``ModelConfig.flex_kernel``)."""
 
 
 class VideoARCoreAttention(MegatronModule):
@@ -168,10 +194,8 @@ def videoar_attention(q, k, v, inputs: AttentionInputs, scale: float, gqa: bool 
 
 def _masked(q, k, v, inputs: AttentionInputs, scale: float, gqa: bool) -> torch.Tensor:
     if inputs.block_mask is not None:
-        # The general kernel always: for queries shorter than 128 Inductor would pick its decoding
-        # kernel, which has no valid config for some small fp32 shapes (NoValidChoicesError).
         return compiled_flex_attention()(q, k, v, block_mask=inputs.block_mask, scale=scale, enable_gqa=gqa,
-                                         kernel_options=FLEX_KERNEL_OPTIONS)
+                                         kernel_options=FLEX_KERNEL_OPTIONS[inputs.flex_kernel])
     if inputs.kv_cache is not None and q.is_cuda:
         with sdpa_kernel(CACHED_STEP_BACKENDS):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask_B1QK, scale=scale,

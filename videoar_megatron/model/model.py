@@ -29,7 +29,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from videoar_megatron.model import mask as mask_lib
-from videoar_megatron.model.attention import AttentionInputs, KVCache, split_plan
+from videoar_megatron.model.attention import AttentionInputs, KVCache, check_flex_kernel, split_plan
 from videoar_megatron.model.config import ModelConfig, ParallelConfig
 from videoar_megatron.model.embedding import VideoAREmbedding
 from videoar_megatron.model.layer_spec import get_videoar_block_spec, transformer_config
@@ -93,7 +93,7 @@ class VideoARModel(MegatronModule):
         full = mask_lib.is_full_context(batch.frame_visible_BTT)
         split = split_plan(batch.layout, self.cfg.attention_split_tokens, str(device)) if full else None
         rows = None if split is None else split.rest_S
-        inputs = AttentionInputs(split=split)
+        inputs = AttentionInputs(split=split, flex_kernel=self.cfg.flex_kernel)
         if split is not None:
             lens = text_len.tolist()
             inputs.text_len = None if min(lens) == batch.layout.prefix_len else tuple(lens)
@@ -154,6 +154,7 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig, groups: ProcessGroup
                 vp_stage: int | None = None) -> VideoARModel:
     """This rank's VideoAR model (stage flags from the pipeline rank unless given), on ``device``."""
     device = torch.device(device)
+    check_flex_kernel(cfg.flex_kernel, device)
     if groups.tp.size() != parallel.tensor_parallel or groups.pp.size() != parallel.pipeline_parallel:
         raise ValueError(f"process groups (tp={groups.tp.size()}, pp={groups.pp.size()}) do not match "
                          f"parallel.tensor_parallel={parallel.tensor_parallel}, "
