@@ -102,7 +102,7 @@ def report(results: dict, names: list[str]) -> None:
     if base:
         print(f"\nbaseline (1gpu): {base['tokens_per_s']:.0f} tokens/s, MFU {base['mfu']:.3f}; scaling efficiency "
               f"= tokens/s / (GPUs x baseline); 1.0 = perfect. 'data s' = reading + building the step's batches "
-              f"(error-correction requantization, per sample) inside 'step s'")
+              f"(error-correction requantization, one pass per micro-batch) inside 'step s'")
 
 
 if __name__ == "__main__":

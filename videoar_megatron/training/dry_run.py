@@ -18,6 +18,10 @@ Memory model (bytes per GPU; N = parameters of the stage on one TP rank; Megatro
   parallelism) plus TP-split (s·b·(2h + 2·kv·hd + 3f)/TP: q/k/v, attention output, SwiGLU gate+up and
   product). Full recompute keeps only each layer's input (s·b·h) plus one layer's working set.
   Under 1F1B the first stage holds PP micro-batches in flight, the last one;
+- the optimizer step's working list: torch's foreach AdamW holds one fp32 temporary per main weight
+  (sqrt(exp_avg_sq) + eps), 4N (/DP when distributed). Activations are freed by then, so the peak is
+  the larger of the two, not their sum. Without this term the estimate ran 5%, 9% and 12% under the
+  measured peaks of L, XL and 4B at stage III (docs/BENCHMARKS.md), the gap growing with N;
 - a fixed allowance for the CUDA context, NCCL buffers and allocator slack (``RUNTIME_OVERHEAD_GIB``).
 
 It is an estimate meant to catch a recipe that cannot fit before it waits in a queue, not a profile;
@@ -93,10 +97,15 @@ class StageMemory:
     optimizer_distributed: float
     activations: float
     activations_recompute: float
+    optimizer_step: float
+    """The optimizer step's fp32 working list, not distributed (divide by DP when distributed)."""
+    dp: int
 
     def total(self, distributed: bool, recompute: bool) -> float:
+        step = self.optimizer_step / (self.dp if distributed else 1)
         return (self.weights + self.grads + (self.optimizer_distributed if distributed else self.optimizer)
-                + (self.activations_recompute if recompute else self.activations) + RUNTIME_OVERHEAD_GIB * GIB)
+                + max(self.activations_recompute if recompute else self.activations, step)
+                + RUNTIME_OVERHEAD_GIB * GIB)
 
 
 def stage_parameters(cfg: TrainConfig, stage: int) -> int:
@@ -136,7 +145,7 @@ def stage_memory(cfg: TrainConfig, layout: TokenLayout, stage: int, dp: int, acc
     full, layer_input = layer_activation_bytes(cfg, layout)
     return StageMemory(stage=stage, params=n, weights=weights, grads=4 * n, optimizer=optimizer,
                        optimizer_distributed=optimizer / dp, activations=in_flight * layers * full,
-                       activations_recompute=in_flight * layers * layer_input + full)
+                       activations_recompute=in_flight * layers * layer_input + full, optimizer_step=4 * n, dp=dp)
 
 
 def dry_run(cfg: TrainConfig) -> tuple[bool, str]:
@@ -166,9 +175,12 @@ def dry_run(cfg: TrainConfig) -> tuple[bool, str]:
             (f"optimizer, distributed (/{layout.dp})", lambda s: s.optimizer_distributed / GIB),
             ("activations, no recompute", lambda s: s.activations / GIB),
             ("activations, full recompute", lambda s: s.activations_recompute / GIB),
+            ("optimizer step working list", lambda s: s.optimizer_step / GIB),
+            (f"  distributed (/{layout.dp})", lambda s: s.optimizer_step / layout.dp / GIB),
             ("runtime overhead", lambda s: RUNTIME_OVERHEAD_GIB)]
     for label, fn in rows:
         lines.append(f"  {label:<32}" + "".join(f"{fn(s):>12.2f}" for s in stages))
+    lines.append("  (peak = weights + gradients + optimizer + the larger of activations and the step's list)")
     for d in (False, True):
         for r in (False, True):
             mark = "  <- this recipe" if (d, r) == (distributed, recompute) else ""
