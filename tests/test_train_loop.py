@@ -103,6 +103,22 @@ def test_resume_on_remade_shards_is_refused_before_any_step(reference, tiny_shar
     assert max(losses(run)) == 60
 
 
+def test_resume_may_switch_kernels_but_not_the_model(reference, tiny_shards, tmp_path):
+    """A checkpoint written before model.flex_kernel existed resumes with a kernel choice changed;
+    a change to the model itself is refused, naming the knob."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    state_path = run / "checkpoints" / "step_00000060" / "train_state.json"
+    state = json.loads(state_path.read_text())
+    del state["model_config"]["flex_kernel"]
+    state_path.write_text(json.dumps(state))
+    proc = run_train(1, run, tiny_shards, *STEPS, "model.norm_eps=1e-5", "train.steps=61", expect_rc=2)
+    assert "the model config changed since the checkpoint (model.norm_eps" in proc.stderr
+    proc = run_train(1, run, tiny_shards, *STEPS, "model.flex_kernel=flash", "model.attention_split_tokens=64",
+                     "train.steps=61")
+    assert "step_00000060 at step 60" in proc.stderr and max(losses(run)) == 61
+
+
 def test_unknown_recipe_key_is_an_error_naming_it(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'optim\.lr_max'.*--set optim.lr_max=1"):
         load_config(TrainConfig, TINY_RECIPE, ["optim.lr_max=1"])

@@ -16,7 +16,8 @@ and ``train_state.json`` (rank 0): step, consumed samples, LR-schedule and numer
 data-loader position, the logger run id, the layout, the model config and the resolved training
 config (the AR checkpoint contract the sampler relies on; fields may be added, never removed).
 
-Resume rules (each refusal names the knob): the model config must be unchanged; the optimizer state
+Resume rules (each refusal names the knob): the model config must be unchanged, except the knobs
+that only pick kernels (``KERNEL_CHOICE_KEYS``); the optimizer state
 must come from the same optimizer kind (CPU fp32 vs GPU mixed precision / distributed); the data
 position needs the same global batch size and the same shards. At another TP/PP/DP layout everything
 else reshards: weights and optimizer through ``dist_checkpointing``, the data position through
@@ -188,9 +189,22 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
     return None if json.dumps(a) == json.dumps(b) else f"{path}: {a!r} in the checkpoint, {b!r} now"
 
 
+KERNEL_CHOICE_KEYS = ("attention_backend", "flex_kernel", "attention_split_tokens")
+"""Model knobs that choose kernels, not the function computed (one mask rule; results differ by
+rounding only). A run may resume with another value (e.g. switch to model.flex_kernel=flash), and a
+checkpoint written before such a knob existed still resumes."""
+
+
+def _model_difference(saved_model: dict, cfg) -> str | None:
+    """First model-config difference that matters for resuming (kernel choices left out)."""
+    def strip(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k not in KERNEL_CHOICE_KEYS}
+    return _first_difference(strip(saved_model), strip(config_to_dict(cfg.model)))
+
+
 def check_resumable(saved: dict, *, cfg, manifests: dict, optimizer) -> None:
     """Raise :class:`ResumeError` if this run cannot continue from ``saved`` (a train_state)."""
-    diff = _first_difference(saved["model_config"], config_to_dict(cfg.model))
+    diff = _model_difference(saved["model_config"], cfg)
     if diff:
         raise ResumeError(f"the model config changed since the checkpoint (model.{diff}); resume with the "
                           f"same model, or start a new run with checkpoint.load for the weights")
@@ -224,7 +238,7 @@ def load_initial_weights(path: Path, model, optimizer, cfg, manifest: dict, ctx:
     try:
         dist_ckpt.load_model_weights(path, model, ctx)
     except (Exception, CheckpointException) as e:
-        diff = _first_difference(saved.get("model_config", {}), config_to_dict(cfg.model))
+        diff = _model_difference(saved.get("model_config", {}), cfg)
         raise ResumeError(f"checkpoint.load={path}: the weights do not fit this model"
                           + (f" (model.{diff})" if diff else "") + f": {e}") from e
     optimizer.reload_model_params()  # mixed-precision main weights follow the loaded model weights
