@@ -13,7 +13,6 @@ another global batch size).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -138,7 +137,7 @@ class TokenShardLoader:
                              f"of every node count you will run at")
         self.cfg, self.num_ranks = cfg, ranks
         self.global_batch_size = cfg.batch_size * ranks
-        if not any(s["samples"] for s in json.loads((directory / shards.INDEX_FILE).read_text())["shards"]):
+        if not any(s["samples"] for s in shards.read_index(directory)):
             raise shards.ShardContentError(f"{directory}: the shard set holds no samples (every video rejected? "
                                            f"see {directory / shards.REJECTS_FILE})")
         self.dataset = _dataset_class()(directory, self.manifest, shuffle=cfg.shuffle, shuffle_seed=cfg.seed,

@@ -8,7 +8,6 @@ selection, the scale schedule and the bit layout are right.
 from __future__ import annotations
 
 import collections
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,10 @@ def summarize(directory: str | Path) -> dict[str, Any]:
     samples, nbytes, num_shards, rejects = 0, 0, 0, []
     for p in committed:
         part = directory / shards.partition_name(p, n)
-        index = json.loads((part / shards.INDEX_FILE).read_text())
-        samples += sum(s["samples"] for s in index["shards"])
-        nbytes += sum((s.get("zip_data") or s["raw_data"])["bytes"] for s in index["shards"])
-        num_shards += len(index["shards"])
+        index = shards.read_index(part)
+        samples += sum(s["samples"] for s in index)
+        nbytes += sum((s.get("zip_data") or s["raw_data"])["bytes"] for s in index)
+        num_shards += len(index)
         rejects += shards.read_rejects(part / shards.REJECTS_FILE)
     kinds = collections.Counter(r["kind"] for r in rejects)
     return {"directory": str(directory), "merged": is_committed(directory), "partitions": n,
@@ -131,8 +130,7 @@ def render_samples(directory: str | Path, tokenizer_dir: str | Path, *, png: str
 def _read_raw_samples(directory: Path, num: int) -> list[dict]:
     """``num`` raw samples spread evenly over the merged index, read straight from the MDS shards."""
     from streaming.base.format import reader_from_json
-    index = json.loads((directory / shards.INDEX_FILE).read_text())
-    readers = [reader_from_json(str(directory), None, s) for s in index["shards"]]
+    readers = [reader_from_json(str(directory), None, s) for s in shards.read_index(directory)]
     total = sum(r.samples for r in readers)
     if total == 0:
         raise ValueError(f"{directory} holds no samples")

@@ -134,6 +134,11 @@ def manifest_dtypes(latent_dtype: str, with_text: bool) -> dict:
             "text_mask": "uint8 (1: token)" if with_text else None}
 
 
+def read_index(directory: str | Path) -> list[dict]:
+    """The shard entries of the MDS ``index.json`` in ``directory`` (a partition's or the merged one)."""
+    return json.loads((Path(directory) / INDEX_FILE).read_text())["shards"]
+
+
 def read_shard_manifest(directory: str | Path) -> dict:
     """The ``manifest.json`` of a shard directory."""
     path = Path(directory) / MANIFEST_FILE
@@ -226,13 +231,13 @@ def merge_partitions(out: str | Path, count: int) -> dict:
     shards, rejects, samples = [], [], 0
     for i in range(count):
         part = out / partition_name(i, count)
-        index = json.loads((part / INDEX_FILE).read_text())
-        for shard in index["shards"]:
+        part_shards = read_index(part)
+        for shard in part_shards:
             for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
                 if shard.get(key):
                     shard[key]["basename"] = f"{part.name}/{shard[key]['basename']}"
             samples += shard["samples"]
-        shards += index["shards"]
+        shards += part_shards
         rejects.append((part / REJECTS_FILE).read_text())
     atomic_write_text(out / INDEX_FILE, json.dumps({"version": 2, "shards": shards}))
     atomic_write_text(out / REJECTS_FILE, "".join(rejects))
