@@ -44,11 +44,11 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def flash_available() -> bool:
+def flash_available(head_dim: int) -> bool:
     """FlexAttention's FlashAttention-4 backend (model.flex_kernel=flash) can run here; else its rows
     are left out, with the reason printed."""
     try:
-        check_flex_kernel("flash", torch.device("cuda"))
+        check_flex_kernel("flash", torch.device("cuda"), head_dim)
         return True
     except ValueError as e:
         print(f"(no FLASH rows: {e})")
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         return 2
     batches = dict(item.split("=") for item in args.batch.split(","))
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    args.flash = flash_available()
+    args.flash = flash_available(args.head_dim)
     for name in args.layouts.split(","):
         bench_layout(name, int(batches.get(name, 1)), args)
     return 0

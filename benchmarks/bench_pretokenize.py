@@ -208,15 +208,16 @@ def decode_only(args, preset: Preset, plans: list, warm_plans: list, device: str
 def encoder_only(args, preset: Preset, tok: Path, iters: int, memory_format: str) -> float:
     """Clips/s of encode + quantize alone on resident random frames (the ceiling of the pipeline)."""
     from data_prep.pretokenize import ClipEncoder, PretokenizeConfig
+    bs = args.batch_size or preset.batch_size
+    # batch_size as in the full runs: the encoder's CUDA graph is captured for it (encoder_cuda_graph)
     cfg = PretokenizeConfig(tokenizer=str(tok), input_manifest="-", output_dir="-", latent_dtype="bfloat16",
-                            clips=preset.sampling(),
+                            clips=preset.sampling(), batch_size=bs,
                             deterministic=args.deterministic, encoder_memory_format=memory_format)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = args.deterministic
         torch.backends.cudnn.benchmark = not args.deterministic
     enc = ClipEncoder(cfg, device)
-    bs = args.batch_size or preset.batch_size
     frames = [torch.randint(0, 255, (preset.frames, preset.height, preset.width, 3), dtype=torch.uint8, device=device)
               for _ in range(bs)]
     enc.encode(frames, ["x"] * bs)

@@ -103,6 +103,11 @@ class PretokenizeConfig:
     (NCDHW), or auto (contiguous: on an H100 channels_last encoded 5% (17x128²) and 12% (33x384x672)
     slower, GroupNorm converting back each time; docs/BENCHMARKS.md). The latents agree to float
     rounding, but the layouts run different kernels, so byte-identical reruns need the same value."""
+    encoder_cuda_graph: bool = True
+    """On cuda, encode each batch by replaying one CUDA graph of the encoder, captured once at start for
+    batch_size clips (it holds one batch's activations; smaller batches are zero-padded): one launch
+    instead of hundreds of kernels, so the encoder's thread leaves the CPU to the decode threads.
+    Latents equal the eager encoder's on the same (padded) batch, bit for bit (GPU test)."""
     max_decode_error_rate: float = 0.5
     """Abort a partition (nothing committed; the error quotes the first decode error) when more than this
     fraction of its clips fail to decode after at least 32 tries: that is a broken decoder setup (driver,
@@ -244,14 +249,27 @@ class ClipEncoder:
             # time-padded input in the weight's layout (see tokenizer.model.CausalConv3d._cat_time).
             self.tokenizer.encoder.to(memory_format=torch.channels_last_3d)
         self.text = FrozenTextEncoder(cfg.text_encoder, device) if cfg.text_encoder.path else None
+        self.graph = None
+        if cfg.encoder_cuda_graph and device.type == "cuda":
+            c = cfg.clips
+            self.graph = EncoderGraph(self._latent, (cfg.batch_size, c.num_frames, c.height, c.width, 3), device)
+
+    @torch.no_grad()
+    def _latent(self, frames_BFHWC: torch.Tensor) -> torch.Tensor:
+        """uint8 frames → continuous latent ``(B, d, T, h, w)`` (bf16 autocast on cuda)."""
+        video_BCTHW = frames_to_model_input(frames_BFHWC)
+        # cache_enabled=False: the weight-cast cache must not outlive a CUDA graph capture.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda", cache_enabled=False):
+            return self.tokenizer.encode(video_BCTHW)
 
     @torch.no_grad()
     def encode(self, frames: Sequence[torch.Tensor], captions: Sequence[str]) -> EncodedBatch:
         """uint8 frames ``(F, H, W, 3)`` per clip (CPU or CUDA) → stored latents and packed bits."""
-        video_BCTHW = torch.stack([frames_to_model_input(f.to(self.device, non_blocking=True))
-                                   for f in frames])
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            latent_BdTHW = self.tokenizer.encode(video_BCTHW)
+        frames_BFHWC = torch.stack([f.to(self.device, non_blocking=True) for f in frames])
+        if self.graph is not None and self.graph.fits(frames_BFHWC):
+            latent_BdTHW = self.graph(frames_BFHWC)
+        else:
+            latent_BdTHW = self._latent(frames_BFHWC)
         latent_BTdHW = shards.round_latent(latent_BdTHW.permute(0, 2, 1, 3, 4), self.cfg.latent_dtype)
         if not torch.isfinite(latent_BTdHW).all():  # never write NaN/inf (nor bits derived from them)
             bad = (~torch.isfinite(latent_BTdHW)).flatten(1).any(1).nonzero().flatten().tolist()
@@ -273,6 +291,41 @@ class ClipEncoder:
         return shards.manifest_shapes(latent_frames=self.latent_frames, latent_dim=self.latent_dim,
                                       latent_hw=self.latent_hw, tokens_per_frame=self.quantizer.tokens_per_frame,
                                       text_shape=self.text.feature_shape if self.text else None)
+
+
+class EncoderGraph:
+    """``fn`` on batches of up to ``shape[0]`` samples, captured once as a CUDA graph and replayed.
+
+    A batch is one launch instead of the encoder's ~650 kernels (17x128²), so the encoder's thread
+    stops competing with the decode threads for the CPU. A smaller batch (a partition's last, or one
+    with rejects) is zero-padded to the captured size: no second set of activations next to the
+    graph's (at 33x384x672 one batch's activations are most of an 80 GB GPU), and a clip's latents do
+    not depend on how full its batch was. The capture runs before any decode thread exists. On an
+    H200 the pipeline's gain was within run-to-run spread (docs/BENCHMARKS.md).
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...], device: torch.device):
+        self.input = torch.zeros(shape, dtype=torch.uint8, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up outside the capture: cuDNN/cuBLAS handles, workspaces
+            for _ in range(2):
+                fn(self.input)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = fn(self.input)
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return x.shape[1:] == self.input.shape[1:] and x.shape[0] <= self.input.shape[0] \
+            and x.device == self.input.device
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        self.input[:b].copy_(x)
+        self.input[b:].zero_()
+        self.graph.replay()
+        return self.output[:b].clone()  # the next replay overwrites self.output
 
 
 # ----------------------------------------------------------------------------------------------

@@ -190,8 +190,9 @@ def plan_clips(info: VideoInfo, cfg: ClipSamplingConfig, *, start_s: float | Non
 
 
 def frames_to_model_input(frames_FHWC: torch.Tensor) -> torch.Tensor:
-    """uint8 frames ``(F,H,W,3)`` → float ``(3,F,H,W)`` in [-1, 1], on the frames' device."""
-    return frames_FHWC.permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
+    """uint8 frames ``(F, H, W, 3)`` → float ``(3, F, H, W)`` in [-1, 1], on the frames' device; a batch
+    ``(B, F, H, W, 3)`` → ``(B, 3, F, H, W)`` (the same values as clip by clip)."""
+    return frames_FHWC.movedim(-1, -4).float().div_(127.5).sub_(1.0)
 
 
 class DaliClipDecoder:

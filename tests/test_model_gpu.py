@@ -9,6 +9,7 @@ CUDA kernel and its backward are compared with SDPA on the dense mask from the s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from tokenizer.quantizer import MultiScaleBSQ
 from videoar_megatron.common.config import build_dataclass
-from videoar_megatron.model.attention import FLEX_KERNEL_OPTIONS, check_flex_kernel
+from videoar_megatron.model.attention import FLEX_KERNEL_OPTIONS, check_flex_kernel, flash_unsupported
 from videoar_megatron.model.config import ModelConfig, ParallelConfig
 from videoar_megatron.model.layout import TokenLayout
 from videoar_megatron.model.loss import bit_loss
@@ -63,16 +64,36 @@ def skip_without_flash() -> None:
 
 
 @pytest.mark.parametrize("rfm", [True, False], ids=["rfm", "full-context"])
-@pytest.mark.parametrize("kernel,dtype,tol", [("triton", torch.float32, 2e-5), ("triton", torch.bfloat16, 2e-2),
-                                              ("flash", torch.bfloat16, 2e-2)])  # FA4: 16-bit inputs only
-def test_flex_attention_output_and_grads_equal_dense_sdpa(kernel, dtype, tol, rfm):
-    if kernel == "flash":
-        skip_without_flash()
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+def test_flex_attention_output_and_grads_equal_dense_sdpa(dtype, tol, rfm):
     layout, tables, vis, text_len = ucf_case(rfm=rfm)
     bm = block_mask(tables, vis, text_len)
-    options = FLEX_KERNEL_OPTIONS[kernel]
+    options = FLEX_KERNEL_OPTIONS["triton"]
     assert_equals_dense_sdpa(lambda q, k, v: compiled_flex_attention()(q, k, v, block_mask=bm, kernel_options=options),
                              tables, vis, text_len, dtype, tol)
+
+
+@pytest.mark.parametrize("rfm", [True, False], ids=["rfm", "full-context"])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])  # 80: VideoAR-4B; 128: L and XL
+def test_flash_kernel_equals_dense_sdpa_where_accepted_and_fails_where_refused(head_dim, rfm):
+    """model.flex_kernel=flash (FA4, bf16 only): where check_flex_kernel accepts the head dim, output and
+    gradients equal dense SDPA; where it refuses, FA4 really cannot run it (the refusal is not a guess)."""
+    skip_without_flash()
+    layout, tables, vis, text_len = ucf_case(rfm=rfm)
+    bm = block_mask(tables, vis, text_len)
+
+    def attend(q, k, v):
+        return compiled_flex_attention()(q, k, v, block_mask=bm, kernel_options=FLEX_KERNEL_OPTIONS["flash"])
+    run = functools.partial(assert_equals_dense_sdpa, attend, tables, vis, text_len, torch.bfloat16, 2e-2,
+                            head_dim=head_dim)
+    refusal = flash_unsupported(torch.cuda.get_device_capability(), head_dim)
+    if refusal is None:
+        run()
+    else:
+        torch._dynamo.reset()  # the failed compile must not be cached for the next case
+        with pytest.raises(Exception):
+            run()
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])

@@ -3,14 +3,17 @@ stay on the GPU, the bf16 pipeline equals a direct bf16 encode of the same clips
 fp32 CPU path, and a rerun is byte-identical."""
 from __future__ import annotations
 
+import dataclasses
 import json
+
+import numpy as np
 
 import pytest
 import torch
 
 from data_prep import shards
 from data_prep.manifest import read_manifest
-from data_prep.pretokenize import Pretokenizer, Worker
+from data_prep.pretokenize import ClipEncoder, EncoderGraph, Pretokenizer, Worker
 from data_prep.video import ClipPlan, DaliClipDecoder, frames_to_model_input, plan_clips, probe_video
 from tests.pretok_helpers import (CLIP, GPU_SIZE, SCHEDULE, make_clean_corpus, make_mixed_corpus,
                                   make_tiny_tokenizer, pretok_config, tree_bytes)
@@ -75,7 +78,7 @@ def test_gpu_pipeline_equals_direct_bf16_encode_and_is_close_to_cpu_fp32(tok, tm
     Pretokenizer(gpu_config(tok, corpus, gpu_out, num_partitions=1), Worker(0, 1)).run()
     Pretokenizer(pretok_config(tok, corpus, cpu_out, num_partitions=1), Worker(0, 1)).run()
     got = read_all(gpu_out)
-    # direct: same clips, same batches, DALI GPU decode, bf16 autocast encode, NCDHW encoder (auto)
+    # direct: same clips, same batches (the last zero-padded), DALI GPU decode, bf16 autocast encode, NCDHW
     model = load_tokenizer(tok, device="cuda")
     clips_cfg = pretok_config(tok, corpus, tmp_path / "x").clips
     jobs = [p for r in read_manifest(corpus) for p in plan_clips(probe_video(r.path, "gpu"), clips_cfg)]
@@ -83,9 +86,10 @@ def test_gpu_pipeline_equals_direct_bf16_encode_and_is_close_to_cpu_fp32(tok, tm
     direct = []
     for k in range(0, len(jobs), 3):
         frames = decoder.decode(jobs[k:k + 3])
+        padded = frames + [torch.zeros_like(frames[0])] * (3 - len(frames))  # as the graphed encoder pads
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            latent = model.encode(torch.stack([frames_to_model_input(f) for f in frames]))
-        direct += list(latent.permute(0, 2, 1, 3, 4).float().cpu())
+            latent = model.encode(torch.stack([frames_to_model_input(f) for f in padded]))
+        direct += list(latent[:len(frames)].permute(0, 2, 1, 3, 4).float().cpu())
     assert len(got) == len(direct) == 8
     for g, d in zip(got, direct):
         assert torch.equal(g["latent"], d)  # float32 storage of the bf16 encoder output
@@ -111,6 +115,29 @@ def test_gpu_channels_last_encoder_is_close_to_contiguous(tok, tmp_path):
         rel = (a["latent"] - b["latent"]).norm() / b["latent"].norm()
         assert rel < 0.02, rel  # other cuDNN kernels, bf16 rounding
         assert (a["bits"] == b["bits"]).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_graphed_encoder_equals_eager_on_full_and_padded_batches(tok, tmp_path, memory_format, monkeypatch):
+    """encoder_cuda_graph: every batch replays the captured graph; its latents and bits equal the eager
+    encoder's on the same batch bit for bit, a partial batch being zero-padded to the captured size."""
+    cfg = gpu_config(tok, tmp_path / "m.csv", tmp_path / "o", batch_size=4, encoder_memory_format=memory_format)
+    graphed = ClipEncoder(cfg, torch.device("cuda"))
+    eager = ClipEncoder(dataclasses.replace(cfg, encoder_cuda_graph=False), torch.device("cuda"))
+    assert graphed.graph is not None and eager.graph is None
+    gen = torch.Generator("cuda").manual_seed(0)
+    frames = [torch.randint(0, 256, (CLIP["num_frames"], CLIP["height"], CLIP["width"], 3), generator=gen,
+                            device="cuda", dtype=torch.uint8) for _ in range(4)]
+    replays = []
+    replay = EncoderGraph.__call__
+    monkeypatch.setattr(EncoderGraph, "__call__", lambda self, x: (replays.append(len(x)), replay(self, x))[1])
+    for batch in (frames, frames[:3], frames[::-1]):
+        padded = batch + [torch.zeros_like(frames[0])] * (4 - len(batch))
+        a, b = graphed.encode(batch, ["x"] * len(batch)), eager.encode(padded, ["x"] * 4)
+        assert len(a.latents) == len(batch)
+        for x, y in zip(a.latents + a.bits, b.latents[:len(batch)] + b.bits[:len(batch)]):
+            assert np.array_equal(x, y)
+    assert replays == [4, 3, 4]
 
 
 def test_gpu_rerun_is_byte_identical(tok, tmp_path):

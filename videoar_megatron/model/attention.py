@@ -55,19 +55,38 @@ FLEX_KERNEL_OPTIONS = {
 """``kernel_options`` of the compiled FlexAttention call per ``ModelConfig.flex_kernel``."""
 
 
-def check_flex_kernel(kernel: str, device: torch.device) -> None:
+def check_flex_kernel(kernel: str, device: torch.device, head_dim: int | None = None) -> None:
     """Refuse ``model.flex_kernel=flash`` where it cannot run, before anything is built (else the
-    first step would fail inside Inductor's lowering)."""
+    first step would fail inside Inductor's lowering or FlashAttention-4's block-sparse checks)."""
     if kernel != "flash" or device.type != "cuda":
         return
     if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn.cute") is None:
         raise ValueError("model.flex_kernel=flash needs FlashAttention-4 (module flash_attn.cute): install "
                          "the 'flash' extra (pip install -e '.[flash]', see docs/training.md) or set "
                          "model.flex_kernel=triton")
-    major, minor = torch.cuda.get_device_capability(device)
+    reason = flash_unsupported(torch.cuda.get_device_capability(device), head_dim)
+    if reason:
+        raise ValueError(f"model.flex_kernel=flash: {reason}; set model.flex_kernel=triton")
+
+
+FLASH_SM90_HEAD_DIMS = (97, 128)
+"""Head dims FlexAttention's FLASH backend can train block-sparse masks with on Hopper (FA4 4.0). The
+forward kernel tiles 192 query rows for head_dim <= 96 and so needs BlockMask query blocks that are a
+multiple of 192, while the block-sparse backward needs query blocks of exactly 128: only 97..128 (128
+rows forward, 128 keys both ways) satisfies both with one BlockMask. Checked against FA4 on an H200
+(tests/test_model_gpu.py)."""
+
+
+def flash_unsupported(capability: tuple[int, int], head_dim: int | None) -> str | None:
+    """Why the FLASH backend cannot train on a GPU of ``capability`` with ``head_dim``, or None."""
+    major, minor = capability
     if major < 9:
-        raise ValueError(f"model.flex_kernel=flash needs a Hopper or newer GPU (compute capability >= 9.0); "
-                         f"this one is {major}.{minor}: set model.flex_kernel=triton")
+        return f"needs a Hopper or newer GPU (compute capability >= 9.0); this one is {major}.{minor}"
+    lo, hi = FLASH_SM90_HEAD_DIMS
+    if major == 9 and head_dim is not None and not lo <= head_dim <= hi:
+        return (f"on Hopper it trains block-sparse masks only with head_dim {lo}..{hi} (FlashAttention-4's "
+                f"tiles); this model has head_dim {head_dim} (hidden_size / num_attention_heads)")
+    return None
 
 
 CACHED_STEP_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]

@@ -177,10 +177,12 @@ class ModelConfig:
     flex_kernel: Literal["triton", "flash"] = "triton"
     """Kernel behind the flex path (CUDA). 'triton': Inductor's Triton FlexAttention kernels (no extra
     dependency). 'flash': FlexAttention's FlashAttention-4 backend (``BACKEND: FLASH``, CuTe DSL), which
-    needs the ``flash`` extra (flash-attn-4) and a Hopper or newer GPU. Same mask, same BlockMask; the
-    results agree within bf16 rounding. Measured on an H200 (docs/BENCHMARKS.md): at stage-III length
-    (13,771 tokens) one attention layer fwd+bwd 4.81 vs 8.64 ms and the VideoAR-L train step 1.07x a
-    causal GPT (Triton: 0.86x); at UCF-101 length (666 tokens, batch 16) FLASH is slower, 1.69 vs 1.35 ms."""
+    needs the ``flash`` extra (flash-attn-4) and a Hopper or newer GPU; on Hopper only head_dim 97..128
+    (VideoAR-L and XL; not 4B's 80: FA4's tiles, refused before building). Same mask, same BlockMask; the
+    results agree within bf16 rounding (GPU tests, with and without Random Frame Mask). Measured on an
+    H200 (docs/BENCHMARKS.md): at stage-III length (13,771 tokens) one attention layer fwd+bwd 4.81 vs
+    8.64 ms and the VideoAR-L train step 1.07x a causal GPT without RFM, 1.01x with RFM p=0.1 (Triton:
+    0.86x); at UCF-101 length (666 tokens, batch 16) FLASH is slower, 1.69 vs 1.35 ms."""
     attention_split_tokens: int = 0
     """Split attention: (frame, scale) blocks of at least this many tokens run as unmasked SDPA calls
     over the keys before their end (FlashAttention kernels on GPU) and only the other queries go through

@@ -114,6 +114,11 @@ class LayoutTables:
     """One past the last position of the token's (frame, scale) block (video); own position + 1
     otherwise. Tokens of a frame are ordered by scale, so 'same frame, scale <= k' is the range
     [frame_start, block_end): the mask tests ranges instead of gathering frame and scale ids."""
+    frame_index_S: torch.Tensor
+    """int32 frame of a video token, 0 otherwise: the Random Frame Mask's lookup index. FlexAttention's
+    FLASH backend (model.flex_kernel=flash) compiles neither a clamp of ``frame_S`` nor int64 gather
+    indices (measured on an H200, torch 2.11 + FA4 4.0.0b5); where it is read, the key is an earlier
+    frame's video token, so the 0 of other tokens is never used."""
     prefix_len: int
     """|Ψ|: positions below it are the prefix."""
 
@@ -144,7 +149,8 @@ def _tables(layout: TokenLayout, device: str) -> LayoutTables:
     col = torch.cat([text, col_N, torch.zeros(pad, dtype=torch.long)])
     frame_start, block_end = _ranges(layout)
     tensors = (kind, frame, scale, row, col, frame_start, block_end)
-    return LayoutTables(*(t.to(device=device, dtype=torch.long) for t in tensors), prefix_len=P)
+    return LayoutTables(*(t.to(device=device, dtype=torch.long) for t in tensors),
+                        frame_index_S=frame.clamp(min=0).to(device=device, dtype=torch.int32), prefix_len=P)
 
 
 def _ranges(layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:

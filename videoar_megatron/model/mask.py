@@ -73,8 +73,7 @@ def mask_rule(b, q_idx, kv_idx, tables: LayoutTables, frame_visible_BTT: torch.T
     own_frame = (kv_idx >= frame_start_q) & (kv_idx < tables.block_end_S[q_idx])
     earlier = (kv_idx >= tables.prefix_len) & (kv_idx < frame_start_q)
     if not full_context:
-        frame_q, frame_k = tables.frame_S[q_idx], tables.frame_S[kv_idx]
-        earlier = earlier & frame_visible_BTT[b, frame_q.clamp(min=0), frame_k.clamp(min=0)]
+        earlier = earlier & frame_visible_BTT[b, tables.frame_index_S[q_idx], tables.frame_index_S[kv_idx]]
     return to_text | ((kind_q == VIDEO) & (own_frame | earlier)) | (q_idx == kv_idx)
 
 

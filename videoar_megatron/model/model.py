@@ -154,7 +154,7 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig, groups: ProcessGroup
                 vp_stage: int | None = None) -> VideoARModel:
     """This rank's VideoAR model (stage flags from the pipeline rank unless given), on ``device``."""
     device = torch.device(device)
-    check_flex_kernel(cfg.flex_kernel, device)
+    check_flex_kernel(cfg.flex_kernel, device, cfg.hidden_size // cfg.num_attention_heads)
     if groups.tp.size() != parallel.tensor_parallel or groups.pp.size() != parallel.pipeline_parallel:
         raise ValueError(f"process groups (tp={groups.tp.size()}, pp={groups.pp.size()}) do not match "
                          f"parallel.tensor_parallel={parallel.tensor_parallel}, "
