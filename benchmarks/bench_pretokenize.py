@@ -15,8 +15,10 @@ baseline of decoding a video's clips together.
 
 Per preset, in this order: (1) decode only, DALI, once per pipeline count; the fastest count (the
 smallest within 5% of the fastest) is chosen; (2) encoder only on resident frames, once per memory
-format; the faster is chosen; (3) the full DALI pipeline with the chosen settings (--full each: once
-per pipeline count); (4) the full PyAV pipeline with the chosen memory format. Every figure is printed
+format; the faster is chosen; (2b) decode only while the encoder runs back to back on another thread
+(both rates: do the stages overlap on this device or take turns? --no-beside skips it); (3) the full
+DALI pipeline with the chosen settings (--full each: once per pipeline count); (4) the full PyAV
+pipeline with the chosen memory format. Every figure is printed
 with its ratio to (4), the baseline of the same run.
 
 Goal (issue 5): DALI GPU decode is encoder-bound (pipeline clips/s close to encoder-only clips/s) and
@@ -204,12 +206,11 @@ def decode_only(args, preset: Preset, plans: list, warm_plans: list, device: str
     return rate
 
 
-@torch.no_grad()
-def encoder_only(args, preset: Preset, tok: Path, iters: int, memory_format: str) -> float:
-    """Clips/s of encode + quantize alone on resident random frames (the ceiling of the pipeline)."""
+def make_encoder(args, preset: Preset, tok: Path, memory_format: str):
+    """The production ClipEncoder for the preset's batch (its CUDA graph captured for that batch size, as
+    in the full runs) and one batch of resident random frames."""
     from data_prep.pretokenize import ClipEncoder, PretokenizeConfig
     bs = args.batch_size or preset.batch_size
-    # batch_size as in the full runs: the encoder's CUDA graph is captured for it (encoder_cuda_graph)
     cfg = PretokenizeConfig(tokenizer=str(tok), input_manifest="-", output_dir="-", latent_dtype="bfloat16",
                             clips=preset.sampling(), batch_size=bs,
                             deterministic=args.deterministic, encoder_memory_format=memory_format)
@@ -220,17 +221,60 @@ def encoder_only(args, preset: Preset, tok: Path, iters: int, memory_format: str
     enc = ClipEncoder(cfg, device)
     frames = [torch.randint(0, 255, (preset.frames, preset.height, preset.width, 3), dtype=torch.uint8, device=device)
               for _ in range(bs)]
-    enc.encode(frames, ["x"] * bs)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    enc.encode(frames, ["x"] * bs)  # warm-up
+    return enc, frames
+
+
+@torch.no_grad()
+def encoder_only(args, preset: Preset, tok: Path, iters: int, memory_format: str) -> float:
+    """Clips/s of encode + quantize alone on resident random frames (the ceiling of the pipeline)."""
+    enc, frames = make_encoder(args, preset, tok, memory_format)
+    sync = torch.cuda.synchronize if enc.device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     for _ in range(iters):
-        enc.encode(frames, ["x"] * bs)
+        enc.encode(frames, ["x"] * len(frames))
     sync()
-    rate = iters * bs / (time.perf_counter() - t0)
+    rate = iters * len(frames) / (time.perf_counter() - t0)
     del enc, frames
     release_memory()
     return rate
+
+
+def decode_beside_encoder(args, preset: Preset, tok: Path, manifest: Path, device: str, pipelines: int,
+                          memory_format: str) -> dict[str, float]:
+    """Decode only while the encoder encodes resident frames back to back on another thread: both rates.
+    Next to decode-only and encoder-only this says whether the two stages overlap on this device or take
+    turns (session 6, H200: NVDEC decode fell from 195 to about 20 clips/s beside a busy encoder)."""
+    import threading
+    enc, frames = make_encoder(args, preset, tok, memory_format)
+    plans, warm = clip_plans(preset, manifest, device), clip_plans(preset, args._warm_manifest, device)
+    stop, batches = threading.Event(), [0]
+
+    def encode_forever(encoder, batch):
+        if encoder.device.type == "cuda":
+            torch.cuda.set_device(encoder.device)
+        with torch.no_grad():
+            while True:  # at least one batch; the rate's clock stops when the last one has ended
+                encoder.encode(batch, ["x"] * len(batch))  # ends in a host copy: synchronised per batch
+                batches[0] += 1
+                if stop.is_set():
+                    return
+
+    thread = threading.Thread(target=encode_forever, args=(enc, frames), daemon=True, name="bench-encoder")
+    t0 = time.perf_counter()
+    thread.start()
+    try:
+        decode = decode_only(args, preset, plans, warm, device, pipelines)
+    finally:
+        stop.set()
+        thread.join()
+    encode = batches[0] * len(frames) / (time.perf_counter() - t0)
+    del enc, frames
+    release_memory()
+    rates = {"decode_clips_per_s": round(decode, 2), "encoder_clips_per_s": round(encode, 2)}
+    print(f"  decode only beside a busy encoder, {pipelines} pipeline(s): {rates}", flush=True)
+    return rates
 
 
 def breakdown(s) -> dict:
@@ -303,6 +347,10 @@ def summary_lines(r: dict, device: str) -> list[str]:
         n = r["chosen"]["decode_pipelines"]
         lines.append(row(f"decode only, {n} pipeline(s), every clip on its own", r["decode_only_clip_by_clip_clips_per_s"]))
     lines += [row(f"encoder only, {f}", v) for f, v in r["encoder_only_by_memory_format"].items()]
+    if r.get("decode_beside_busy_encoder"):
+        b = r["decode_beside_busy_encoder"]
+        lines.append(row("decode only beside a busy encoder", b["decode_clips_per_s"],
+                         f"  (encoder meanwhile {b['encoder_clips_per_s']:.2f} clips/s)"))
     ceiling = r["encoder_only_clips_per_s"]
     for n, b in r["dali_full_by_pipelines"].items():
         d = b["clips_per_s"]
@@ -350,8 +398,11 @@ def bench_preset(name: str, args, work: Path) -> dict:
     chosen = {"decode_pipelines": pick_pipelines(decode), "encoder_memory_format": max(encode, key=encode.get),
               "decode_only": decode}
     one_by_one = clip_by_clip(args, preset, manifest, device, chosen["decode_pipelines"])
+    beside = decode_beside_encoder(args, preset, tok, manifest, device, chosen["decode_pipelines"],
+                                   chosen["encoder_memory_format"]) if args.beside else None
     runs = full_runs(args, preset, tok, manifest, work, device, chosen)
     result.update(figures(decode, encode, chosen, runs, device))
+    result["decode_beside_busy_encoder"] = beside
     result["clips_per_video"] = preset.clips_per_video
     result["decode_only_clip_by_clip_clips_per_s"] = one_by_one
     print(f"-- {name} summary (chosen: {chosen['decode_pipelines']} pipeline(s), "
@@ -401,6 +452,8 @@ def main(argv=None) -> int:
     p.add_argument("--encoder-iters", type=int, default=10, help="batches timed for encoder-only")
     p.add_argument("--no-deterministic", dest="deterministic", action="store_false",
                    help="allow cuDNN autotuned (non-deterministic) kernels; the shipped recipes are deterministic")
+    p.add_argument("--no-beside", dest="beside", action="store_false",
+                   help="skip the decode-beside-a-busy-encoder run (do the two stages overlap on this device?)")
     p.add_argument("--no-write", action="store_true", help="skip MDS writing (if mosaicml-streaming is missing)")
     p.add_argument("--out", default="", help="write the results JSON here (default: print only)")
     p.add_argument("--work-dir", default="", help="scratch directory (default: a temporary one, removed)")

@@ -142,6 +142,8 @@ def test_benchmark_smoke_on_cpu(tmp_path):
     assert r["clips_per_video"] == 2 and r["decode_only_clip_by_clip_clips_per_s"] > 0
     assert set(r["encoder_only_by_memory_format"]) == {"contiguous", "channels_last"}
     assert r["chosen"]["encoder_memory_format"] in r["encoder_only_by_memory_format"]
+    beside = r["decode_beside_busy_encoder"]
+    assert beside["decode_clips_per_s"] > 0 and beside["encoder_clips_per_s"] > 0
     full = [*r["dali_full_by_pipelines"].values(), r["pyav_cpu"]]
     assert len(full) == 3 and all(b["clips"] == 8 and b["rejects"] == 0 for b in full)
 
