@@ -98,11 +98,11 @@ class StageMemory:
     activations: float
     activations_recompute: float
     optimizer_step: float
-    """The optimizer step's fp32 working list, not distributed (divide by DP when distributed)."""
-    dp: int
+    """The optimizer step's fp32 working list (one temporary per main weight)."""
+    optimizer_step_distributed: float
 
     def total(self, distributed: bool, recompute: bool) -> float:
-        step = self.optimizer_step / (self.dp if distributed else 1)
+        step = self.optimizer_step_distributed if distributed else self.optimizer_step
         return (self.weights + self.grads + (self.optimizer_distributed if distributed else self.optimizer)
                 + max(self.activations_recompute if recompute else self.activations, step)
                 + RUNTIME_OVERHEAD_GIB * GIB)
@@ -145,7 +145,8 @@ def stage_memory(cfg: TrainConfig, layout: TokenLayout, stage: int, dp: int, acc
     full, layer_input = layer_activation_bytes(cfg, layout)
     return StageMemory(stage=stage, params=n, weights=weights, grads=4 * n, optimizer=optimizer,
                        optimizer_distributed=optimizer / dp, activations=in_flight * layers * full,
-                       activations_recompute=in_flight * layers * layer_input + full, optimizer_step=4 * n, dp=dp)
+                       activations_recompute=in_flight * layers * layer_input + full,
+                       optimizer_step=4 * n, optimizer_step_distributed=4 * n / dp)
 
 
 def dry_run(cfg: TrainConfig) -> tuple[bool, str]:
@@ -176,7 +177,7 @@ def dry_run(cfg: TrainConfig) -> tuple[bool, str]:
             ("activations, no recompute", lambda s: s.activations / GIB),
             ("activations, full recompute", lambda s: s.activations_recompute / GIB),
             ("optimizer step working list", lambda s: s.optimizer_step / GIB),
-            (f"  distributed (/{layout.dp})", lambda s: s.optimizer_step / layout.dp / GIB),
+            (f"  distributed (/{layout.dp})", lambda s: s.optimizer_step_distributed / GIB),
             ("runtime overhead", lambda s: RUNTIME_OVERHEAD_GIB)]
     for label, fn in rows:
         lines.append(f"  {label:<32}" + "".join(f"{fn(s):>12.2f}" for s in stages))
