@@ -28,7 +28,7 @@ test-gpu: setup
 
 # docs/recipes.md is generated from the config field docstrings; tests/test_docs.py fails when it is stale.
 docs: setup
-	$(VENV)/bin/python -m videoar_megatron.common.recipe_docs --write docs/recipes.md
+	$(VENV)/bin/python -m videoar_common.recipe_docs --write docs/recipes.md
 
 clean-venv:
 	rm -rf $(VENV)

@@ -34,7 +34,7 @@ setup(
     name="videoar-megatron",
     version="0.1.0",
     description="Distributed pretraining stack for VideoAR: next-frame, next-scale video generation",
-    packages=find_packages(include=["videoar_megatron*", "tokenizer*", "data_prep*"]),
+    packages=find_packages(include=["videoar_common*", "videoar_megatron*", "tokenizer*", "data_prep*"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.ar_common import LAYOUTS, row, time_ms  # noqa: E402
 from tokenizer.quantizer import MultiScaleBSQ  # noqa: E402
-from videoar_megatron.common.config import build_dataclass  # noqa: E402
+from videoar_common.config import build_dataclass  # noqa: E402
 from videoar_megatron.model.config import ModelConfig  # noqa: E402
 from videoar_megatron.model.sequence import VideoARBatch, build_batch, concat_batches  # noqa: E402
 

@@ -55,7 +55,7 @@ def sets_for(args, size: str, tp: int, shards: Path, gpu_gib: float) -> list[str
 
 def estimate(sets: list[str]) -> tuple[float, float]:
     """(dry-run estimate, the same without the fixed runtime allowance) in GiB for the recipe as run."""
-    from videoar_megatron.common.config import load_config
+    from videoar_common.config import load_config
     from videoar_megatron.training.config import TrainConfig
     from videoar_megatron.training.dry_run import RUNTIME_OVERHEAD_GIB, estimate_gib
     cfg = load_config(TrainConfig, REPO / "recipes/ar/stage3.yaml", sets)

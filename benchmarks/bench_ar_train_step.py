@@ -26,8 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.ar_common import LAYOUTS, attended_pairs, attention_flops, row, time_ms  # noqa: E402
 from tokenizer.quantizer import MultiScaleBSQ  # noqa: E402
-from videoar_megatron.common.config import build_dataclass  # noqa: E402
-from videoar_megatron.common.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from videoar_common.config import build_dataclass  # noqa: E402
+from videoar_common.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from videoar_megatron.model.attention import VideoARCoreAttention  # noqa: E402
 from videoar_megatron.model.config import ModelConfig, ParallelConfig  # noqa: E402
 from videoar_megatron.model.layer_spec import transformer_config  # noqa: E402

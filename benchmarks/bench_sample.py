@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokenizer.config import TokenizerModelConfig  # noqa: E402
 from tokenizer.model import VideoTokenizer  # noqa: E402
-from videoar_megatron.common.config import build_dataclass  # noqa: E402
-from videoar_megatron.common.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from videoar_common.config import build_dataclass  # noqa: E402
+from videoar_common.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from videoar_megatron.model.config import ModelConfig, ParallelConfig  # noqa: E402
 from videoar_megatron.model.model import build_model  # noqa: E402
 from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel  # noqa: E402

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenizer.model import StreamState, VideoTokenizer  # noqa: E402
 from tokenizer.train_config import TokenizerTrainConfig  # noqa: E402
-from videoar_megatron.common.config import load_config  # noqa: E402
+from videoar_common.config import load_config  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_sample import build  # noqa: E402
-from videoar_megatron.common.config import build_dataclass  # noqa: E402
-from videoar_megatron.common.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from videoar_common.config import build_dataclass  # noqa: E402
+from videoar_common.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from videoar_megatron.model.config import ParallelConfig  # noqa: E402
 from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel  # noqa: E402
 from videoar_megatron.sampling.config import SamplingConfig  # noqa: E402

@@ -29,7 +29,7 @@ def write_synthetic_shards(out: Path, *, num: int, frames: int, schedule: list[l
 
     from data_prep import shards
     from tokenizer.quantizer import MultiScaleBSQ
-    from videoar_megatron.common.atomic import mark_committed
+    from videoar_common.atomic import mark_committed
     if (out / "COMMITTED").is_file():
         return out
     q = MultiScaleBSQ(dim=latent_dim, scales=schedule)

@@ -97,7 +97,7 @@ def read_manifest(path: str | Path) -> list[VideoRecord]:
 
 def write_manifest(path: str | Path, records: list[VideoRecord], relative_to: Path | None = None) -> Path:
     """Write records as CSV or JSONL (by suffix); paths under ``relative_to`` are stored relative."""
-    from videoar_megatron.common.atomic import atomic_write_text
+    from videoar_common.atomic import atomic_write_text
     path = Path(path)
 
     def row(r: VideoRecord) -> dict:

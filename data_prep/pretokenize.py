@@ -43,8 +43,8 @@ from data_prep.text_encoder import FrozenTextEncoder, TextEncoderConfig
 from data_prep.video import (ClipPlan, ClipSamplingConfig, DaliClipDecoder, PyAVClipDecoder,
                              VideoUnusable, frames_to_model_input, plan_clips, probe_video)
 from tokenizer.quantizer import check_schedule
-from videoar_megatron.common.atomic import _fsync_dir, is_committed, mark_committed
-from videoar_megatron.common.distributed import pick_device
+from videoar_common.atomic import _fsync_dir, is_committed, mark_committed
+from videoar_common.distributed import pick_device
 
 SPATIAL_FACTOR = 16  # the tokenizer's spatial compression (checked again against the tokenizer)
 MEMORY_FORMATS = {"auto": torch.contiguous_format,  # NCDHW: measured faster on an H100 (see the knob)

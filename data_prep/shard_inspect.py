@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from data_prep import shards
-from videoar_megatron.common.atomic import is_committed
+from videoar_common.atomic import is_committed
 
 
 def summarize(directory: str | Path) -> dict[str, Any]:

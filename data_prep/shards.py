@@ -30,7 +30,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
-from videoar_megatron.common.atomic import (atomic_write_json, atomic_write_text, is_committed,
+from videoar_common.atomic import (atomic_write_json, atomic_write_text, is_committed,
                                             mark_committed)
 
 FORMAT_VERSION = 1

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from videoar_megatron.common.distributed import init_distributed, shutdown_distributed
+from videoar_common.distributed import init_distributed, shutdown_distributed
 from videoar_megatron.model.config import ParallelConfig
 from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel
 

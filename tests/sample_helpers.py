@@ -9,7 +9,7 @@ import torch
 from tokenizer.checkpoint import save_tokenizer
 from tokenizer.config import TokenizerModelConfig
 from tokenizer.model import VideoTokenizer
-from videoar_megatron.common.config import build_dataclass, config_to_dict
+from videoar_common.config import build_dataclass, config_to_dict
 from videoar_megatron.model.config import ModelConfig, ParallelConfig
 from videoar_megatron.model.model import build_model
 from videoar_megatron.training.dist_ckpt import model_sharded_state_dict, save_checkpoint

@@ -6,7 +6,7 @@ from typing import Literal
 
 import pytest
 
-from videoar_megatron.common.config import (ConfigError, field_docs, iter_fields, load_config,
+from videoar_common.config import (ConfigError, field_docs, iter_fields, load_config,
                                             save_resolved_config)
 
 

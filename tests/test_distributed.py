@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from videoar_megatron.common.distributed import init_distributed, read_launch_env, shutdown_distributed
+from videoar_common.distributed import init_distributed, read_launch_env, shutdown_distributed
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 

@@ -7,8 +7,8 @@ import inspect
 import pytest
 
 from videoar_megatron.cli import SUBCOMMANDS
-from videoar_megatron.common import recipe_docs
-from videoar_megatron.common.recipe_docs import REGENERATE, REPO, STAGES, all_fields, load_class
+from videoar_common import recipe_docs
+from videoar_common.recipe_docs import REGENERATE, REPO, STAGES, all_fields, load_class
 
 CONFIG_STAGES = [s for s in STAGES if s.config]
 

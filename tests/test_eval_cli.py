@@ -13,7 +13,7 @@ import torch
 from data_prep.synth import make_corpus
 from test_eval_i3d import random_i3d
 from videoar_megatron.cli.eval import main
-from videoar_megatron.common.distributed import DistContext
+from videoar_common.distributed import DistContext
 from videoar_megatron.evaluation.clips import ManifestClipSource
 from videoar_megatron.evaluation.fvd import FeatureStats, RealStatsCache
 from videoar_megatron.evaluation.i3d import FeatureExtractorConfig, load_feature_extractor
@@ -79,7 +79,7 @@ def test_real_stats_are_computed_once_then_read_from_the_cache(corpus, tmp_path,
 def ar_checkpoint(tmp_path_factory):
     """A tokenizer and a class-conditional AR checkpoint (random weights) for 9-frame 64x64 clips."""
     from sample_helpers import model_config, write_ar_checkpoint, write_tokenizer
-    from videoar_megatron.common.distributed import init_distributed
+    from videoar_common.distributed import init_distributed
     from videoar_megatron.model.config import ParallelConfig
     from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel
 

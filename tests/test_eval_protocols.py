@@ -11,8 +11,8 @@ import scipy.stats
 import torch
 
 from eval_helpers import ProjectionExtractor, make_generator, real_clips
-from videoar_megatron.common.config import ConfigError, load_config
-from videoar_megatron.common.distributed import DistContext
+from videoar_common.config import ConfigError, load_config
+from videoar_common.distributed import DistContext
 from videoar_megatron.evaluation.config import EvalConfig
 from videoar_megatron.evaluation.fvd import FeatureStats, RealStatsCache
 from videoar_megatron.evaluation.protocols import (FVDPlan, FVDProtocolConfig, TensorClipSource,

@@ -11,7 +11,7 @@ import torch
 
 from eval_helpers import ProjectionExtractor, real_clips
 from tokenizer.quantizer import MultiScaleBSQ
-from videoar_megatron.common.distributed import DistContext
+from videoar_common.distributed import DistContext
 from videoar_megatron.evaluation.protocols import TensorClipSource
 from videoar_megatron.evaluation.recon import (ReconConfig, evaluate_reconstruction, psnr_per_clip,
                                                ssim_per_clip, tokenizer_reconstruct)

@@ -6,7 +6,7 @@ import json
 import torch
 
 from eval_helpers import ProjectionExtractor, make_generator, real_clips
-from videoar_megatron.common.distributed import DistContext
+from videoar_common.distributed import DistContext
 from videoar_megatron.evaluation.protocols import FVDProtocolConfig, TensorClipSource, run_fvd_protocol
 from videoar_megatron.evaluation.report import fvd_markdown, recon_markdown, write_report
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenizer.quantizer import MultiScaleBSQ
-from videoar_megatron.common.config import build_dataclass
+from videoar_common.config import build_dataclass
 from videoar_megatron.model.attention import FLEX_KERNEL_OPTIONS, check_flex_kernel, flash_unsupported
 from videoar_megatron.model.config import ModelConfig, ParallelConfig
 from videoar_megatron.model.layout import TokenLayout

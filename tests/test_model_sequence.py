@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tokenizer.quantizer import MultiScaleBSQ
-from videoar_megatron.common.config import build_dataclass
+from videoar_common.config import build_dataclass
 from videoar_megatron.model.config import ModelConfig
 from videoar_megatron.model.layout import TokenLayout
 from videoar_megatron.model.sequence import build_batch, concat_batches

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenizer.quantizer import MultiScaleBSQ
-from videoar_megatron.common.config import build_dataclass
+from videoar_common.config import build_dataclass
 from videoar_megatron.model.attention import AttentionInputs, split_plan, videoar_attention
 from videoar_megatron.model.config import ModelConfig, ParallelConfig
 from videoar_megatron.model.layout import TokenLayout

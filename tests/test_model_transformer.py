@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tokenizer.quantizer import MultiScaleBSQ
-from videoar_megatron.common.config import build_dataclass
+from videoar_common.config import build_dataclass
 from videoar_megatron.model.config import ModelConfig, ParallelConfig
 from videoar_megatron.model.loss import bit_loss
 from videoar_megatron.model.model import build_model
@@ -201,7 +201,7 @@ def test_unconditional_branch_for_cfg(groups):
 
 
 def test_model_config_yaml_round_trip(tmp_path):
-    from videoar_megatron.common.config import load_config, save_resolved_config
+    from videoar_common.config import load_config, save_resolved_config
     recipe = tmp_path / "model.yaml"
     recipe.write_text("size: L\nlatent_dim: 48\nrope: {axis_split: [22, 21, 21], grid: final}\n"
                       "condition: {kind: text_features, text_len: 32, feature_dim: 4096}\n"

@@ -9,7 +9,7 @@ import pytest
 from data_prep.pretokenize import PretokenizeConfig
 from tests.pretok_helpers import make_clean_corpus, make_tiny_tokenizer
 from videoar_megatron.cli import main as videoar
-from videoar_megatron.common.config import load_config
+from videoar_common.config import load_config
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "pretokenize"
 

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from videoar_megatron.common.config import ConfigError, build_dataclass, load_config
+from videoar_common.config import ConfigError, build_dataclass, load_config
 from videoar_megatron.sampling.bits import mix32, mix32_int, sample_bits, sample_key, uniform
 from videoar_megatron.sampling.cfg import combine, guidance_table, uses_unconditional
 from videoar_megatron.sampling.config import GuidanceConfig, SamplingConfig

@@ -12,7 +12,7 @@ from PIL import Image
 
 from sample_helpers import LATENT_FRAMES, model_config, write_ar_checkpoint, write_tokenizer
 from videoar_megatron.cli import main as videoar
-from videoar_megatron.common.distributed import init_distributed
+from videoar_common.distributed import init_distributed
 from videoar_megatron.model.config import ParallelConfig
 from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel
 from videoar_megatron.sampling.video_io import write_mp4

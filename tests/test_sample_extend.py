@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sample_helpers import LATENT_FRAMES, SCALES, make_model, make_tokenizer, model_config
-from videoar_megatron.common.config import build_dataclass
-from videoar_megatron.common.distributed import init_distributed, shutdown_distributed
+from videoar_common.config import build_dataclass
+from videoar_common.distributed import init_distributed, shutdown_distributed
 from videoar_megatron.model.config import ParallelConfig
 from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel
 from videoar_megatron.sampling.config import SamplingConfig

@@ -9,7 +9,7 @@ import torch
 
 from sample_helpers import D, LATENT_FRAMES, SCALES, make_tokenizer, model_config
 from tokenizer.quantizer import MultiScaleBSQ
-from videoar_megatron.common.config import build_dataclass
+from videoar_common.config import build_dataclass
 from videoar_megatron.model.config import ModelConfig, ParallelConfig
 from videoar_megatron.model.model import build_model
 from videoar_megatron.model.sequence import build_batch

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sample_helpers import model_config, write_ar_checkpoint, write_tokenizer
-from videoar_megatron.common.distributed import init_distributed
+from videoar_common.distributed import init_distributed
 from videoar_megatron.model.config import ParallelConfig
 from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel
 

@@ -10,7 +10,7 @@ import torch
 
 from sample_helpers import D, LATENT_FRAMES, SCALES, make_model, model_config
 from tokenizer.quantizer import MultiScaleBSQ
-from videoar_megatron.common.config import build_dataclass
+from videoar_common.config import build_dataclass
 from videoar_megatron.model.sequence import build_batch
 from videoar_megatron.sampling.bits import sample_key
 from videoar_megatron.sampling.cfg import guidance_table

@@ -33,7 +33,7 @@ def write_fake_shards(out: Path, num: int = NUM) -> Path:
                          "caption": f"clip {i}", "sample_id": f"{i:04d}", "source": f"v{i}.webm",
                          "clip_start": 0, "clip_stride": 1})
         shards.write_jsonl(part / shards.REJECTS_FILE, [])
-        from videoar_megatron.common.atomic import mark_committed
+        from videoar_common.atomic import mark_committed
         mark_committed(part)
     shards.merge_partitions(out, 2)
     return out

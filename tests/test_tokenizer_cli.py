@@ -10,7 +10,7 @@ import torch
 from tests.conftest import REPO_ROOT
 from tokenizer.train_config import TokenizerTrainConfig, resolve_batch
 from videoar_megatron.cli import main as videoar
-from videoar_megatron.common.config import ConfigError, iter_fields, load_config, read_recipe_chain
+from videoar_common.config import ConfigError, iter_fields, load_config, read_recipe_chain
 
 RECIPES = REPO_ROOT / "recipes" / "tokenizer"
 

@@ -8,7 +8,7 @@ from tokenizer.config import TokenizerModelConfig
 from tokenizer.discriminator import Discriminator3D, DiscriminatorConfig
 from tokenizer.losses import LeCAM, LossConfig, TokenizerLoss, VGGPerceptualLoss, hinge_d_loss
 from tokenizer.model import VideoTokenizer
-from videoar_megatron.common.config import ConfigError, load_config
+from videoar_common.config import ConfigError, load_config
 
 TINY_DISC = DiscriminatorConfig(base_channels=4, channel_mult=[1, 2], temporal_down_blocks=[0])
 

@@ -19,8 +19,8 @@ import yaml
 
 from data_prep.synth import make_corpus
 from tests.conftest import REPO_ROOT, free_port
-from videoar_megatron.common.atomic import committed_steps
-from videoar_megatron.common.run_logging import read_metrics
+from videoar_common.atomic import committed_steps
+from videoar_common.run_logging import read_metrics
 from tests.subprocess_env import child_env
 
 SCRIPT = Path(__file__).parent / "dist_scripts" / "tokenizer_train.py"

@@ -9,7 +9,7 @@ import torch
 
 from data_prep.synth import make_corpus
 from tests.test_tokenizer_train import losses, torchrun, write_recipe
-from videoar_megatron.common.atomic import committed_steps
+from videoar_common.atomic import committed_steps
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.train_helpers import TINY_RECIPE, losses, run_train
-from videoar_megatron.common.config import ConfigError, load_config
+from videoar_common.config import ConfigError, load_config
 from videoar_megatron.training.audit import consumed_samples, step_metrics
 from videoar_megatron.training.config import TrainConfig
 

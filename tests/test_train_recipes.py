@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from data_prep.pretokenize import PretokenizeConfig
-from videoar_megatron.common.config import load_config
+from videoar_common.config import load_config
 from videoar_megatron.model.params import count_parameters
 from videoar_megatron.training.config import TrainConfig
 from videoar_megatron.training.dry_run import dry_run, estimate_gib, sequence_layouts

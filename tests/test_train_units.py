@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.train_helpers import TINY_RECIPE
-from videoar_megatron.common.config import ConfigError, build_dataclass, load_config
+from videoar_common.config import ConfigError, build_dataclass, load_config
 from videoar_megatron.model.config import ModelConfig
 from videoar_megatron.model.layout import TokenLayout
 from videoar_megatron.model.mask import dense_mask, draw_frame_visibility

@@ -26,7 +26,7 @@ def test_signal_and_nan_on_one_rank_are_acted_on_by_all(torchrun, tmp_path):
 
 
 def test_loss_spike_is_a_bad_step():
-    from videoar_megatron.common.distributed import DistContext
+    from videoar_common.distributed import DistContext
     import torch
     ctx = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1,
                       device=torch.device("cpu"), backend="gloo")

@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from tokenizer.config import TokenizerModelConfig
 from tokenizer.model import VideoTokenizer
-from videoar_megatron.common.atomic import atomic_write_json, is_committed, mark_committed
-from videoar_megatron.common.config import ConfigError, dump_config, load_config
+from videoar_common.atomic import atomic_write_json, is_committed, mark_committed
+from videoar_common.config import ConfigError, dump_config, load_config
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"

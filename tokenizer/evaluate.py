@@ -98,7 +98,7 @@ def evaluate_tokenizer(model: VideoTokenizer, batches: Iterable, *, device: torc
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        from videoar_megatron.common.atomic import atomic_write_json
+        from videoar_common.atomic import atomic_write_json
         atomic_write_json(out_dir / "eval.json", metrics)
         if grid is not None:
             save_recon_grid(out_dir / "recon_grid.png", grid[0], grid[1], model.quantizer.scales,

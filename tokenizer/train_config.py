@@ -15,8 +15,8 @@ from data_prep.video import ClipSamplingConfig
 from tokenizer.config import TokenizerModelConfig
 from tokenizer.discriminator import DiscriminatorConfig
 from tokenizer.losses import LossConfig
-from videoar_megatron.common.config import ConfigError
-from videoar_megatron.common.run_logging import LoggingConfig
+from videoar_common.config import ConfigError
+from videoar_common.run_logging import LoggingConfig
 
 
 @dataclass(kw_only=True)

@@ -45,11 +45,11 @@ from tokenizer.inflate import inflate_from_file, reinflate
 from tokenizer.losses import TokenizerLoss
 from tokenizer.model import VideoTokenizer
 from tokenizer.train_config import OptimConfig, TokenizerTrainConfig, resolve_batch
-from videoar_megatron.common.atomic import (atomic_write_bytes, atomic_write_json, is_committed, latest_committed,
+from videoar_common.atomic import (atomic_write_bytes, atomic_write_json, is_committed, latest_committed,
                                             mark_committed, prune_keep_last, step_dir_name)
-from videoar_megatron.common.config import config_to_dict, save_resolved_config
-from videoar_megatron.common.distributed import DistContext
-from videoar_megatron.common.run_logging import METRICS_FILE, RunLogger, get_logger, plot_metrics
+from videoar_common.config import config_to_dict, save_resolved_config
+from videoar_common.distributed import DistContext
+from videoar_common.run_logging import METRICS_FILE, RunLogger, get_logger, plot_metrics
 
 PREEMPTED_EXIT_CODE = 75
 """Exit code after a signal-triggered save (EX_TEMPFAIL): the launcher should requeue the job."""
@@ -422,7 +422,7 @@ class TokenizerTrainer:
         if state["world_size"] != self.ctx.world_size:
             raise ResumeRefused(f"{ckpt} was written by {state['world_size']} ranks, this job has "
                                f"{self.ctx.world_size}: ZeRO partitions and data positions cannot be resharded")
-        from videoar_megatron.common.config import load_config
+        from videoar_common.config import load_config
         from tokenizer.train_config import TokenizerTrainConfig as _Cfg
         saved = config_to_dict(load_config(_Cfg, ckpt / "config.yaml"))
         now = config_to_dict(self.cfg)
@@ -600,7 +600,7 @@ class TokenizerTrainer:
 
     def _plot(self) -> None:
         metrics = self.run_dir / METRICS_FILE
-        from videoar_megatron.common.run_logging import read_metrics
+        from videoar_common.run_logging import read_metrics
         present = {k for r in read_metrics(metrics) for k in r} if metrics.is_file() else set()
         keys = [k for k in PLOT_KEYS if k in present]
         if keys:
@@ -616,7 +616,7 @@ def run_with_init_stage(cfg: TokenizerTrainConfig, ctx: DistContext, run_dir: Pa
     """Train ``cfg`` in ``run_dir``; when init.from_recipe is set and the run has no checkpoint yet, first
     train that recipe in ``run_dir/init/<name>`` (resumable, skipped once exported) and start from its
     export. Returns the exit code (a stopped or preempted first stage returns its code)."""
-    from videoar_megatron.common.config import load_config
+    from videoar_common.config import load_config
     if cfg.init.from_recipe and latest_committed(run_dir / CHECKPOINT_DIR) is None:
         recipe = Path(cfg.init.from_recipe)
         recipe = recipe if recipe.is_absolute() else recipe_dir / recipe

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from videoar_megatron.common.atomic import atomic_write_json
-from videoar_megatron.common.run_logging import plot_metrics, read_metrics
+from videoar_common.atomic import atomic_write_json
+from videoar_common.run_logging import plot_metrics, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = 4

@@ -5,7 +5,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from videoar_megatron.common.distributed import init_distributed, shutdown_distributed
+from videoar_common.distributed import init_distributed, shutdown_distributed
 
 ctx = init_distributed(device="cpu")
 t = torch.tensor([float(ctx.rank + 1)])

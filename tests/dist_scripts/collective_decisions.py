@@ -4,7 +4,7 @@ import os
 import signal
 import sys
 
-from videoar_megatron.common.distributed import init_distributed, shutdown_distributed
+from videoar_common.distributed import init_distributed, shutdown_distributed
 from videoar_megatron.training.numerics import NumericsConfig, NumericsError, NumericsGuard
 from videoar_megatron.training.preemption import PreemptionConfig, PreemptionWatcher
 

@@ -45,7 +45,7 @@ def install() -> None:
 def main() -> None:
     install()
     from tests.train_helpers import TINY_RECIPE
-    from videoar_megatron.common.config import load_config
+    from videoar_common.config import load_config
     from videoar_megatron.training import trainer as trainer_lib
     from videoar_megatron.training.config import TrainConfig
     from videoar_megatron.training.engine import MegatronEngine

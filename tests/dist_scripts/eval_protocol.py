@@ -9,7 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for eval_helpers
 from eval_helpers import ProjectionExtractor, make_generator, real_clips  # noqa: E402
 
-from videoar_megatron.common.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from videoar_common.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from videoar_megatron.evaluation.fvd import FeatureStats, RealStatsCache  # noqa: E402
 from videoar_megatron.evaluation.protocols import (FVDProtocolConfig, TensorClipSource,  # noqa: E402
                                                    run_fvd_protocol, shard_bounds)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from data_prep.reader import ShardReaderConfig, build_shard_loader
-from videoar_megatron.common.distributed import init_distributed, shutdown_distributed
+from videoar_common.distributed import init_distributed, shutdown_distributed
 
 
 def epoch(cfg: ShardReaderConfig, state=None) -> list[list[str]]:

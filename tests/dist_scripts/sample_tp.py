@@ -9,8 +9,8 @@ import sys
 
 import torch
 
-from videoar_megatron.common.config import build_dataclass
-from videoar_megatron.common.distributed import init_distributed, shutdown_distributed
+from videoar_common.config import build_dataclass
+from videoar_common.distributed import init_distributed, shutdown_distributed
 from videoar_megatron.sampling.bits import sample_key
 from videoar_megatron.sampling.config import SamplingConfig
 from videoar_megatron.sampling.extend import generate_videos

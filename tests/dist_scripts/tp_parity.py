@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from tokenizer.quantizer import MultiScaleBSQ
-from videoar_megatron.common.config import build_dataclass
-from videoar_megatron.common.distributed import init_distributed, shutdown_distributed
+from videoar_common.config import build_dataclass
+from videoar_common.distributed import init_distributed, shutdown_distributed
 from videoar_megatron.model.config import ModelConfig, ParallelConfig
 from videoar_megatron.model.loss import bit_loss
 from videoar_megatron.model.model import build_model

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from tests.train_helpers import TINY_RECIPE
-from videoar_megatron.common.config import load_config
+from videoar_common.config import load_config
 from videoar_megatron.training.config import TrainConfig
 from videoar_megatron.training.trainer import build_trainer
 

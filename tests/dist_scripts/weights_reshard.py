@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from videoar_megatron.common.distributed import init_distributed, shutdown_distributed
+from videoar_common.distributed import init_distributed, shutdown_distributed
 from videoar_megatron.model.config import ModelConfig, ParallelConfig
 from videoar_megatron.model.model import build_model
 from videoar_megatron.model.parallel import init_model_parallel

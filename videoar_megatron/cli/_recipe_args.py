@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 from typing import Collection, Sequence
 
-from videoar_megatron.common.config import ConfigError, iter_fields, load_config
+from videoar_common.config import ConfigError, iter_fields, load_config
 
 
 def _type_name(tp) -> str:

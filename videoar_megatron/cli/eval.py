@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from videoar_megatron.cli._recipe_args import add_recipe_args, knobs_epilog, load_recipe
-from videoar_megatron.common.config import ConfigError, config_to_dict, load_config, save_resolved_config
-from videoar_megatron.common.distributed import DistContext, init_distributed, shutdown_distributed
+from videoar_common.config import ConfigError, config_to_dict, load_config, save_resolved_config
+from videoar_common.distributed import DistContext, init_distributed, shutdown_distributed
 from videoar_megatron.evaluation.clips import ManifestClipSource
 from videoar_megatron.evaluation.config import EvalConfig
 from videoar_megatron.evaluation.fvd import RealStatsCache

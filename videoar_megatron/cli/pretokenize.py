@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from videoar_megatron.cli._recipe_args import add_recipe_args, load_recipe
-from videoar_megatron.common.config import save_resolved_config
+from videoar_common.config import save_resolved_config
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -59,10 +59,10 @@ def main(argv: list[str], prog: str = "videoar pretokenize") -> int:
     from data_prep.pretokenize import DecoderBroken, PretokenizeConfig, Pretokenizer, merge_only, worker_from_env
     from data_prep.shards import ShardManifestMismatch, ShardsIncomplete
     from tokenizer.checkpoint import TokenizerCheckpointError
-    from videoar_megatron.common.run_logging import setup_console_logging
+    from videoar_common.run_logging import setup_console_logging
     cfg = load_recipe(args, PretokenizeConfig, prog)
     if args.print_config:
-        from videoar_megatron.common.config import dump_config
+        from videoar_common.config import dump_config
         print(dump_config(cfg), end="")
         return 0
     worker = worker_from_env()

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from videoar_megatron.common.atomic import atomic_write_json
+from videoar_common.atomic import atomic_write_json
 from videoar_megatron.cli._recipe_args import add_recipe_args, load_recipe
-from videoar_megatron.common.config import save_resolved_config
-from videoar_megatron.common.distributed import init_distributed, shutdown_distributed
+from videoar_common.config import save_resolved_config
+from videoar_common.distributed import init_distributed, shutdown_distributed
 from videoar_megatron.evaluation.protocols import shard_bounds
 from videoar_megatron.sampling.config import SamplingConfig
 from videoar_megatron.sampling.extend import generate_videos

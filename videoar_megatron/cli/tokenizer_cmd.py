@@ -89,9 +89,9 @@ def cmd_train(args) -> int:
     from tokenizer.train_config import TokenizerTrainConfig
     from tokenizer.trainer import NonFiniteError, ResumeRefused, run_with_init_stage
     from videoar_megatron.cli.train import EXIT_CONFIG, EXIT_NUMERICS
-    from videoar_megatron.common.config import ConfigError, read_recipe_chain
-    from videoar_megatron.common.distributed import init_distributed, shutdown_distributed
-    from videoar_megatron.common.run_logging import setup_console_logging
+    from videoar_common.config import ConfigError, read_recipe_chain
+    from videoar_common.distributed import init_distributed, shutdown_distributed
+    from videoar_common.run_logging import setup_console_logging
     cfg = load_recipe(args, TokenizerTrainConfig, "videoar tokenizer")
     run_dir = Path(args.run_dir or f"runs/tokenizer-{Path(args.recipe).stem}")
     # init.from_recipe resolves against the recipe file that sets it (which may be a base recipe).
@@ -119,7 +119,7 @@ def _eval_setup(args):
     """(tokenizer dir, manifest, ClipSamplingConfig, out dir, num clips) from --run and/or explicit flags."""
     from data_prep.video import ClipSamplingConfig
     from tokenizer.train_config import TokenizerTrainConfig
-    from videoar_megatron.common.config import load_config
+    from videoar_common.config import load_config
     clip, manifest, num, tok, out = ClipSamplingConfig(num_frames=17, height=128, width=128), None, 16, None, None
     if args.run:
         run = Path(args.run)
@@ -146,7 +146,7 @@ def cmd_eval(args) -> int:
     from tokenizer.checkpoint import load_tokenizer
     from tokenizer.evaluate import evaluate_tokenizer
     from tokenizer.model import VideoTokenizer
-    from videoar_megatron.common.distributed import pick_device
+    from videoar_common.distributed import pick_device
     tok_dir, manifest, clip, out, num = _eval_setup(args)
     device = pick_device(args.device, 0)
     model = load_tokenizer(tok_dir, device=device)
@@ -188,7 +188,7 @@ def cmd_inflate(args) -> int:
     from tokenizer.inflate import inflate_from_file
     from tokenizer.model import VideoTokenizer
     from tokenizer.train_config import TokenizerTrainConfig
-    from videoar_megatron.common.atomic import atomic_write_json
+    from videoar_common.atomic import atomic_write_json
     cfg = load_recipe(args, TokenizerTrainConfig, "videoar tokenizer")
     torch.manual_seed(args.seed)
     model = VideoTokenizer(cfg.model)

@@ -39,7 +39,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str], prog: str = "videoar train") -> int:
-    from videoar_megatron.common.config import ConfigError
+    from videoar_common.config import ConfigError
     from videoar_megatron.training.config import TrainConfig
     args = build_parser(prog).parse_args(argv)
     try:
@@ -48,7 +48,7 @@ def main(argv: list[str], prog: str = "videoar train") -> int:
         print(f"{prog}: {e}", file=sys.stderr)
         return EXIT_CONFIG
     if args.print_config:
-        from videoar_megatron.common.config import dump_config
+        from videoar_common.config import dump_config
         print(dump_config(cfg), end="")
         return 0
     if args.dry_run:
@@ -70,8 +70,8 @@ def _dry_run(cfg, prog: str) -> int:
 
 def _train(cfg, run_dir: Path, prog: str, seed_only: bool) -> int:
     from data_prep.shards import ShardContentError, ShardManifestMismatch, ShardsIncomplete
-    from videoar_megatron.common.distributed import read_launch_env
-    from videoar_megatron.common.run_logging import setup_console_logging
+    from videoar_common.distributed import read_launch_env
+    from videoar_common.run_logging import setup_console_logging
     from videoar_megatron.training.checkpoint import ResumeError
     from videoar_megatron.training.numerics import NumericsError
     from videoar_megatron.training.trainer import build_trainer

@@ -33,8 +33,8 @@ import scipy.linalg
 import torch
 import torch.distributed as dist
 
-from videoar_megatron.common.atomic import atomic_write_bytes, atomic_write_json
-from videoar_megatron.common.distributed import DistContext
+from videoar_common.atomic import atomic_write_bytes, atomic_write_json
+from videoar_common.distributed import DistContext
 
 IMAG_TOLERANCE = 1e-3  # pytorch-fid's bound on the imaginary part of sqrtm's diagonal
 

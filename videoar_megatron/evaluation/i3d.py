@@ -208,7 +208,7 @@ def _quiet_jit():
 
 def export_torchscript(net: InceptionI3d, path: str | Path) -> Path:
     """Script ``net`` behind the StyleGAN-V call signature and save it to ``path``."""
-    from videoar_megatron.common.atomic import atomic_write_bytes
+    from videoar_common.atomic import atomic_write_bytes
     buf = io.BytesIO()
     with _quiet_jit():
         torch.jit.save(torch.jit.script(StyleGANVCompatibleI3D(net).eval()), buf)

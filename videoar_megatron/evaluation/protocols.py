@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Literal, Protocol
 import numpy as np
 import torch
 
-from videoar_megatron.common.distributed import DistContext
+from videoar_common.distributed import DistContext
 from videoar_megatron.evaluation.fvd import FeatureStats, RealStatsCache, fvd_from_stats
 from videoar_megatron.evaluation.i3d import FeatureExtractor
 

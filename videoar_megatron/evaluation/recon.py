@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from videoar_megatron.common.distributed import DistContext
+from videoar_common.distributed import DistContext
 from videoar_megatron.evaluation.fvd import FeatureStats, fvd_from_stats
 from videoar_megatron.evaluation.i3d import FeatureExtractor
 from videoar_megatron.evaluation.protocols import RealClipSource, draw_clips, shard_bounds

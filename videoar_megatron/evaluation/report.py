@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from videoar_megatron.common.atomic import atomic_write_json, atomic_write_text
+from videoar_common.atomic import atomic_write_json, atomic_write_text
 
 
 @dataclass(frozen=True)

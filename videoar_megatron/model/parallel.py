@@ -19,7 +19,7 @@ from __future__ import annotations
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from videoar_megatron.common.distributed import DistContext
+from videoar_common.distributed import DistContext
 from videoar_megatron.model.config import ParallelConfig
 
 

@@ -20,9 +20,9 @@ import torch
 from tokenizer import load_tokenizer
 from tokenizer.checkpoint import TokenizerCheckpointError
 from tokenizer.model import VideoTokenizer
-from videoar_megatron.common.atomic import is_committed
-from videoar_megatron.common.config import ConfigError, build_dataclass
-from videoar_megatron.common.distributed import DistContext
+from videoar_common.atomic import is_committed
+from videoar_common.config import ConfigError, build_dataclass
+from videoar_common.distributed import DistContext
 from videoar_megatron.model.config import ModelConfig, ParallelConfig
 from videoar_megatron.model.model import build_model
 from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel

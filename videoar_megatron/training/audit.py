@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from videoar_megatron.common.run_logging import METRICS_FILE, read_metrics
+from videoar_common.run_logging import METRICS_FILE, read_metrics
 
 SAMPLE_IDS_FILE = "sample_ids.jsonl"
 

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from videoar_megatron.common.config import config_to_dict
-from videoar_megatron.common.distributed import DistContext
+from videoar_common.config import config_to_dict
+from videoar_common.distributed import DistContext
 from videoar_megatron.training import dist_ckpt
 
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}

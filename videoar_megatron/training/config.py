@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from videoar_megatron.common.run_logging import LoggingConfig
+from videoar_common.run_logging import LoggingConfig
 from videoar_megatron.model.config import ModelConfig, ParallelConfig
 from videoar_megatron.training.metrics import MetricsConfig
 from videoar_megatron.training.numerics import NumericsConfig

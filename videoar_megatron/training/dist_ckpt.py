@@ -29,10 +29,10 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
 from torch.distributed import checkpoint as torch_dcp
 
-from videoar_megatron.common.atomic import (atomic_write_json, committed_steps, is_committed,
+from videoar_common.atomic import (atomic_write_json, committed_steps, is_committed,
                                             latest_committed, mark_committed, prune_keep_last,
                                             step_dir_name)
-from videoar_megatron.common.distributed import DistContext
+from videoar_common.distributed import DistContext
 
 TRAIN_STATE_FILE = "train_state.json"
 CHECKPOINT_DIR = "checkpoints"

@@ -11,7 +11,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from videoar_megatron.common.distributed import DistContext
+from videoar_common.distributed import DistContext
 
 
 @dataclass(kw_only=True)

@@ -11,7 +11,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from videoar_megatron.common.distributed import DistContext
+from videoar_common.distributed import DistContext
 
 REQUEUE_EXIT_CODE = 75
 """Exit code meaning "checkpoint saved, please requeue me" (EX_TEMPFAIL, as the tokenizer trainer).
@@ -81,7 +81,7 @@ def request_requeue(run_dir, step: int, reason: str) -> None:
     """Write the requeue marker (rank 0, after the checkpoint is committed)."""
     from pathlib import Path
 
-    from videoar_megatron.common.atomic import atomic_write_json
+    from videoar_common.atomic import atomic_write_json
     atomic_write_json(Path(run_dir) / REQUEUE_MARKER, {"step": step, "reason": reason, "time": time.time()})
 
 

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from videoar_megatron.common.config import config_to_dict, save_resolved_config
-from videoar_megatron.common.distributed import DistContext, init_distributed, shutdown_distributed
-from videoar_megatron.common.run_logging import METRICS_FILE, RunLogger, get_logger, plot_metrics
+from videoar_common.config import config_to_dict, save_resolved_config
+from videoar_common.distributed import DistContext, init_distributed, shutdown_distributed
+from videoar_common.run_logging import METRICS_FILE, RunLogger, get_logger, plot_metrics
 from videoar_megatron.model.model import build_model
 from videoar_megatron.model.parallel import REPLICA_CONSECUTIVE_ORDER, destroy_model_parallel, init_model_parallel
 from videoar_megatron.training import checkpoint as ckpt
@@ -386,7 +386,7 @@ class Trainer:
         path = self.run_dir / METRICS_FILE
         if not self.ctx.is_main or not path.is_file():
             return
-        from videoar_megatron.common.run_logging import read_metrics
+        from videoar_common.run_logging import read_metrics
         have = {k for r in read_metrics(path) for k in r}
         keys = [k for k in PLOT_KEYS if k in have] + sorted(k for k in have if k.startswith("loss_")
                                                               or "loss_scale" in k)

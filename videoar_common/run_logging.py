@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from videoar_megatron.common.atomic import atomic_write_text
+from videoar_common.atomic import atomic_write_text
 
 RUN_ID_FILE = "logger_run_id.txt"
 METRICS_FILE = "metrics.jsonl"

@@ -262,7 +262,7 @@ def dump_config(cfg: Any) -> str:
 
 def save_resolved_config(cfg: Any, run_dir: str | Path) -> Path:
     """Write the resolved config to ``run_dir/config.yaml`` atomically; returns the path."""
-    from videoar_megatron.common.atomic import atomic_write_text
+    from videoar_common.atomic import atomic_write_text
     path = Path(run_dir) / RESOLVED_CONFIG_NAME
     atomic_write_text(path, dump_config(cfg))
     return path

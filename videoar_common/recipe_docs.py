@@ -4,8 +4,8 @@ Design decision: the reference is rendered from the field docstrings (``config.i
 shipped ``recipes/<stage>/*.yaml`` files, never written by hand, so it cannot drift from the code;
 ``tests/test_docs.py`` fails when the committed file differs from this module's output.
 
-    python -m videoar_megatron.common.recipe_docs --write docs/recipes.md   # regenerate (make docs)
-    python -m videoar_megatron.common.recipe_docs --check docs/recipes.md   # exit 1 when stale
+    python -m videoar_common.recipe_docs --write docs/recipes.md   # regenerate (make docs)
+    python -m videoar_common.recipe_docs --check docs/recipes.md   # exit 1 when stale
 
 Stage config classes are named by import path and imported on use, so ``common`` keeps no import-time
 dependency on the stage packages.
@@ -25,11 +25,11 @@ from typing import Any, Iterator, Literal, Union
 
 import yaml
 
-from videoar_megatron.common.config import BASE_KEY, config_to_dict, iter_fields
+from videoar_common.config import BASE_KEY, config_to_dict, iter_fields
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 DOC_PATH = "docs/recipes.md"
-REGENERATE = f"python -m videoar_megatron.common.recipe_docs --write {DOC_PATH}"
+REGENERATE = f"python -m videoar_common.recipe_docs --write {DOC_PATH}"
 _CODE_SPAN = re.compile(r"(`+)(.+?)\1", re.S)
 
 
@@ -259,7 +259,7 @@ def intro() -> list[str]:
         f"<!-- Generated from the config dataclasses' field docstrings by `{REGENERATE}` "
         "(or `make docs`). Do not edit by hand: tests/test_docs.py fails when this file is stale. -->", "",
         "A recipe is a YAML file loaded into its stage's config dataclass "
-        "(`videoar_megatron.common.config.load_config`). `base: other.yaml` (relative to the recipe) names a "
+        "(`videoar_common.config.load_config`). `base: other.yaml` (relative to the recipe) names a "
         "parent that the recipe is deep-merged over; `--set KEY.PATH=VALUE` overrides any key (value parsed "
         "as YAML); an unknown key or a wrong type is an error naming the key and its file. Every run writes "
         "the resolved recipe to its directory as `config.yaml`. A key `a[].b` is field `b` of each item of "
@@ -284,13 +284,13 @@ def check(path: Path) -> int:
     if current == render():
         return 0
     state = "is missing" if current is None else "is out of date with the config docstrings and recipes"
-    print(f"{path} {state}; regenerate it with:\n  python -m videoar_megatron.common.recipe_docs --write {path}",
+    print(f"{path} {state}; regenerate it with:\n  python -m videoar_common.recipe_docs --write {path}",
           file=sys.stderr)
     return 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m videoar_megatron.common.recipe_docs", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m videoar_common.recipe_docs", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--write", type=Path, metavar="PATH", help="write the reference to PATH")
