@@ -31,7 +31,7 @@ them, only when a run asks for them; never at module level."""
 class Import:
     line: int
     target: str
-    """Dotted module (``from m import n`` gives ``m.n`` when ``n`` may be a module, see ``names``)."""
+    """The dotted module imported (``import m`` or ``from m import ...``), relative imports resolved."""
     names: tuple[str, ...]
     """Names taken by ``from m import a, b``; empty for ``import m``."""
     lazy: bool
