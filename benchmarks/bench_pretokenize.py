@@ -22,7 +22,7 @@ pipeline with the chosen memory format. Every figure is printed
 with its ratio to (4), the baseline of the same run.
 
 Goal (issue 5): DALI GPU decode is encoder-bound (pipeline clips/s close to encoder-only clips/s) and
->= 3x the PyAV baseline. The full runs use the production code (`data_prep.pretokenize.Pretokenizer`),
+>= 3x the PyAV baseline. The full runs use the production code (`data_prep.pretokenize.pipeline.Pretokenizer`),
 differing only in the `decoder` / `decode_device` / `decode_pipelines` / `encoder_memory_format` knobs.
 Source videos are synthetic (a moving texture, cheap to render at any size) encoded with --source-codec
 at the preset's size; a few unique files are repeated to reach --clips (page cache helps both decoders
@@ -141,10 +141,13 @@ class NullWriter:
 def run_pipeline(args, preset: Preset, tok: Path, manifest: Path, work: Path, decoder: str, decode_device: str,
                  pipelines: int, memory_format: str):
     """One full pre-tokenization over ``manifest``; returns the partition stats (after a warm-up run)."""
-    from data_prep import pretokenize
-    from data_prep.pretokenize import PretokenizeConfig, Pretokenizer, Worker
+    from data_prep.pretokenize import writer
+    from data_prep.pretokenize.config import PretokenizeConfig
+    from data_prep.pretokenize.pipeline import Pretokenizer
+    from data_prep.pretokenize.worker import Worker
+    from tokenizer import load_tokenizer
     if args.no_write:
-        pretokenize._mds_writer = lambda: NullWriter
+        writer._mds_writer = lambda: NullWriter
     stats = None
     for attempt in ("warmup", "measured"):
         out = work / f"{decoder}-{decode_device}-{attempt}"
@@ -157,7 +160,7 @@ def run_pipeline(args, preset: Preset, tok: Path, manifest: Path, work: Path, de
             decode_pipelines=pipelines, encoder_memory_format=memory_format,
             probe_workers=args.probe_workers, num_partitions=1, latent_dtype="bfloat16",
             deterministic=args.deterministic, progress_bar=False)
-        stats = Pretokenizer(cfg, Worker(0, 1)).run()[0]
+        stats = Pretokenizer(cfg, Worker(0, 1), load_tokenizer).run()[0]
         shutil.rmtree(out, ignore_errors=True)
         release_memory()  # the Pretokenizer's DALI pipelines and encoder, before the next one is built
     return stats
@@ -209,7 +212,9 @@ def decode_only(args, preset: Preset, plans: list, warm_plans: list, device: str
 def make_encoder(args, preset: Preset, tok: Path, memory_format: str):
     """The production ClipEncoder for the preset's batch (its CUDA graph captured for that batch size, as
     in the full runs) and one batch of resident random frames."""
-    from data_prep.pretokenize import ClipEncoder, PretokenizeConfig
+    from data_prep.pretokenize.config import PretokenizeConfig
+    from data_prep.pretokenize.encoder import ClipEncoder
+    from tokenizer import load_tokenizer
     bs = args.batch_size or preset.batch_size
     cfg = PretokenizeConfig(tokenizer=str(tok), input_manifest="-", output_dir="-", latent_dtype="bfloat16",
                             clips=preset.sampling(), batch_size=bs,
@@ -218,7 +223,7 @@ def make_encoder(args, preset: Preset, tok: Path, memory_format: str):
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = args.deterministic
         torch.backends.cudnn.benchmark = not args.deterministic
-    enc = ClipEncoder(cfg, device)
+    enc = ClipEncoder(cfg, load_tokenizer(tok, device), device)
     frames = [torch.randint(0, 255, (preset.frames, preset.height, preset.width, 3), dtype=torch.uint8, device=device)
               for _ in range(bs)]
     enc.encode(frames, ["x"] * bs)  # warm-up

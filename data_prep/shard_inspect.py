@@ -3,7 +3,8 @@
 The PNG shows, per sample, the source clip (decoded again from the source file with PyAV, when it is
 reachable), the tokenizer's reconstruction from the continuous latent, and the reconstruction from
 the stored bits (what the AR model learns to predict). It is the quickest check that crops, frame
-selection, the scale schedule and the bit layout are right.
+selection, the scale schedule and the bit layout are right. The tokenizer is handed in by the caller
+(``videoar shards inspect`` loads it): ``data_prep`` does not import ``tokenizer``.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from data_prep import shards
+from data_prep.tokenizer_api import DecodingTokenizer, require
 from videoar_common.atomic import is_committed
 
 
@@ -81,20 +83,20 @@ def _strip(frames_FHWC: np.ndarray, max_frames: int = 9) -> np.ndarray:
 
 
 @torch.no_grad()
-def render_samples(directory: str | Path, tokenizer_dir: str | Path, *, png: str | Path | None = None,
+def render_samples(directory: str | Path, tok: DecodingTokenizer, *, png: str | Path | None = None,
                    num: int = 4, source_root: str | Path | None = None) -> Path:
-    """Decode ``num`` samples (spread over the set) back to pixels; write a PNG; return its path."""
+    """Decode ``num`` samples (spread over the set) back to pixels through ``tok`` (the tokenizer that
+    wrote them: its content hash must be the manifest's); write a PNG; return its path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from data_prep.reader import decode_sample
     from data_prep.video import ClipPlan, PyAVClipDecoder
-    from tokenizer import load_tokenizer
 
+    require(tok, DecodingTokenizer, "shards inspect")
     directory = shards.require_complete(directory)
     manifest = shards.read_shard_manifest(directory)
-    tok = load_tokenizer(tokenizer_dir)
     shards.check_manifest_matches(manifest, {"tokenizer_hash": tok.content_hash}, source=str(directory))
     q = tok.quantizer_for(manifest["scale_schedule"])
     root = Path(source_root) if source_root else _source_root(directory)

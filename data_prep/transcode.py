@@ -12,7 +12,6 @@ size unless ``max_short_side`` asks to shrink it (never enlarged; dimensions kep
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -163,6 +162,3 @@ def summarize(results: list[TranscodeResult]) -> dict[str, int]:
         counts[r.status] = counts.get(r.status, 0) + 1
     return counts
 
-
-def summary_json(results: list[TranscodeResult]) -> str:
-    return json.dumps(summarize(results), sort_keys=True)

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import torch
 
-from data_prep.pretokenize import PretokenizeConfig
+from data_prep.pretokenize.config import PretokenizeConfig
+from data_prep.pretokenize.pipeline import Pretokenizer
+from data_prep.pretokenize.worker import Worker
 from data_prep.synth import make_corpus
 from data_prep.video import ClipSamplingConfig
+from tokenizer import load_tokenizer
 
 FRAMES = 9          # 1 + 4k: 3 latent frames
 SIZE = (48, 64)     # source videos; clips are cropped to 32x32 (latent grid 2x2)
@@ -70,6 +73,11 @@ def pretok_config(tokenizer: Path, manifest: Path, out: Path, **overrides) -> Pr
                 scale_schedule=SCHEDULE, latent_dtype="float32", batch_size=3, device="cpu",
                 decode_device="cpu", decode_threads=1, probe_workers=2, num_partitions=2, progress_bar=False)
     return PretokenizeConfig(**{**base, **overrides})
+
+
+def pretokenizer(cfg: PretokenizeConfig, worker: Worker = Worker(0, 1)) -> Pretokenizer:
+    """The production pre-tokenizer for ``cfg``, loading the tokenizer as the CLI does."""
+    return Pretokenizer(cfg, worker, load_tokenizer)
 
 
 def tree_bytes(root: Path, exclude=("logs",)) -> dict[str, bytes]:

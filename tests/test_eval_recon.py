@@ -13,8 +13,8 @@ from eval_helpers import ProjectionExtractor, real_clips
 from tokenizer.quantizer import MultiScaleBSQ
 from videoar_common.distributed import DistContext
 from videoar_megatron.evaluation.protocols import TensorClipSource
-from videoar_megatron.evaluation.recon import (ReconConfig, evaluate_reconstruction, psnr_per_clip,
-                                               ssim_per_clip, tokenizer_reconstruct)
+from videoar_common.pixel_metrics import psnr_per_clip, ssim_per_clip
+from videoar_megatron.evaluation.recon import ReconConfig, evaluate_reconstruction, tokenizer_reconstruct
 
 SINGLE = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"),
                      backend="gloo")

@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep import pretokenize, shards
+from data_prep import shards
 from data_prep.manifest import read_manifest
-from data_prep.pretokenize import Pretokenizer, Worker, worker_from_env
+from data_prep.pretokenize import clip_stream, encoder, writer
+from data_prep.pretokenize.pipeline import Pretokenizer
+from data_prep.pretokenize.worker import Worker, worker_from_env
 from data_prep.reader import ShardReaderConfig, build_shard_loader
+from data_prep.tokenizer_api import BitQuantizer, DecodingTokenizer, EncodingTokenizer, TokenizerGeometry, require
 from data_prep.video import ClipSamplingConfig, DaliClipDecoder, frames_to_model_input, plan_clips, probe_video
 from tests.pretok_helpers import (SCHEDULE, make_clean_corpus, make_mixed_corpus, make_tiny_tokenizer,
-                                  pretok_config, tree_bytes)
+                                  pretok_config, pretokenizer, tree_bytes)
 from tokenizer import load_tokenizer
 from tests.subprocess_env import child_env
 
@@ -39,7 +42,7 @@ def mixed(tmp_path_factory):
 def clean_run(tok, clean, tmp_path_factory):
     """The uninterrupted reference run over the clean corpus (3 partitions, one worker)."""
     out = tmp_path_factory.mktemp("clean_run") / "shards"
-    Pretokenizer(pretok_config(tok, clean, out, num_partitions=3), Worker(0, 1)).run()
+    pretokenizer(pretok_config(tok, clean, out, num_partitions=3)).run()
     return out
 
 
@@ -100,7 +103,7 @@ def test_shards_equal_direct_encode(tok, clean, clean_run):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_stored_latent_requantizes_to_stored_bits(tok, clean, tmp_path, dtype):
     out = tmp_path / "shards"
-    Pretokenizer(pretok_config(tok, clean, out, latent_dtype=dtype, num_partitions=1), Worker(0, 1)).run()
+    pretokenizer(pretok_config(tok, clean, out, latent_dtype=dtype, num_partitions=1)).run()
     q = load_tokenizer(tok).quantizer_for(SCHEDULE)
     reference = {s["sample_id"]: s for s in direct_encode(tok, clean, 1, 3)}
     for s in read_all(out):
@@ -115,7 +118,7 @@ def test_stored_latent_requantizes_to_stored_bits(tok, clean, tmp_path, dtype):
 def test_rejects_have_reasons_and_everything_else_is_in_the_shards(tok, mixed, tmp_path):
     manifest, expected = mixed
     out = tmp_path / "shards"
-    Pretokenizer(pretok_config(tok, manifest, out), Worker(0, 1)).run()
+    pretokenizer(pretok_config(tok, manifest, out)).run()
     rejects = shards.read_rejects(out / shards.REJECTS_FILE)
     by_source = {}
     for r in rejects:
@@ -168,38 +171,38 @@ def test_interrupted_run_resumes_byte_identical_and_mismatches_are_refused(tok, 
     # partition 0 holds videos 0..0 (2 clips) and partition 1 videos 1..2 (4 clips): die inside partition 1
     CrashingWriter.written, CrashingWriter.limit = 0, 3
     with monkeypatch.context() as m:
-        m.setattr(pretokenize, "_mds_writer", lambda: CrashingWriter)
+        m.setattr(writer, "_mds_writer", lambda: CrashingWriter)
         with pytest.raises(KeyboardInterrupt):
-            Pretokenizer(cfg, Worker(0, 1)).run()
+            pretokenizer(cfg).run()
     assert shards.committed_partitions(out, 3) == [0]
     assert (out / ".tmp-part-00001-of-00003").is_dir() and not (out / "COMMITTED").exists()
     with pytest.raises(shards.ShardsIncomplete, match="not a complete shard set"):
         build_shard_loader(ShardReaderConfig(path=str(out)))
     part0 = (out / "part-00000-of-00003" / "shard.00000.mds").stat().st_mtime_ns
 
-    Pretokenizer(cfg, Worker(0, 1)).run()  # resume
+    pretokenizer(cfg).run()  # resume
     assert (out / "part-00000-of-00003" / "shard.00000.mds").stat().st_mtime_ns == part0  # skipped
     assert not list(out.glob(".tmp-*"))
     assert tree_bytes(out) == tree_bytes(clean_run)
 
     # a rerun with another schedule, resolution or tokenizer is refused, naming the field
     with pytest.raises(shards.ShardManifestMismatch, match="'scale_schedule'"):
-        Pretokenizer(pretok_config(tok, clean, out, num_partitions=3, scale_schedule=[[2, 2]]), Worker(0, 1)).run()
+        pretokenizer(pretok_config(tok, clean, out, num_partitions=3, scale_schedule=[[2, 2]])).run()
     with pytest.raises(shards.ShardManifestMismatch, match="'resolution'"):
-        Pretokenizer(pretok_config(tok, clean, out, num_partitions=3, scale_schedule=[[1, 1], [2, 3]],
-                                   clips={"width": 48}), Worker(0, 1)).run()
+        pretokenizer(pretok_config(tok, clean, out, num_partitions=3, scale_schedule=[[1, 1], [2, 3]],
+                                   clips={"width": 48})).run()
     other = make_tiny_tokenizer(tmp_path / "other_tok", seed=1)
     with pytest.raises(shards.ShardManifestMismatch, match="'tokenizer_hash'"):
-        Pretokenizer(pretok_config(other, clean, out, num_partitions=3), Worker(0, 1)).run()
+        pretokenizer(pretok_config(other, clean, out, num_partitions=3)).run()
     assert tree_bytes(out) == tree_bytes(clean_run)  # refusals touched nothing
 
 
 def test_two_workers_split_without_overlap_or_gap(tok, clean, clean_run, tmp_path):
     out = tmp_path / "shards"
     cfg = pretok_config(tok, clean, out, num_partitions=3)
-    first = Pretokenizer(cfg, Worker(1, 2)).run()  # owns partition 1
+    first = pretokenizer(cfg, Worker(1, 2)).run()  # owns partition 1
     assert [s.partition for s in first] == ["part-00001-of-00003"] and not (out / "COMMITTED").exists()
-    second = Pretokenizer(cfg, Worker(0, 2)).run()  # owns 0 and 2, then merges
+    second = pretokenizer(cfg, Worker(0, 2)).run()  # owns 0 and 2, then merges
     assert [s.partition for s in second] == ["part-00000-of-00003", "part-00002-of-00003"]
     assert tree_bytes(out) == tree_bytes(clean_run)
     ids = [s["sample_id"] for s in read_all(out)]
@@ -210,20 +213,19 @@ def test_two_workers_split_without_overlap_or_gap(tok, clean, clean_run, tmp_pat
 def test_shards_do_not_depend_on_the_decode_pipeline_count(tok, clean, clean_run, tmp_path, pipelines):
     # batch_size 3: two pipelines decode slices of 2 + 1 clips, three pipelines one clip each
     out = tmp_path / "shards"
-    Pretokenizer(pretok_config(tok, clean, out, num_partitions=3, decode_pipelines=pipelines), Worker(0, 1)).run()
+    pretokenizer(pretok_config(tok, clean, out, num_partitions=3, decode_pipelines=pipelines)).run()
     assert tree_bytes(out) == tree_bytes(clean_run)
 
 
 def test_channels_last_encoder_agrees_with_contiguous(tok, clean, clean_run, tmp_path):
     out = tmp_path / "shards"
-    pretokenizer = Pretokenizer(pretok_config(tok, clean, out, num_partitions=3, encoder_memory_format="channels_last"),
-                                Worker(0, 1))
+    pretok = pretokenizer(pretok_config(tok, clean, out, num_partitions=3, encoder_memory_format="channels_last"))
     layouts = []  # the layout every 3x3x3 conv of the encoder is fed: NDHWC, or the knob did nothing
-    for conv in pretokenizer.encoder.tokenizer.encoder.modules():
+    for conv in pretok.encoder.tokenizer.encoder.modules():
         if isinstance(conv, torch.nn.Conv3d) and conv.kernel_size == (3, 3, 3):
             conv.register_forward_pre_hook(
                 lambda m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last_3d)))
-    pretokenizer.run()
+    pretok.run()
     assert layouts and all(layouts)
     got, want = read_all(out), read_all(clean_run)
     assert len(got) == len(want) == 10
@@ -269,9 +271,28 @@ def test_config_errors_name_the_knob(tok, clean, tmp_path):
                                          r"'contiguous'\], got 'ndhwc'"):
         pretok_config(tok, clean, tmp_path, encoder_memory_format="ndhwc")
     with pytest.raises(ValueError, match="clips.num_frames"):
-        Pretokenizer(pretok_config(tok, clean, tmp_path, clips={"num_frames": 8}), Worker(0, 1))
+        pretokenizer(pretok_config(tok, clean, tmp_path, clips={"num_frames": 8}))
     with pytest.raises(ValueError, match=r"scale_schedule \(empty: the tokenizer's\) ends at \[2, 2\]"):
-        Pretokenizer(pretok_config(tok, clean, tmp_path, scale_schedule=[], clips={"height": 64}), Worker(0, 1))
+        pretokenizer(pretok_config(tok, clean, tmp_path, scale_schedule=[], clips={"height": 64}))
+    with pytest.raises(ValueError, match=r"scale_schedule must be a list of \[h, w\] pairs"):
+        pretok_config(tok, clean, tmp_path, scale_schedule=[[1, 1], [2]])
+    # the tokenizer's quantizer checks the rest of the schedule, once the tokenizer is loaded
+    with pytest.raises(ValueError, match="scale_schedule: scale schedule must grow monotonically"):
+        pretokenizer(pretok_config(tok, clean, tmp_path, scale_schedule=[[2, 2], [1, 1], [2, 2]]))
+
+
+def test_the_real_tokenizer_provides_what_data_prep_uses(tok, clean, tmp_path):
+    model = load_tokenizer(tok)
+    for obj, protocol in ((model, EncodingTokenizer), (model, DecodingTokenizer), (model.cfg, TokenizerGeometry),
+                          (model.quantizer_for(SCHEDULE), BitQuantizer)):
+        require(obj, protocol, "the tokenizer package")  # TypeError naming what it lacks
+
+    class OnlyAHash:
+        content_hash = "0" * 64
+
+    with pytest.raises(TypeError, match=r"tokenizer .*: a OnlyAHash does not provide EncodingTokenizer \(missing "
+                                        r"cfg, encode, encoder, quantizer_for\)"):
+        Pretokenizer(pretok_config(tok, clean, tmp_path), Worker(0, 1), lambda path, device: OnlyAHash())
 
 
 def test_merge_matches_streaming_merge_index(clean_run, tmp_path):
@@ -290,10 +311,9 @@ def test_merge_matches_streaming_merge_index(clean_run, tmp_path):
 KILL_SCRIPT = """
 import sys
 from pathlib import Path
-from data_prep.pretokenize import Pretokenizer, Worker
-from tests.pretok_helpers import pretok_config
+from tests.pretok_helpers import pretok_config, pretokenizer
 tok, corpus, out = map(Path, sys.argv[1:4])
-Pretokenizer(pretok_config(tok, corpus, out, num_partitions=3, batch_size=1, shard_size_limit=1024), Worker(0, 1)).run()
+pretokenizer(pretok_config(tok, corpus, out, num_partitions=3, batch_size=1, shard_size_limit=1024)).run()
 """
 
 
@@ -338,10 +358,10 @@ class FlakyDecoder:
 def test_a_clip_that_fails_to_decode_is_rejected_alone(tok, clean, clean_run, tmp_path, monkeypatch):
     records = read_manifest(clean)
     victim = (Path(records[1].path).name, 3)  # the second clip (start 3) of video 1
-    real = pretokenize.ClipStream._decoder
-    monkeypatch.setattr(pretokenize.ClipStream, "_decoder", lambda self: FlakyDecoder(real(self), {victim}))
+    real = clip_stream.ClipStream._decoder
+    monkeypatch.setattr(clip_stream.ClipStream, "_decoder", lambda self: FlakyDecoder(real(self), {victim}))
     out = tmp_path / "shards"
-    Pretokenizer(pretok_config(tok, clean, out, num_partitions=3), Worker(0, 1)).run()
+    pretokenizer(pretok_config(tok, clean, out, num_partitions=3)).run()
     (reject,) = shards.read_rejects(out / shards.REJECTS_FILE)
     assert (reject["row"], reject["clip_start"], reject["kind"]) == (1, 3, "decode_error")
     got = {s["sample_id"]: s for s in read_all(out)}
@@ -352,18 +372,18 @@ def test_a_clip_that_fails_to_decode_is_rejected_alone(tok, clean, clean_run, tm
 
 def test_a_broken_decoder_aborts_instead_of_rejecting_everything(tok, tmp_path, monkeypatch):
     corpus = make_clean_corpus(tmp_path / "corpus", num=17)  # 34 clips
-    real = pretokenize.ClipStream._decoder
-    monkeypatch.setattr(pretokenize.ClipStream, "_decoder", lambda self: FlakyDecoder(real(self), None))
+    real = clip_stream.ClipStream._decoder
+    monkeypatch.setattr(clip_stream.ClipStream, "_decoder", lambda self: FlakyDecoder(real(self), None))
     out = tmp_path / "shards"
-    with pytest.raises(pretokenize.DecoderBroken, match=r"32 of 32 clips failed to decode with dali on cpu"):
-        Pretokenizer(pretok_config(tok, corpus, out, num_partitions=1, batch_size=8), Worker(0, 1)).run()
+    with pytest.raises(writer.DecoderBroken, match=r"32 of 32 clips failed to decode with dali on cpu"):
+        pretokenizer(pretok_config(tok, corpus, out, num_partitions=1, batch_size=8)).run()
     assert shards.committed_partitions(out, 1) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only host error")
 def test_gpu_decode_on_a_cpu_host_is_an_early_error(tok, clean, tmp_path):
     with pytest.raises(ValueError, match="decode_device=gpu needs CUDA"):
-        Pretokenizer(pretok_config(tok, clean, tmp_path, decode_device="gpu"), Worker(0, 1))
+        pretokenizer(pretok_config(tok, clean, tmp_path, decode_device="gpu"))
 
 
 def test_manifest_start_end_and_fps_columns_shape_the_clips(tok, tmp_path):
@@ -374,24 +394,24 @@ def test_manifest_start_end_and_fps_columns_shape_the_clips(tok, tmp_path):
     assert header == "path,caption,label,start,end,fps"
     corpus.write_text("\n".join([header, row0.removesuffix(",,,") + ",0.25,1.5,", row1.removesuffix(",,,") + ",,,16"]))
     out = tmp_path / "shards"
-    Pretokenizer(pretok_config(tok, corpus, out, num_partitions=1), Worker(0, 1)).run()
+    pretokenizer(pretok_config(tok, corpus, out, num_partitions=1)).run()
     assert [int(s["clip_start"]) for s in read_all(out)] == [2, 3, 0, 3]  # fps only matters with target_fps
     out2 = tmp_path / "shards_fps"
-    Pretokenizer(pretok_config(tok, corpus, out2, num_partitions=1, clips={"target_fps": 8.0}), Worker(0, 1)).run()
+    pretokenizer(pretok_config(tok, corpus, out2, num_partitions=1, clips={"target_fps": 8.0})).run()
     (reject,) = shards.read_rejects(out2 / shards.REJECTS_FILE)
     assert reject["row"] == 1 and "a clip needs 17 (9 frames at stride 2)" in reject["reason"]
 
 
 def test_non_finite_latents_fail_loudly_instead_of_being_written(tok, clean, tmp_path, monkeypatch):
-    real = pretokenize.ClipEncoder.__init__
+    real = encoder.ClipEncoder.__init__
 
-    def huge(self, cfg, device):  # a tokenizer whose latents overflow float16 storage
-        real(self, cfg, device)
+    def huge(self, cfg, tokenizer, device):  # a tokenizer whose latents overflow float16 storage
+        real(self, cfg, tokenizer, device)
         encode = self.tokenizer.encode
         self.tokenizer.encode = lambda video: encode(video) * 1e6
 
-    monkeypatch.setattr(pretokenize.ClipEncoder, "__init__", huge)
+    monkeypatch.setattr(encoder.ClipEncoder, "__init__", huge)
     out = tmp_path / "shards"
     with pytest.raises(FloatingPointError, match=r"latent_dtype=float16 \(float16 overflows past 65504"):
-        Pretokenizer(pretok_config(tok, clean, out, latent_dtype="float16"), Worker(0, 1)).run()
+        pretokenizer(pretok_config(tok, clean, out, latent_dtype="float16")).run()
     assert shards.committed_partitions(out, 2) == []

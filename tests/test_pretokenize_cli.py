@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.pretokenize import PretokenizeConfig
+from data_prep.pretokenize.config import PretokenizeConfig
 from tests.pretok_helpers import make_clean_corpus, make_tiny_tokenizer
 from videoar_megatron.cli import main as videoar
 from videoar_common.config import load_config

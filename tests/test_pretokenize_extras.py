@@ -13,10 +13,9 @@ import torch
 from data_prep import shards
 from data_prep.manifest import read_manifest
 from data_prep.synth import make_corpus
-from data_prep.pretokenize import Pretokenizer, Worker
 from data_prep.text_encoder import FrozenTextEncoder, TextEncoderConfig
 from data_prep.video import ClipPlan, DaliClipDecoder, PyAVClipDecoder, VideoUnusable
-from tests.pretok_helpers import make_clean_corpus, make_tiny_tokenizer, pretok_config, tree_bytes
+from tests.pretok_helpers import make_clean_corpus, make_tiny_tokenizer, pretok_config, pretokenizer, tree_bytes
 from tests.test_pretokenize import read_all
 
 
@@ -40,7 +39,7 @@ def test_text_features_are_stored_padded_with_a_mask(tmp_path):
     enc_dir = make_text_encoder(tmp_path / "bert")
     text = TextEncoderConfig(path=str(enc_dir), max_length=12)
     out = tmp_path / "shards"
-    Pretokenizer(pretok_config(tok, corpus, out, num_partitions=1, text_encoder=text), Worker(0, 1)).run()
+    pretokenizer(pretok_config(tok, corpus, out, num_partitions=1, text_encoder=text)).run()
     manifest = shards.read_shard_manifest(out)
     assert manifest["shapes"]["text_features"] == [12, 16] and manifest["text_encoder"]["max_length"] == 12
     reference = FrozenTextEncoder(text, torch.device("cpu"))
@@ -54,8 +53,8 @@ def test_text_features_are_stored_padded_with_a_mask(tmp_path):
         assert 3 < n < 12 and torch.all(s["text_features"][n:] == 0)
     other = make_text_encoder(tmp_path / "bert2", seed=1)
     with pytest.raises(shards.ShardManifestMismatch, match="'text_encoder'"):
-        Pretokenizer(pretok_config(tok, corpus, out, num_partitions=1,
-                                   text_encoder=TextEncoderConfig(path=str(other), max_length=12)), Worker(0, 1)).run()
+        pretokenizer(pretok_config(tok, corpus, out, num_partitions=1,
+                                   text_encoder=TextEncoderConfig(path=str(other), max_length=12))).run()
 
 
 def test_pyav_reference_decoder_picks_the_same_frames_as_dali(tmp_path):
@@ -152,7 +151,7 @@ def test_two_torchrun_workers_write_the_same_shards_as_one_process(tmp_path, tor
     corpus = make_clean_corpus(tmp_path / "corpus", num=4)
     tok = make_tiny_tokenizer(tmp_path / "tok")
     single = tmp_path / "single"
-    Pretokenizer(pretok_config(tok, corpus, single, num_partitions=2), Worker(0, 1)).run()
+    pretokenizer(pretok_config(tok, corpus, single, num_partitions=2)).run()
     script = Path(__file__).parent / "dist_scripts" / "pretokenize_workers.py"
     both = tmp_path / "both"
     torchrun(script, 2, str(tok), str(corpus), str(both), timeout=300)

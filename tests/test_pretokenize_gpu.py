@@ -13,10 +13,10 @@ import torch
 
 from data_prep import shards
 from data_prep.manifest import read_manifest
-from data_prep.pretokenize import ClipEncoder, EncoderGraph, Pretokenizer, Worker
+from data_prep.pretokenize.encoder import ClipEncoder, EncoderGraph
 from data_prep.video import ClipPlan, DaliClipDecoder, frames_to_model_input, plan_clips, probe_video
 from tests.pretok_helpers import (CLIP, GPU_SIZE, SCHEDULE, make_clean_corpus, make_mixed_corpus,
-                                  make_tiny_tokenizer, pretok_config, tree_bytes)
+                                  make_tiny_tokenizer, pretok_config, pretokenizer, tree_bytes)
 from tests.test_pretokenize import read_all
 from tests.test_transcode_ucf101 import write_mpeg4_avi
 from tokenizer import load_tokenizer
@@ -63,7 +63,7 @@ def test_gpu_accepts_h264_and_mpeg4_and_still_rejects_the_broken(tok, tmp_path):
     with open(manifest, "a") as f:
         f.write("ucf/v_x.avi,a mpeg4 part 2 clip,1\n")
     out = tmp_path / "shards"
-    Pretokenizer(gpu_config(tok, manifest, out), Worker(0, 1)).run()
+    pretokenizer(gpu_config(tok, manifest, out)).run()
     rejected = {r["source"]: r for r in shards.read_rejects(out / "rejects.jsonl")}
     assert set(rejected) == {s for s, kind in expected.items() if kind != "codec"}  # h264 now decodes
     sources = {s["source"] for s in read_all(out)}
@@ -75,8 +75,8 @@ def test_gpu_accepts_h264_and_mpeg4_and_still_rejects_the_broken(tok, tmp_path):
 def test_gpu_pipeline_equals_direct_bf16_encode_and_is_close_to_cpu_fp32(tok, tmp_path):
     corpus = make_clean_corpus(tmp_path / "corpus", num=4, size=GPU_SIZE)
     gpu_out, cpu_out = tmp_path / "gpu", tmp_path / "cpu"
-    Pretokenizer(gpu_config(tok, corpus, gpu_out, num_partitions=1), Worker(0, 1)).run()
-    Pretokenizer(pretok_config(tok, corpus, cpu_out, num_partitions=1), Worker(0, 1)).run()
+    pretokenizer(gpu_config(tok, corpus, gpu_out, num_partitions=1)).run()
+    pretokenizer(pretok_config(tok, corpus, cpu_out, num_partitions=1)).run()
     got = read_all(gpu_out)
     # direct: same clips, same batches (the last zero-padded), DALI GPU decode, bf16 autocast encode, NCDHW
     model = load_tokenizer(tok, device="cuda")
@@ -108,7 +108,7 @@ def test_gpu_channels_last_encoder_is_close_to_contiguous(tok, tmp_path):
     runs = {}
     for layout in ("channels_last", "contiguous"):
         out = tmp_path / layout
-        Pretokenizer(gpu_config(tok, corpus, out, encoder_memory_format=layout), Worker(0, 1)).run()
+        pretokenizer(gpu_config(tok, corpus, out, encoder_memory_format=layout)).run()
         runs[layout] = read_all(out)
     assert len(runs["channels_last"]) == len(runs["contiguous"]) == 8
     for a, b in zip(runs["channels_last"], runs["contiguous"]):
@@ -122,8 +122,9 @@ def test_graphed_encoder_equals_eager_on_full_and_padded_batches(tok, tmp_path, 
     """encoder_cuda_graph: every batch replays the captured graph; its latents and bits equal the eager
     encoder's on the same batch bit for bit, a partial batch being zero-padded to the captured size."""
     cfg = gpu_config(tok, tmp_path / "m.csv", tmp_path / "o", batch_size=4, encoder_memory_format=memory_format)
-    graphed = ClipEncoder(cfg, torch.device("cuda"))
-    eager = ClipEncoder(dataclasses.replace(cfg, encoder_cuda_graph=False), torch.device("cuda"))
+    cuda = torch.device("cuda")
+    graphed = ClipEncoder(cfg, load_tokenizer(tok, cuda), cuda)
+    eager = ClipEncoder(dataclasses.replace(cfg, encoder_cuda_graph=False), load_tokenizer(tok, cuda), cuda)
     assert graphed.graph is not None and eager.graph is None
     gen = torch.Generator("cuda").manual_seed(0)
     frames = [torch.randint(0, 256, (CLIP["num_frames"], CLIP["height"], CLIP["width"], 3), generator=gen,
@@ -143,8 +144,8 @@ def test_graphed_encoder_equals_eager_on_full_and_padded_batches(tok, tmp_path, 
 def test_gpu_rerun_is_byte_identical(tok, tmp_path):
     corpus = make_clean_corpus(tmp_path / "corpus", num=4, size=GPU_SIZE)
     a, b = tmp_path / "a", tmp_path / "b"
-    Pretokenizer(gpu_config(tok, corpus, a, latent_dtype="bfloat16"), Worker(0, 1)).run()
-    Pretokenizer(gpu_config(tok, corpus, b, latent_dtype="bfloat16"), Worker(0, 1)).run()
+    pretokenizer(gpu_config(tok, corpus, a, latent_dtype="bfloat16")).run()
+    pretokenizer(gpu_config(tok, corpus, b, latent_dtype="bfloat16")).run()
     assert tree_bytes(a) == tree_bytes(b)
 
 

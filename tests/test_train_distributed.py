@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from tests.train_helpers import losses, run_train
+from videoar_common.atomic import committed_steps
 from videoar_megatron.training.audit import consumed_samples, step_metrics
-from videoar_megatron.training.dist_ckpt import checkpoint_steps
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 STEPS = ("train.steps=12", "checkpoint.save_every=4", "optim.warmup_steps=2")
@@ -43,7 +43,7 @@ def test_signal_on_one_rank_stops_both_saves_and_resume_is_bitwise(reference, in
     run, _ = interrupted
     marker = json.loads((run / "REQUEUE_REQUESTED").read_text())
     assert marker["step"] == 6 and "signal" in marker["reason"]
-    assert checkpoint_steps(run / "checkpoints") == [4, 6]
+    assert committed_steps(run / "checkpoints") == [4, 6]
     assert max(step_metrics(run)) == 6  # both ranks stopped after the same step
     run_id = (run / "logger_run_id.txt").read_text()
     proc = run_train(2, run, tiny_shards, *STEPS)
@@ -83,7 +83,7 @@ def test_nan_on_rank_1_is_skipped_by_both_ranks_and_nothing_is_saved_after_givin
     assert [s for s, r in metrics.items() if r["skipped"]] == [3, 6, 7]
     assert "non-finite loss" in metrics[3]["skip_reason"] and max(metrics) == 7
     assert metrics[4]["lr"] == metrics[3]["lr"]  # the skipped step did not advance the schedule
-    assert checkpoint_steps(run / "checkpoints") == [1, 2, 4, 5]  # nothing at or after a bad step
+    assert committed_steps(run / "checkpoints") == [1, 2, 4, 5]  # nothing at or after a bad step
     assert not (run / "REQUEUE_REQUESTED").exists()
 
 

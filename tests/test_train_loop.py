@@ -158,13 +158,12 @@ def test_shards_without_samples_or_with_an_unlabelled_sample_are_refused_in_one_
     import dataclasses
 
     from data_prep.manifest import VideoRecord, read_manifest, write_manifest
-    from data_prep.pretokenize import Pretokenizer, Worker
-    from tests.pretok_helpers import pretok_config
+    from tests.pretok_helpers import pretok_config, pretokenizer
     corpus, tokenizer = tiny_shards.parent / "corpus", tiny_shards.parent / "tokenizer"
 
     def shards_of(name: str, records: list[VideoRecord]) -> Path:
         manifest = write_manifest(corpus / f"{name}.csv", records, relative_to=corpus)
-        Pretokenizer(pretok_config(tokenizer, manifest, tmp_path / name, num_partitions=1), Worker(0, 1)).run()
+        pretokenizer(pretok_config(tokenizer, manifest, tmp_path / name, num_partitions=1)).run()
         return tmp_path / name
 
     empty = shards_of("all_rejected", [VideoRecord(path=str(corpus / "missing.webm"), label=1)])

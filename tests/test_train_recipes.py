@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_prep.pretokenize import PretokenizeConfig
+from data_prep.pretokenize.config import PretokenizeConfig
 from videoar_common.config import load_config
 from videoar_megatron.model.params import count_parameters
 from videoar_megatron.training.config import TrainConfig

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
+from videoar_common.atomic import committed_steps
 from videoar_megatron.training.audit import consumed_samples, step_metrics
-from videoar_megatron.training.dist_ckpt import checkpoint_steps
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "slurm"
@@ -83,7 +83,7 @@ def test_usr1_to_the_batch_shell_saves_requeues_and_the_rerun_finishes(tmp_path,
     marker = json.loads((run / "REQUEUE_REQUESTED").read_text())
     stopped = marker["step"]
     assert marker["reason"] == "signal SIGUSR1" and 3 <= stopped < 150
-    assert checkpoint_steps(run / "checkpoints") == [stopped]
+    assert committed_steps(run / "checkpoints") == [stopped]
     logs = sorted((run / "logs" / "job-4242" / "node-0").rglob("stderr.log"))
     assert len(logs) == 2 and "stopping at step" in logs[0].read_text()  # per-rank logs, rank 0 first
 

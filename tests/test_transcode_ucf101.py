@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 
 from data_prep.manifest import ManifestError, read_manifest
-from data_prep.pretokenize import Pretokenizer, Worker
 from data_prep.synth import render_video
 from data_prep.transcode import REJECTS_FILE, transcode_manifest
 from data_prep.ucf101 import build_ucf101_manifest, class_caption
 from data_prep.video import ClipPlan, PyAVClipDecoder, VideoUnusable, probe_video
-from tests.pretok_helpers import make_tiny_tokenizer, pretok_config
+from tests.pretok_helpers import make_tiny_tokenizer, pretok_config, pretokenizer
 from videoar_megatron.cli import main as videoar
 
 CLASSES = ["ApplyEyeMakeup", "HandstandPushups", "YoYo"]
@@ -110,8 +109,7 @@ def test_transcode_makes_mpeg4_decodable_on_cpu_resumably_and_into_shards(ucf, t
     # the transcoded corpus pre-tokenizes on CPU with nothing rejected
     tok = make_tiny_tokenizer(tmp_path / "tok")
     shard_dir = tmp_path / "shards"
-    Pretokenizer(pretok_config(tok, new_manifest, shard_dir, num_partitions=1, clips={"clips_per_video": 1}),
-                 Worker(0, 1)).run()
+    pretokenizer(pretok_config(tok, new_manifest, shard_dir, num_partitions=1, clips={"clips_per_video": 1})).run()
     assert (shard_dir / "rejects.jsonl").read_text() == ""
     assert "samples" in (shard_dir / "COMMITTED").read_text()
 

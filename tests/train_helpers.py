@@ -15,25 +15,23 @@ TINY_RECIPE = REPO / "recipes" / "ar" / "tiny.yaml"
 def make_tiny_shards(root: Path) -> Path:
     """16 synthetic VP9 videos of 4 classes → random tiny tokenizer → 32 samples (3 latent frames of
     2x2, d = 8, scales 1x1 and 2x2) through `data_prep`'s pre-tokenizer, as the tiny recipe expects."""
-    from data_prep.pretokenize import Pretokenizer, Worker
     from data_prep.synth import make_corpus
-    from tests.pretok_helpers import make_tiny_tokenizer, pretok_config
+    from tests.pretok_helpers import make_tiny_tokenizer, pretok_config, pretokenizer
     tok = make_tiny_tokenizer(root / "tokenizer")
     corpus = make_corpus(root / "corpus", num=16, classes=4, codec="vp9", frames=12, size=(48, 64), fps=8, seed=1)
     out = root / "shards"
-    Pretokenizer(pretok_config(tok, corpus, out, num_partitions=2), Worker(0, 1)).run()
+    pretokenizer(pretok_config(tok, corpus, out, num_partitions=2)).run()
     return out
 
 
 def make_tiny_image_shards(video_shards: Path) -> Path:
     """One-frame clips (images: 1 latent frame) of the same corpus and tokenizer as ``video_shards``."""
-    from data_prep.pretokenize import Pretokenizer, Worker
-    from tests.pretok_helpers import pretok_config
+    from tests.pretok_helpers import pretok_config, pretokenizer
     root = video_shards.parent
     out = root / "image_shards"
     cfg = pretok_config(root / "tokenizer", root / "corpus" / "metadata.csv", out, num_partitions=1,
                         clips={"num_frames": 1, "clips_per_video": 2})
-    Pretokenizer(cfg, Worker(0, 1)).run()
+    pretokenizer(cfg).run()
     return out
 
 

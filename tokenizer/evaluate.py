@@ -1,7 +1,7 @@
 """Reconstruction evaluation of a tokenizer: PSNR/SSIM on held-out clips, bit usage per scale, and a
 PNG grid of original vs reconstruction from the first k scales (k = 1..K).
 
-PSNR and SSIM are the project's reference ones, :mod:`videoar_megatron.evaluation.recon` (pixels in
+PSNR and SSIM are the project's reference ones, :mod:`videoar_common.pixel_metrics` (pixels in
 [0, 1], float64; SSIM with an 11x11 Gaussian window, sigma 1.5, per RGB channel and frame), so the
 tokenizer's numbers are those of ``videoar eval rfvd``.
 
@@ -20,7 +20,7 @@ import torch
 from einops import rearrange
 
 from tokenizer.model import VideoTokenizer
-from videoar_megatron.evaluation.recon import psnr_per_clip, ssim_per_clip, to_unit_interval
+from videoar_common.pixel_metrics import psnr_per_clip, ssim_per_clip, to_unit_interval
 
 
 @torch.no_grad()

@@ -18,7 +18,9 @@ from typing import Any
 COMMIT_MARKER = "COMMITTED"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | Path) -> None:
+    """Flush ``path``'s directory entries (a rename or a new file inside it) to disk; best effort where
+    the file system cannot open a directory."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -50,7 +52,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 

@@ -36,10 +36,6 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def node_rank(self) -> int:
-        return self.rank // max(self.local_world_size, 1)
-
     def barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()

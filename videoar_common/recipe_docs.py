@@ -56,7 +56,7 @@ STAGES: tuple[Stage, ...] = (
           "videoar_megatron.cli.tokenizer_cmd",
           ("videoar tokenizer train --recipe RECIPE", "videoar tokenizer inflate --recipe RECIPE ..."),
           "tokenizer.md"),
-    Stage("pretokenize", "Pre-tokenization", "data_prep.pretokenize:PretokenizeConfig",
+    Stage("pretokenize", "Pre-tokenization", "data_prep.pretokenize.config:PretokenizeConfig",
           "videoar_megatron.cli.pretokenize", ("videoar pretokenize --recipe RECIPE",), "pretokenize.md"),
     Stage("ar", "AR training", "videoar_megatron.training.config:TrainConfig", "videoar_megatron.cli.train",
           ("videoar train --recipe RECIPE",), "training.md"),

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from data_prep.pretokenize import Pretokenizer, worker_from_env
-from tests.pretok_helpers import pretok_config
+from data_prep.pretokenize.worker import worker_from_env
+from tests.pretok_helpers import pretok_config, pretokenizer
 
 tok, corpus, out = (Path(a) for a in sys.argv[1:4])
 worker = worker_from_env()
 assert worker.count == 2 and worker.launcher == "torchrun", worker
-Pretokenizer(pretok_config(tok, corpus, out, num_partitions=0), worker).run()
+pretokenizer(pretok_config(tok, corpus, out, num_partitions=0), worker).run()

@@ -10,7 +10,7 @@ from videoar_common.config import save_resolved_config
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    from data_prep.pretokenize import PretokenizeConfig
+    from data_prep.pretokenize.config import PretokenizeConfig
     p = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Decode clips with DALI (NVDEC on GPU hosts, CPU elsewhere), encode them with the tokenizer "
@@ -56,8 +56,12 @@ class _Progress:
 
 def main(argv: list[str], prog: str = "videoar pretokenize") -> int:
     args = build_parser(prog).parse_args(argv)
-    from data_prep.pretokenize import DecoderBroken, PretokenizeConfig, Pretokenizer, merge_only, worker_from_env
+    from data_prep.pretokenize.config import PretokenizeConfig
+    from data_prep.pretokenize.pipeline import Pretokenizer, merge_only
+    from data_prep.pretokenize.worker import worker_from_env
+    from data_prep.pretokenize.writer import DecoderBroken
     from data_prep.shards import ShardManifestMismatch, ShardsIncomplete
+    from tokenizer import load_tokenizer
     from tokenizer.checkpoint import TokenizerCheckpointError
     from videoar_common.run_logging import setup_console_logging
     cfg = load_recipe(args, PretokenizeConfig, prog)
@@ -73,7 +77,7 @@ def main(argv: list[str], prog: str = "videoar pretokenize") -> int:
             summary = merge_only(cfg)
             log.info("merged %s: %s", cfg.output_dir, summary)
             return 0
-        pretok = Pretokenizer(cfg, worker)
+        pretok = Pretokenizer(cfg, worker, load_tokenizer)
         save_resolved_config(cfg, Path(cfg.output_dir) / "logs" / f"worker-{worker.index:05d}")
         pending = pretok.pending()
         log.info("worker %d of %d (%s): %d partitions of %d pending, %d videos; decode on %s, encode on %s",

@@ -31,17 +31,18 @@ def main(argv: list[str], prog: str = "videoar shards") -> int:
     args = build_parser(prog).parse_args(argv)
     from data_prep import shard_inspect as insp
     from data_prep.shards import ShardManifestMismatch, ShardsIncomplete
+    from tokenizer.checkpoint import TokenizerCheckpointError, load_tokenizer
     try:
         if args.action == "merge":
-            from data_prep.pretokenize import merge_only
+            from data_prep.pretokenize.pipeline import merge_only
             print(json.dumps(merge_only(args.dir), indent=2))
             return 0
         summary = insp.summarize(args.dir)
         print(json.dumps(summary, indent=2) if args.json else insp.format_summary(summary))
         if args.tokenizer:
-            png = insp.render_samples(args.dir, args.tokenizer, png=args.png or None, num=args.samples,
-                                      source_root=args.source_root or None)
+            png = insp.render_samples(args.dir, load_tokenizer(args.tokenizer), png=args.png or None,
+                                      num=args.samples, source_root=args.source_root or None)
             print(f"wrote {png}")
-    except (ShardsIncomplete, ShardManifestMismatch, FileNotFoundError, ValueError) as e:
+    except (ShardsIncomplete, ShardManifestMismatch, TokenizerCheckpointError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"{prog}: {e}")
     return 0

@@ -179,16 +179,15 @@ class ModelConfig:
     dependency). 'flash': FlexAttention's FlashAttention-4 backend (``BACKEND: FLASH``, CuTe DSL), which
     needs the ``flash`` extra (flash-attn-4) and a Hopper or newer GPU; on Hopper only head_dim 97..128
     (VideoAR-L and XL; not 4B's 80: FA4's tiles, refused before building). Same mask, same BlockMask; the
-    results agree within bf16 rounding (GPU tests, with and without Random Frame Mask). Measured on an
-    H200 (docs/BENCHMARKS.md): at stage-III length (13,771 tokens) one attention layer fwd+bwd 4.81 vs
-    8.64 ms and the VideoAR-L train step 1.07x a causal GPT without RFM, 1.01x with RFM p=0.1 (Triton:
-    0.86x); at UCF-101 length (666 tokens, batch 16) FLASH is slower, 1.69 vs 1.35 ms."""
+    results agree within bf16 rounding (GPU tests, with and without Random Frame Mask). Which is faster
+    depends on the sequence length (flash at stage-III length, triton at UCF-101 length, as measured
+    so far): figures and how to measure them in docs/BENCHMARKS.md."""
     attention_split_tokens: int = 0
     """Split attention: (frame, scale) blocks of at least this many tokens run as unmasked SDPA calls
     over the keys before their end (FlashAttention kernels on GPU) and only the other queries go through
     the mask. Exact (same rule, tested on CPU and GPU); used only when no Random Frame Mask drop or
-    window hides a frame. 0 (default) disables it: at 250 it made the stage-III VideoAR-L step 1.33x
-    slower on an H100 (docs/BENCHMARKS.md); larger thresholds are unmeasured."""
+    window hides a frame. 0 (default) disables it: the one threshold measured made the stage-III
+    VideoAR-L step slower (docs/BENCHMARKS.md)."""
     pad_to_multiple: int = 1
     """Pad the sequence at its end to a multiple of this (padded tokens are masked and carry no loss);
     sequence parallelism needs a multiple of the TP size, which the builder adds on its own."""

@@ -116,8 +116,8 @@ class LayoutTables:
     [frame_start, block_end): the mask tests ranges instead of gathering frame and scale ids."""
     frame_index_S: torch.Tensor
     """int32 frame of a video token, 0 otherwise: the Random Frame Mask's lookup index. FlexAttention's
-    FLASH backend (model.flex_kernel=flash) compiles neither a clamp of ``frame_S`` nor int64 gather
-    indices (measured on an H200, torch 2.11 + FA4 4.0.0b5); where it is read, the key is an earlier
+    FLASH backend (model.flex_kernel=flash) compiled neither a clamp of ``frame_S`` nor int64 gather
+    indices (the versions and errors: docs/BENCHMARKS.md); where it is read, the key is an earlier
     frame's video token, so the 0 of other tokens is never used."""
     prefix_len: int
     """|Ψ|: positions below it are the prefix."""

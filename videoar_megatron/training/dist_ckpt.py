@@ -19,19 +19,16 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
 from torch.distributed import checkpoint as torch_dcp
 
-from videoar_common.atomic import (atomic_write_json, committed_steps, is_committed,
-                                            latest_committed, mark_committed, prune_keep_last,
-                                            step_dir_name)
+from videoar_common.atomic import (atomic_write_json, is_committed, latest_committed, mark_committed,
+                                   prune_keep_last, step_dir_name)
 from videoar_common.distributed import DistContext
 
 TRAIN_STATE_FILE = "train_state.json"
@@ -115,19 +112,6 @@ def find_newest_checkpoint(path: str | Path) -> Path | None:
     """The newest committed step under ``path`` (a checkpoint root) or under ``path/checkpoints`` (a run
     directory): what ``--load``, ``sample --ckpt`` and ``eval fvd --checkpoint`` accept besides a step."""
     return find_resume_checkpoint(path) or find_resume_checkpoint(Path(path) / CHECKPOINT_DIR)
-
-
-def checkpoint_steps(root: str | Path) -> list[int]:
-    return committed_steps(root)
-
-
-def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
-    """All ranks' ``obj`` on every rank (for small per-rank state like data-loader positions)."""
-    if ctx.world_size == 1 or not dist.is_initialized():
-        return [obj]
-    out: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 MODEL_KEY = "model"
