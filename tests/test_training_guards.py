@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from videoar_megatron.training.numerics import NumericsConfig, NumericsGuard
-from videoar_megatron.training.preemption import PreemptionConfig
+from videoar_common.numerics import NumericsConfig, NumericsGuard
+from videoar_common.preemption import PreemptionConfig
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 
@@ -42,3 +42,4 @@ def test_bad_config_names_the_knob():
         PreemptionConfig(signals=["SIGFOO"])
     with pytest.raises(ValueError, match="loss_spike_factor"):
         NumericsConfig(loss_spike_factor=-1)
+
