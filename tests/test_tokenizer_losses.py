@@ -6,7 +6,7 @@ import torch
 
 from tokenizer.config import TokenizerModelConfig
 from tokenizer.discriminator import Discriminator3D, DiscriminatorConfig
-from tokenizer.losses import LeCAM, LossConfig, TokenizerLoss, VGGPerceptualLoss, hinge_d_loss
+from tokenizer.losses import LeCAM, TokenizerLossConfig, TokenizerLoss, VGGPerceptualLoss, hinge_d_loss
 from tokenizer.model import VideoTokenizer
 from videoar_common.config import ConfigError, load_config
 
@@ -19,16 +19,16 @@ def clip(b=2, t=5, s=32, seed=0):
 
 def test_perceptual_enabled_without_path_is_a_config_error_naming_the_key():
     with pytest.raises(ConfigError, match="loss.perceptual_vgg_path"):
-        load_config(LossConfig, None, ["perceptual_weight=0.1"])
+        load_config(TokenizerLossConfig, None, ["perceptual_weight=0.1"])
 
 
 def test_perceptual_missing_file_names_the_key_and_expected_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"loss.perceptual_vgg_path.*vgg16-397923af.pth"):
-        TokenizerLoss(LossConfig(perceptual_weight=0.1, perceptual_vgg_path=str(tmp_path / "nope.pth")))
+        TokenizerLoss(TokenizerLossConfig(perceptual_weight=0.1, perceptual_vgg_path=str(tmp_path / "nope.pth")))
 
 
 def test_perceptual_off_by_default():
-    assert TokenizerLoss(LossConfig()).perceptual is None
+    assert TokenizerLoss(TokenizerLossConfig()).perceptual is None
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_generator_loss_leaves_discriminator_gradients_alone():
     cfg = TokenizerModelConfig(base_channels=8, channel_mult=[1, 1, 2], temporal_down_levels=[0, 1],
                                norm_groups=4, latent_dim=8, scale_schedule=[[1, 1], [2, 2], [8, 8]])
     model, disc = VideoTokenizer(cfg), Discriminator3D(TINY_DISC)
-    loss = TokenizerLoss(LossConfig(disc_start_step=10))
+    loss = TokenizerLoss(TokenizerLossConfig(disc_start_step=10))
     x = clip()
     assert not loss.gan_active(9) and loss.gan_active(10)
     recon, q = model(x)

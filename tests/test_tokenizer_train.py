@@ -8,6 +8,7 @@ The first DeepSpeed run on a machine builds its shm op (about a minute, cached a
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import yaml
 
 from data_prep.synth import make_corpus
 from tests.conftest import REPO_ROOT, free_port
+from tests.test_lr_schedule import documented_lr
 from videoar_common.atomic import committed_steps
 from videoar_common.run_logging import read_metrics
 from tests.subprocess_env import child_env
@@ -110,6 +112,13 @@ def test_zero2_training_lowers_loss_and_resume_is_bitwise(tmp_path, corpus):
         for key in KEYS:
             assert a[step].get(key) == b[step].get(key), (step, key, a[step].get(key), b[step].get(key))
     assert "d_total" in a[8] and "lecam" in a[8] and "d_total" not in a[3]  # GAN from disc_start_step
+    # DeepSpeed steps the shared schedule once per applied update: the logged rates (after step n) follow
+    # docs/tokenizer.md (tiny: lr 1e-3, disc_lr 5e-4, floor 10%, cosine; here 2 warm-up steps, 8 steps, and
+    # the discriminator's n - 4 updates from loss.disc_start_step=4 decay to its floor by step 8)
+    for n in range(1, 9):
+        want = documented_lr(n, peak=1e-3, floor=1e-4, warmup=2, decay_end=8, style="cosine")
+        want_disc = documented_lr(max(0, n - 4), peak=5e-4, floor=5e-5, warmup=2, decay_end=4, style="cosine")
+        assert math.isclose(a[n]["lr"], want, rel_tol=1e-9) and math.isclose(a[n]["disc_lr"], want_disc, rel_tol=1e-9)
     # the loss goes down (reconstruction term; the entropy term is a bounded offset)
     assert a[8]["rec"] < 0.5 * a[1]["rec"]
 
@@ -204,7 +213,8 @@ def test_init_from_recipe_trains_the_image_stage_first_then_reinflates(tmp_path,
     assert committed_steps(run / "init" / "image" / "checkpoints") == [3]
 
 
-def test_signal_saves_on_all_ranks_and_exits_for_requeue(tmp_path, corpus):
+def test_signal_or_time_limit_saves_and_exits_for_requeue(tmp_path, corpus):
+    """The AR trainer's preemption (videoar_common.preemption): save, REQUEUE_REQUESTED, exit 75."""
     import signal
     import time
     recipe = write_recipe(tmp_path / "micro.yaml", corpus, steps=10_000, checkpoint__every=1000)
@@ -223,6 +233,15 @@ def test_signal_saves_on_all_ranks_and_exits_for_requeue(tmp_path, corpus):
     last = max(losses(run))
     assert committed_steps(run / "checkpoints") == [last] and last >= 3
     assert "exiting with 75 for requeue" in err
+    marker = json.loads((run / "REQUEUE_REQUESTED").read_text())
+    assert marker["step"] == last and marker["reason"] == "signal SIGUSR1"
+    # the requeued job resumes (and removes the marker), then stops on its wall-clock limit after one step
+    again = subprocess.run([*cmd, "--set", "preemption.time_limit_minutes=0.0001"], capture_output=True, text=True,
+                           env=env, cwd=tmp_path, timeout=600)
+    assert again.returncode == 75, again.stderr[-3000:]
+    marker = json.loads((run / "REQUEUE_REQUESTED").read_text())
+    assert marker["step"] == last + 1 and marker["reason"].startswith("wall-clock limit")
+    assert committed_steps(run / "checkpoints") == [last, last + 1]
 
 
 def _records(run: Path) -> list[dict]:

@@ -115,7 +115,7 @@ def test_audit_replay_drops_steps_of_a_crashed_job(tmp_path):
 def test_wall_clock_limit_is_a_stop_reason():
     import time
 
-    from videoar_megatron.training.preemption import PreemptionConfig, PreemptionWatcher
+    from videoar_common.preemption import PreemptionConfig, PreemptionWatcher
     watcher = PreemptionWatcher(PreemptionConfig(time_limit_minutes=0.5), start_time=time.monotonic() - 31)
     assert watcher.local_reason() == "wall-clock limit of 0.5 min reached"
     assert PreemptionWatcher(PreemptionConfig(time_limit_minutes=0.5)).local_reason() is None

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from videoar_megatron.training.numerics import NumericsConfig, NumericsGuard
-from videoar_megatron.training.preemption import PreemptionConfig
+from videoar_common.numerics import NumericsConfig, NumericsGuard
+from videoar_common.preemption import PreemptionConfig
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 
@@ -42,3 +42,23 @@ def test_bad_config_names_the_knob():
         PreemptionConfig(signals=["SIGFOO"])
     with pytest.raises(ValueError, match="loss_spike_factor"):
         NumericsConfig(loss_spike_factor=-1)
+
+
+def test_tokenizer_max_nonfinite_is_the_shared_guards_budget_per_job():
+    """numerics.max_nonfinite=2: the third bad step of the job stops it, good steps in between or not."""
+    import math
+
+    import torch
+
+    from tokenizer.train_config import TokenizerNumericsConfig
+    from videoar_common.distributed import DistContext
+    from videoar_common.numerics import NumericsError
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1,
+                      device=torch.device("cpu"), backend="gloo")
+    guard = NumericsGuard(TokenizerNumericsConfig(max_nonfinite=2).guard_config())
+    assert guard.check(math.nan, 0.0, ctx).startswith("non-finite loss")
+    assert guard.check(1.0, 1.0, ctx) is None
+    assert guard.check(1.0, math.inf, ctx).startswith("non-finite gradient norm")
+    assert guard.check(1.0, 1.0, ctx) is None
+    with pytest.raises(NumericsError, match="3 in total"):
+        guard.check(math.nan, 0.0, ctx)

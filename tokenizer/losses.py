@@ -37,7 +37,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(kw_only=True)
-class LossConfig:
+class TokenizerLossConfig:
     """Weights and schedule of the tokenizer losses (Eq. 4); the paper gives no λ values, the
     defaults follow MAGVIT-v2 / Open-MAGVIT2."""
 
@@ -206,7 +206,7 @@ def frozen(module: nn.Module):
 class TokenizerLoss(nn.Module):
     """Generator (autoencoder) and discriminator objectives. Terms are returned detached for logging."""
 
-    def __init__(self, cfg: LossConfig):
+    def __init__(self, cfg: TokenizerLossConfig):
         super().__init__()
         self.cfg = cfg
         self.perceptual = (VGGPerceptualLoss(cfg.perceptual_vgg_path, cfg.perceptual_lin_path)

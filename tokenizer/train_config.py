@@ -4,6 +4,11 @@ Every key is documented by the docstring under its field (``videoar tokenizer tr
 them all) and checked in ``__post_init__`` with a message naming the key. Checks that involve two
 sections (latent grid vs scale schedule, clip length vs temporal compression) live in
 :class:`TokenizerTrainConfig`.
+
+Sections that mean the same as in the AR recipe are the same classes (``preemption``, ``logging``, from
+``videoar_common``); sections whose keys differ are named for the tokenizer (``TokenizerOptimConfig``:
+two engines, a floor relative to each peak; ``TokenizerNumericsConfig``: skip/rollback/stop policies
+over the shared numerics guard; ...), so no two config classes of the project share a name.
 """
 from __future__ import annotations
 
@@ -14,8 +19,10 @@ from typing import Literal
 from data_prep.video import ClipSamplingConfig
 from tokenizer.config import TokenizerModelConfig
 from tokenizer.discriminator import DiscriminatorConfig
-from tokenizer.losses import LossConfig
+from tokenizer.losses import TokenizerLossConfig
 from videoar_common.config import ConfigError
+from videoar_common.numerics import NumericsConfig
+from videoar_common.preemption import PreemptionConfig
 from videoar_common.run_logging import LoggingConfig
 
 
@@ -46,8 +53,9 @@ class SynthCorpusConfig:
 
 
 @dataclass(kw_only=True)
-class DataConfig:
-    """Training data: videos (DALI) and/or images (PIL), streamed per rank."""
+class TokenizerDataConfig:
+    """Training data: videos (DALI) and/or images (PIL), streamed per rank (the AR trainer reads token
+    shards instead)."""
 
     manifest: str = ""
     """Training videos: CSV/JSONL manifest (path + caption/label columns, see data_prep.manifest) or a
@@ -97,8 +105,9 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
-class OptimConfig:
-    """AdamW for both engines, warm-up then a decay schedule (stepped only on applied steps)."""
+class TokenizerOptimConfig:
+    """AdamW for both engines, each with Megatron's warm-up + decay schedule (``videoar_common.lr_schedule``,
+    stepped only on applied steps)."""
 
     lr: float = 1e-4
     """Peak learning rate of the autoencoder."""
@@ -113,10 +122,12 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Global gradient-norm clip per engine (0 = off)."""
     warmup_steps: int = 1000
-    """Linear warm-up steps."""
+    """Linear warm-up from 0 to the peak over this many applied steps (the first step runs at lr 0)."""
     schedule: Literal["constant", "cosine", "linear"] = "cosine"
-    """Decay after warm-up, down to lr * min_lr_ratio at the last step. The discriminator warms up over its
-    own first warmup_steps (from loss.disc_start_step) and decays on the same global-step clock."""
+    """Decay after warm-up, down to lr * min_lr_ratio at the last step (constant: stay at the peak). The
+    discriminator's schedule starts at loss.disc_start_step: it warms up over its own first warmup_steps
+    and decays to disc_lr * min_lr_ratio at the same last step. A schedule whose warm-up does not end
+    before the last step stays in its warm-up."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of the peak."""
 
@@ -150,7 +161,7 @@ class DeepSpeedConfig:
 
 
 @dataclass(kw_only=True)
-class CheckpointConfig:
+class TokenizerCheckpointConfig:
     """Training checkpoints in ``<run_dir>/checkpoints/step_XXXXXXXX`` (COMMITTED marker written last)."""
 
     every: int = 1000
@@ -189,15 +200,16 @@ class InitConfig:
 
 
 @dataclass(kw_only=True)
-class NumericsConfig:
-    """What happens when a loss or gradient is not finite on any rank (decided on all ranks together)."""
+class TokenizerNumericsConfig:
+    """What happens when a loss or gradient is not finite on any rank (decided on all ranks together by the
+    numerics guard shared with the AR trainer, ``videoar_common.numerics``)."""
 
     on_nonfinite: Literal["skip", "rollback", "stop"] = "skip"
     """skip: drop the optimizer step and its data window on every rank; rollback: also reload the last
     committed checkpoint (the data consumed since then is skipped); stop: exit with an error. A bad
     step is never checkpointed."""
     max_nonfinite: int = 10
-    """Stop with an error after this many bad steps in one job."""
+    """Stop with an error (exit 3) at the next bad step once this many steps of one job were bad."""
     inject_nonfinite_step: int = -1
     """Fault-injection drill: make the loss NaN at this optimizer step (first attempt only); -1 = off."""
     inject_nonfinite_rank: int = 0
@@ -207,9 +219,14 @@ class NumericsConfig:
         if self.max_nonfinite < 1:
             raise ValueError(f"numerics.max_nonfinite must be >= 1, got {self.max_nonfinite}")
 
+    def guard_config(self) -> NumericsConfig:
+        """The shared guard's budget: more than max_nonfinite bad steps in this job (the guard's state is not
+        checkpointed) stops the run; a bad-step streak is bounded by the same number."""
+        return NumericsConfig(max_consecutive_skips=self.max_nonfinite, max_total_skips=self.max_nonfinite)
+
 
 @dataclass(kw_only=True)
-class EvalConfig:
+class TokenizerEvalConfig:
     """Held-out reconstruction evaluation (PSNR/SSIM, bits per scale, PNG grid) on rank 0."""
 
     manifest: str = ""
@@ -238,22 +255,25 @@ class TokenizerTrainConfig:
     """Tokenizer architecture and scale schedule (written into the exported tokenizer directory)."""
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     """3D discriminator (always trained from scratch)."""
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
     """Loss weights (Eq. 4) and GAN schedule."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: TokenizerOptimConfig = field(default_factory=TokenizerOptimConfig)
     """Optimizers and learning-rate schedule."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """ZeRO stage and precision."""
-    data: DataConfig
+    data: TokenizerDataConfig
     """Training data (required: a recipe must say where its data comes from)."""
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: TokenizerEvalConfig = field(default_factory=TokenizerEvalConfig)
     """Held-out evaluation."""
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    checkpoint: TokenizerCheckpointConfig = field(default_factory=TokenizerCheckpointConfig)
     """Checkpointing and retention."""
     init: InitConfig = field(default_factory=InitConfig)
     """Initial weights (inflation or an earlier tokenizer)."""
-    numerics: NumericsConfig = field(default_factory=NumericsConfig)
+    numerics: TokenizerNumericsConfig = field(default_factory=TokenizerNumericsConfig)
     """Non-finite loss handling."""
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    """Signals and wall-clock limit that make the job save, write REQUEUE_REQUESTED and exit with 75 (as
+    ``videoar train``)."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metric sinks (metrics.jsonl always)."""
     steps: int = 100_000
@@ -268,7 +288,8 @@ class TokenizerTrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto = the local GPU when CUDA is present, else CPU (gloo)."""
     stop_after: int = 0
-    """Save and exit after this many steps in this job (time-limited jobs; resume continues). 0 = off."""
+    """Save and exit (code 0) after this many steps in this job (resume continues). 0 = off. For jobs that
+    should be requeued use preemption.time_limit_minutes."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.grad_accum_steps < 1 or self.stop_after < 0 or self.global_batch_size < 0:

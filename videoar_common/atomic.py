@@ -4,6 +4,7 @@ Rule (from torchtitan/Megatron practice): a directory of results (checkpoint, sh
 counts only once its marker file is written, last. Readers look for the marker, never at mtimes,
 so a crash mid-write leaves the previous committed state in use. Single files are written to a
 temporary name in the same directory and renamed, which is atomic on POSIX file systems.
+:func:`save_committed_step` is the one save protocol of both trainers' ``step_XXXXXXXX`` checkpoints.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 COMMIT_MARKER = "COMMITTED"
 
@@ -119,3 +120,29 @@ def prune_keep_last(root: str | Path, keep: int) -> list[Path]:
                 shutil.rmtree(child, ignore_errors=True)
                 removed.append(child)
     return removed
+
+
+def save_committed_step(root: str | Path, step: int, ctx, write: Callable[[Path], None], *, keep_last: int,
+                        before_commit: Callable[[Path], None] | None = None) -> Path:
+    """Collective save of ``<root>/step_XXXXXXXX``, the protocol of both trainers' checkpoints.
+
+    Rank 0 removes a leftover directory of this step (a crash before its commit, or an earlier save of
+    the same step) and creates it; every rank calls ``write(path)``; once all have returned, rank 0
+    writes the commit marker and prunes to the newest ``keep_last`` (0 = keep all). ``before_commit(path)``
+    runs on every rank between the last write and the marker (fault-injection drills). ``ctx`` is the
+    run's :class:`~videoar_common.distributed.DistContext` (``is_main``, ``barrier``)."""
+    path = Path(root) / step_dir_name(step)
+    if ctx.is_main:
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+    ctx.barrier()
+    write(path)
+    ctx.barrier()
+    if before_commit is not None:
+        before_commit(path)
+    if ctx.is_main:
+        mark_committed(path, {"step": step})
+        prune_keep_last(root, keep_last)
+    ctx.barrier()
+    return path

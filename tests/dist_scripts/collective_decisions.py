@@ -5,8 +5,8 @@ import signal
 import sys
 
 from videoar_common.distributed import init_distributed, shutdown_distributed
-from videoar_megatron.training.numerics import NumericsConfig, NumericsError, NumericsGuard
-from videoar_megatron.training.preemption import PreemptionConfig, PreemptionWatcher
+from videoar_common.numerics import NumericsConfig, NumericsError, NumericsGuard
+from videoar_common.preemption import PreemptionConfig, PreemptionWatcher
 
 ctx = init_distributed(device="cpu")
 out = {}

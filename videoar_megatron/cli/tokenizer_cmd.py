@@ -37,8 +37,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                                    "Re-running the same command resumes from the newest committed checkpoint "
                                    "in the run directory. Writes metrics.jsonl, loss_curves.png, eval/<step>/ "
                                    "(eval.json, recon_grid.png), rejects.jsonl, checkpoints/ and, at the end, "
-                                   "the exported tokenizer directory <run-dir>/tokenizer. Exit code 75 means "
-                                   "'saved after SIGUSR1/SIGTERM, requeue me'.")
+                                   "the exported tokenizer directory <run-dir>/tokenizer. Exit codes (as `videoar train`): "
+                                   "0 done (or stopped by stop_after); 75 saved after a signal or "
+                                   "preemption.time_limit_minutes, requeue me (REQUEUE_REQUESTED is written "
+                                   "too); 2 checkpoint refused (world size, model recipe, data sources); 3 "
+                                   "non-finite steps (numerics.on_nonfinite=stop or numerics.max_nonfinite).")
     add_recipe_args(t, TokenizerTrainConfig, recipe_help="recipe YAML (e.g. recipes/tokenizer/tiny.yaml)",
                     set_example="steps=200")
     t.add_argument("--run-dir", default=None,
@@ -86,33 +89,44 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
+    """Parse, build, train, close; errors become the exit codes of `videoar train` (videoar_common.exit_codes)."""
+    from tokenizer.train_checkpoint import ResumeRefused
     from tokenizer.train_config import TokenizerTrainConfig
-    from tokenizer.trainer import NonFiniteError, ResumeRefused, run_with_init_stage
-    from videoar_megatron.cli.train import EXIT_CONFIG, EXIT_NUMERICS
-    from videoar_common.config import ConfigError, read_recipe_chain
+    from tokenizer.trainer import run_with_init_stage
+    from videoar_common.config import ConfigError
     from videoar_common.distributed import init_distributed, shutdown_distributed
+    from videoar_common.exit_codes import EXIT_CONFIG, EXIT_NUMERICS
+    from videoar_common.numerics import NumericsError
     from videoar_common.run_logging import setup_console_logging
-    cfg = load_recipe(args, TokenizerTrainConfig, "videoar tokenizer")
+    prog = "videoar tokenizer train"
+    try:
+        cfg = load_recipe(args, TokenizerTrainConfig)
+        recipe_dir = _init_recipe_dir(args.recipe)
+    except ConfigError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return EXIT_CONFIG
     run_dir = Path(args.run_dir or f"runs/tokenizer-{Path(args.recipe).stem}")
-    # init.from_recipe resolves against the recipe file that sets it (which may be a base recipe).
-    _, origin = read_recipe_chain(args.recipe)
-    source = origin.get("init.from_recipe") or origin.get("init") or str(args.recipe)
-    recipe_dir = Path(source).parent if source.endswith((".yaml", ".yml")) else Path.cwd()
     ctx = init_distributed(cfg.device)
     setup_console_logging(ctx.rank)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         return run_with_init_stage(cfg, ctx, run_dir, recipe_dir)
-    except ConfigError as err:
-        raise SystemExit(f"videoar tokenizer train: {err}") from None
-    except ResumeRefused as err:  # same exit codes as `videoar train`
-        print(f"videoar tokenizer train: {err}", file=sys.stderr)
+    except (ConfigError, ResumeRefused) as err:  # nothing was trained or written after the refusal
+        print(f"{prog}: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    except NonFiniteError as err:
-        print(f"videoar tokenizer train: {err}", file=sys.stderr)
+    except NumericsError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
         return EXIT_NUMERICS
     finally:
         shutdown_distributed()
+
+
+def _init_recipe_dir(recipe: str) -> Path:
+    """Where init.from_recipe resolves: beside the recipe file that sets it (which may be a base recipe)."""
+    from videoar_common.config import read_recipe_chain
+    _, origin = read_recipe_chain(recipe)
+    source = origin.get("init.from_recipe") or origin.get("init") or str(recipe)
+    return Path(source).parent if source.endswith((".yaml", ".yml")) else Path.cwd()
 
 
 def _eval_setup(args):

@@ -5,9 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from videoar_common.exit_codes import EXIT_CONFIG, EXIT_NUMERICS
 from videoar_megatron.cli._recipe_args import add_recipe_args, load_recipe
-
-EXIT_CONFIG, EXIT_NUMERICS = 2, 3
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -73,7 +72,7 @@ def _train(cfg, run_dir: Path, prog: str, seed_only: bool) -> int:
     from videoar_common.distributed import read_launch_env
     from videoar_common.run_logging import setup_console_logging
     from videoar_megatron.training.checkpoint import ResumeError
-    from videoar_megatron.training.numerics import NumericsError
+    from videoar_common.numerics import NumericsError
     from videoar_megatron.training.trainer import build_trainer
     log = setup_console_logging(read_launch_env()[0])
     trainer = None

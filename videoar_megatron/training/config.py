@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from videoar_common.numerics import NumericsConfig
+from videoar_common.preemption import PreemptionConfig
 from videoar_common.run_logging import LoggingConfig
 from videoar_megatron.model.config import ModelConfig, ParallelConfig
 from videoar_megatron.training.metrics import MetricsConfig
-from videoar_megatron.training.numerics import NumericsConfig
-from videoar_megatron.training.preemption import PreemptionConfig
 
 
 def _check_shape_knobs(prefix: str, num_frames: int, resolution, scale_schedule) -> None:

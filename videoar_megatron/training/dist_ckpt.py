@@ -17,7 +17,6 @@ checkpoints from CPU and GPU runs are interchangeable and load through the same 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -27,8 +26,8 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
 from torch.distributed import checkpoint as torch_dcp
 
-from videoar_common.atomic import (atomic_write_json, is_committed, latest_committed, mark_committed,
-                                   prune_keep_last, step_dir_name)
+from videoar_common.atomic import (atomic_write_json, committed_steps, is_committed, latest_committed,
+                                   save_committed_step)
 from videoar_common.distributed import DistContext
 
 TRAIN_STATE_FILE = "train_state.json"
@@ -61,27 +60,17 @@ def save_strategy(device: torch.device):
 
 def save_checkpoint(root: str | Path, step: int, sharded_state_dict: dict, train_state: dict,
                     ctx: DistContext, keep_last: int = 0, before_commit=None) -> Path:
-    """Save a sharded state dict plus ``train_state`` (rank 0's JSON) and commit it.
+    """Save a sharded state dict plus ``train_state`` (rank 0's JSON) and commit it (the protocol of
+    :func:`videoar_common.atomic.save_committed_step`, shared with the tokenizer trainer).
 
     ``before_commit(path)`` runs on every rank after everything is written and before the marker
     (fault injection: a crash there must leave the previous checkpoint in use)."""
-    path = Path(root) / step_dir_name(step)
-    if ctx.is_main:
-        if path.exists():  # a crash left an uncommitted (or an older) directory for this step
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-    ctx.barrier()
-    dist_checkpointing.save(sharded_state_dict, str(path), sharded_strategy=save_strategy(ctx.device))
-    if ctx.is_main:
-        atomic_write_json(path / TRAIN_STATE_FILE, train_state)
-    ctx.barrier()
-    if before_commit is not None:
-        before_commit(path)
-    if ctx.is_main:
-        mark_committed(path, {"step": step})
-        prune_keep_last(root, keep_last)
-    ctx.barrier()
-    return path
+    def write(path: Path) -> None:
+        dist_checkpointing.save(sharded_state_dict, str(path), sharded_strategy=save_strategy(ctx.device))
+        if ctx.is_main:
+            atomic_write_json(path / TRAIN_STATE_FILE, train_state)
+
+    return save_committed_step(root, step, ctx, write, keep_last=keep_last, before_commit=before_commit)
 
 
 def load_checkpoint(path: str | Path, sharded_state_dict: dict) -> tuple[dict, dict]:

@@ -15,8 +15,8 @@ gradient norm, clipping and the (reshardable) checkpoint format go through one i
 The step is split as in Megatron's ``ChainedOptimizer.step`` (prepare grads → norm → clip → update) so
 that the numerics guard can veto the update *between* the norm and the update, on every rank together.
 Parameter groups follow Megatron's standard rule: no weight decay for biases and 1-D parameters.
-The schedule is Megatron's ``OptimizerParamScheduler`` (plain Python, works on CPU); it steps only
-after an applied update.
+The schedule is Megatron's ``OptimizerParamScheduler`` (plain Python, works on CPU), built by
+:mod:`videoar_common.lr_schedule` as for the tokenizer trainer; it steps only after an applied update.
 """
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer.optimizer import FP32Optimizer, MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from videoar_common.lr_schedule import LRScheduler, build_lr_scheduler
+from videoar_common.numerics import NumericsGuard
 from videoar_megatron.training.config import OptimConfig
-from videoar_megatron.training.numerics import NumericsGuard
 
 
 def megatron_optimizer_config(cfg: OptimConfig, *, bf16: bool, distributed: bool) -> OptimizerConfig:
@@ -125,23 +126,15 @@ def build_megatron_optimizer(model_chunks: list, cfg: OptimConfig, *, bf16: bool
     return get_megatron_optimizer(config, model_chunks)
 
 
-def build_scheduler(optimizer: MegatronOptimizer, cfg: OptimConfig, decay_steps: int) -> OptimizerParamScheduler:
-    """Linear warm-up from 0 to lr, then cosine/linear/constant decay to min_lr at ``decay_steps``.
+def build_scheduler(optimizer: MegatronOptimizer, cfg: OptimConfig, decay_steps: int) -> LRScheduler:
+    """Linear warm-up from 0 to lr, then cosine/linear/constant decay to min_lr at ``decay_steps``
+    (the schedule shared with the tokenizer trainer: :mod:`videoar_common.lr_schedule`).
 
-    On resume the recipe's values win over the checkpoint's (``override_opt_param_scheduler``): only
-    the step count is restored, so extending ``train.steps`` stretches the decay instead of leaving
-    the new steps at min_lr. :func:`schedule_changes` lets the trainer warn about such a change."""
-    return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=cfg.warmup_steps,
-        lr_decay_steps=decay_steps, lr_decay_style=cfg.decay_style, start_wd=cfg.weight_decay,
-        end_wd=cfg.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
-
-
-def schedule_changes(saved: dict, scheduler: OptimizerParamScheduler) -> list[str]:
-    """Schedule settings that differ between a checkpoint's scheduler state and the recipe's."""
-    now = scheduler.state_dict()
-    return [f"{k}: {saved[k]} -> {now[k]}" for k in now if k != "num_steps" and k in saved and saved[k] != now[k]]
+    On resume the recipe's values win over the checkpoint's: only the step count is restored, so
+    extending ``train.steps`` stretches the decay instead of leaving the new steps at min_lr.
+    :func:`~videoar_common.lr_schedule.schedule_changes` lets the trainer warn about such a change."""
+    return build_lr_scheduler(optimizer, peak_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+                              decay_steps=decay_steps, decay_style=cfg.decay_style, weight_decay=cfg.weight_decay)
 
 
 def current_lr(optimizer: MegatronOptimizer) -> float:
@@ -164,7 +157,7 @@ def guarded_step(optimizer: MegatronOptimizer, scheduler: OptimizerParamSchedule
     """Collective: norm → numerics verdict (all ranks together) → clip → update → schedule.
 
     A bad step leaves weights, optimizer state and schedule untouched. Raises
-    :class:`~videoar_megatron.training.numerics.NumericsError` once the skip budget is spent.
+    :class:`~videoar_common.numerics.NumericsError` once the skip budget is spent.
     """
     found_inf = optimizer.prepare_grads()
     norm = optimizer.get_grad_norm()

@@ -30,6 +30,10 @@ import torch.distributed as dist
 
 from videoar_common.config import config_to_dict, save_resolved_config
 from videoar_common.distributed import DistContext, init_distributed, shutdown_distributed
+from videoar_common.exit_codes import REQUEUE_EXIT_CODE
+from videoar_common.lr_schedule import schedule_changes
+from videoar_common.numerics import NumericsGuard
+from videoar_common.preemption import PreemptionWatcher, clear_requeue, request_requeue
 from videoar_common.run_logging import METRICS_FILE, RunLogger, get_logger, plot_metrics
 from videoar_megatron.model.model import build_model
 from videoar_megatron.model.parallel import REPLICA_CONSECUTIVE_ORDER, destroy_model_parallel, init_model_parallel
@@ -40,11 +44,8 @@ from videoar_megatron.training.config import TrainConfig
 from videoar_megatron.training.data import TrainData, check_replicas_are_consecutive
 from videoar_megatron.training.engine import LocalEngine, MegatronEngine
 from videoar_megatron.training.metrics import memory_stats, step_flops_per_sample, throughput
-from videoar_megatron.training.numerics import NumericsGuard
 from videoar_megatron.training.optim import (build_host_optimizer, build_megatron_optimizer, build_scheduler,
-                                             current_lr, guarded_step, schedule_changes)
-from videoar_megatron.training.preemption import (REQUEUE_EXIT_CODE, PreemptionWatcher, clear_requeue,
-                                                  request_requeue)
+                                             current_lr, guarded_step)
 
 LOSS_CURVES_FILE = "loss_curves.png"
 PLOT_KEYS = ("loss", "bit_accuracy", "grad_norm", "lr", "tokens_per_s", "mfu")

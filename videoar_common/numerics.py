@@ -4,6 +4,11 @@ The verdict is computed from values all-reduced over all ranks (MAX of a 'bad' f
 one rank makes all ranks skip the same step before the optimizer update (torchtitan's lesson: a rank
 that steps alone desynchronises the replicas). After ``max_consecutive_skips`` bad steps in a row, or
 ``max_total_skips`` in the run, training stops with an error rather than burning compute.
+
+Used by both trainers: the AR trainer asks for the verdict between the gradient norm and the update
+(``videoar_megatron.training.optim.guarded_step``); the tokenizer trainer after each window of
+micro-batches, with DeepSpeed's gradient norm, and checks that DeepSpeed dropped exactly the steps the
+guard rejects (``tokenizer.trainer``).
 """
 from __future__ import annotations
 

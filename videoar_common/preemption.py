@@ -1,22 +1,21 @@
 """Preemption and wall-clock limits: every rank decides together to save and exit for a requeue.
 
-A signal handler only sets a flag (signal handlers must not do collective work). Once per step the
-flags of all ranks are all-reduced, so if SLURM signalled only the batch step or one node, every rank
-still stops at the same step, saves, and the job exits with :data:`REQUEUE_EXIT_CODE`, which the
-sbatch scripts turn into ``scontrol requeue``.
+Used by both trainers (AR and tokenizer). A signal handler only sets a flag (signal handlers must not
+do collective work). Once per step the flags of all ranks are all-reduced, so if SLURM signalled only
+the batch step or one node, every rank still stops at the same step, saves, writes the requeue marker
+(rank 0, once the checkpoint is committed) and the job exits with
+:data:`~videoar_common.exit_codes.REQUEUE_EXIT_CODE`; the sbatch scripts turn the marker into
+``scontrol requeue`` (torchrun itself reports 1 for any failed worker).
 """
 from __future__ import annotations
 
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from videoar_common.atomic import atomic_write_json
 from videoar_common.distributed import DistContext
-
-REQUEUE_EXIT_CODE = 75
-"""Exit code meaning "checkpoint saved, please requeue me" (EX_TEMPFAIL, as the tokenizer trainer).
-A launcher that only sees torchrun's status (1 for any failed worker) uses the run directory's
-``REQUEUE_REQUESTED`` marker instead (see slurm/train_ar.sbatch)."""
 
 
 @dataclass(kw_only=True)
@@ -74,18 +73,14 @@ class PreemptionWatcher:
 
 
 REQUEUE_MARKER = "REQUEUE_REQUESTED"
-"""File in the run directory: the job saved and asks to be requeued (read by the sbatch script)."""
+"""File in the run directory: the job saved and asks to be requeued (read by slurm/lib.sh)."""
 
 
-def request_requeue(run_dir, step: int, reason: str) -> None:
+def request_requeue(run_dir: str | Path, step: int, reason: str) -> None:
     """Write the requeue marker (rank 0, after the checkpoint is committed)."""
-    from pathlib import Path
-
-    from videoar_common.atomic import atomic_write_json
     atomic_write_json(Path(run_dir) / REQUEUE_MARKER, {"step": step, "reason": reason, "time": time.time()})
 
 
-def clear_requeue(run_dir) -> None:
+def clear_requeue(run_dir: str | Path) -> None:
     """Remove a marker left by the previous job of this run (this job is the requeued one)."""
-    from pathlib import Path
     (Path(run_dir) / REQUEUE_MARKER).unlink(missing_ok=True)
