@@ -2,6 +2,7 @@
 refused mismatches, deterministic partitions (CPU: DALI CPU decode, fp32 encode)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -355,11 +356,20 @@ class FlakyDecoder:
                 for p, r in zip(plans, out)]
 
 
+def flaky_lanes(monkeypatch, fail) -> None:
+    """Every decoder lane's decoder wrapped in a FlakyDecoder failing ``fail``."""
+    real = clip_stream.decoder_lanes
+
+    def lanes(*args, **kwargs):
+        return [dataclasses.replace(lane, make_decoder=lambda make=lane.make_decoder: FlakyDecoder(make(), fail))
+                for lane in real(*args, **kwargs)]
+    monkeypatch.setattr(clip_stream, "decoder_lanes", lanes)
+
+
 def test_a_clip_that_fails_to_decode_is_rejected_alone(tok, clean, clean_run, tmp_path, monkeypatch):
     records = read_manifest(clean)
     victim = (Path(records[1].path).name, 3)  # the second clip (start 3) of video 1
-    real = clip_stream.ClipStream._decoder
-    monkeypatch.setattr(clip_stream.ClipStream, "_decoder", lambda self: FlakyDecoder(real(self), {victim}))
+    flaky_lanes(monkeypatch, {victim})
     out = tmp_path / "shards"
     pretokenizer(pretok_config(tok, clean, out, num_partitions=3)).run()
     (reject,) = shards.read_rejects(out / shards.REJECTS_FILE)
@@ -372,8 +382,7 @@ def test_a_clip_that_fails_to_decode_is_rejected_alone(tok, clean, clean_run, tm
 
 def test_a_broken_decoder_aborts_instead_of_rejecting_everything(tok, tmp_path, monkeypatch):
     corpus = make_clean_corpus(tmp_path / "corpus", num=17)  # 34 clips
-    real = clip_stream.ClipStream._decoder
-    monkeypatch.setattr(clip_stream.ClipStream, "_decoder", lambda self: FlakyDecoder(real(self), None))
+    flaky_lanes(monkeypatch, None)
     out = tmp_path / "shards"
     with pytest.raises(writer.DecoderBroken, match=r"32 of 32 clips failed to decode with dali on cpu"):
         pretokenizer(pretok_config(tok, corpus, out, num_partitions=1, batch_size=8)).run()
@@ -399,7 +408,7 @@ def test_manifest_start_end_and_fps_columns_shape_the_clips(tok, tmp_path):
     out2 = tmp_path / "shards_fps"
     pretokenizer(pretok_config(tok, corpus, out2, num_partitions=1, clips={"target_fps": 8.0})).run()
     (reject,) = shards.read_rejects(out2 / shards.REJECTS_FILE)
-    assert reject["row"] == 1 and "a clip needs 17 (9 frames at stride 2)" in reject["reason"]
+    assert reject["row"] == 1 and "a clip needs 17 (9 frames at stride 2; 16 fps from the manifest)" in reject["reason"]
 
 
 def test_non_finite_latents_fail_loudly_instead_of_being_written(tok, clean, tmp_path, monkeypatch):
