@@ -136,6 +136,10 @@ class ClipStream:
             self._lanes = DecoderLanes(self.lane_specs)
         return self._lanes
 
+    def clips_by_lane(self) -> dict[str, int]:
+        """Clips each decoder lane has decoded since the lanes started."""
+        return dict(self._lanes.clips_by_lane) if self._lanes is not None else {}
+
     def close(self) -> None:
         """Stop the decoder lanes and drop their decoders (DALI pipelines, GPU memory)."""
         if self._lanes is not None:

@@ -85,6 +85,8 @@ class DecoderLanes:
         self._cv = threading.Condition()
         self._closed = False
         self._failure: BaseException | None = None
+        self.clips_by_lane = {lane.name: 0 for lane in self.lanes}
+        """Clips each lane has decoded so far (logs; tests of the mix)."""
         self._threads = [threading.Thread(target=self._serve, args=(lane,), daemon=True, name=f"decode-{lane.name}")
                          for lane in self.lanes]
         for t in self._threads:
@@ -107,8 +109,8 @@ class DecoderLanes:
             items.append(_Request(request, codec, ticket, slots))
         with self._cv:
             if self._closed:
-                raise RuntimeError(f"decoder lanes are closed (a lane failed: {self._failure!r})"
-                                   if self._failure else "decoder lanes are closed")
+                raise RuntimeError(f"a decoder lane failed: {self._failure!r}" if self._failure
+                                   else "decoder lanes are closed")
             self._queue.extend(items)
             self._cv.notify_all()
         if not plans:
@@ -173,6 +175,8 @@ class DecoderLanes:
                 self._crash(e)
                 return
             done, total = 0, sum(len(item.slots) for item in items)
+            with self._cv:
+                self.clips_by_lane[lane.name] += total
             for item in items:
                 n = len(item.slots)
                 self._deliver(item.ticket, item.slots, results[done:done + n], busy * n / total)

@@ -86,14 +86,16 @@ class Pretokenizer:
 
     def run_partition(self, p: int, progress: Progress | None = None) -> PartitionStats:
         rows = [(i, self.records[i]) for i in shards.partition_range(p, self.num_partitions, len(self.records))]
+        before = self.stream.clips_by_lane()
         stats = self.writer.write_partition(shards.partition_name(p, self.num_partitions), rows, progress)
         if not stats.skipped:
-            self._log(stats)
+            after = self.stream.clips_by_lane()
+            self._log(stats, {lane: n - before.get(lane, 0) for lane, n in after.items()})
         return stats
 
-    def _log(self, stats: PartitionStats) -> None:
-        log = {**stats.__dict__, "clips_per_s": stats.clips_per_s, "host": socket.gethostname(),
-               "pid": os.getpid(), "worker": self.worker.index, "workers": self.worker.count,
+    def _log(self, stats: PartitionStats, clips_by_decoder: dict[str, int]) -> None:
+        log = {**stats.__dict__, "clips_by_decoder": clips_by_decoder, "clips_per_s": stats.clips_per_s,
+               "host": socket.gethostname(), "pid": os.getpid(), "worker": self.worker.index, "workers": self.worker.count,
                "launcher": self.worker.launcher, "device": str(self.device), "decode_device": self.decode_device,
                "decode_pipelines": decode_pipelines(self.cfg, self.decode_device),
                "pyav_decoders": pyav_decoders(self.cfg), "decode_stream_priority": self.cfg.decode_stream_priority,
