@@ -14,12 +14,17 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from data_prep import shards
 from data_prep.pretokenize.config import MEMORY_FORMATS, PretokenizeConfig
 from data_prep.text_encoder import FrozenTextEncoder
 from data_prep.tokenizer_api import EncodingTokenizer
 from data_prep.video import frames_to_model_input
+
+PHASES = ("pretokenize.encoder", "pretokenize.quantizer", "pretokenize.to_host")
+"""Profiler ranges of :meth:`ClipEncoder.encode`: the tokenizer encoder (with the frames' upload), the
+latent rounding and the multi-scale bits, the copies of latents and bits to the host."""
 
 
 @dataclass
@@ -95,25 +100,35 @@ class ClipEncoder:
 
     @torch.no_grad()
     def encode(self, frames: Sequence[torch.Tensor], captions: Sequence[str]) -> EncodedBatch:
-        """uint8 frames ``(F, H, W, 3)`` per clip (CPU or CUDA) → stored latents and packed bits."""
-        frames_BFHWC = torch.stack([f.to(self.device, non_blocking=True) for f in frames])
-        latent_BdTHW = self._latents(frames_BFHWC)
-        latent_BTdHW = shards.round_latent(latent_BdTHW.permute(0, 2, 1, 3, 4), self.cfg.latent_dtype)
-        if not torch.isfinite(latent_BTdHW).all():  # never write NaN/inf (nor bits derived from them)
-            bad = (~torch.isfinite(latent_BTdHW)).flatten(1).any(1).nonzero().flatten().tolist()
-            raise FloatingPointError(
-                f"non-finite latent for clips {bad} of a batch ({', '.join(captions[i] for i in bad[:3])}) after "
-                f"rounding to latent_dtype={self.cfg.latent_dtype} (float16 overflows past 65504: use bfloat16); "
-                f"the tokenizer output was finite: {bool(torch.isfinite(latent_BdTHW).all())}")
-        b, t, d, h, w = latent_BTdHW.shape
-        bits = self.quantizer.latent_to_bits(latent_BTdHW.reshape(b * t, d, h, w))
-        bits_BTLd = self.quantizer.flatten_bits(bits).reshape(b, t, -1, d).cpu().numpy()
-        latents = shards.latent_to_storage(latent_BTdHW.cpu(), self.cfg.latent_dtype)
+        """uint8 frames ``(F, H, W, 3)`` per clip (CPU or CUDA) → stored latents and packed bits.
+
+        Its phases are profiler ranges (``PHASES``), so a torch.profiler trace says where the encoder's
+        time goes (benchmarks/bench_pretokenize.py --profile-encoder)."""
+        with record_function(PHASES[0]):
+            frames_BFHWC = torch.stack([f.to(self.device, non_blocking=True) for f in frames])
+            latent_BdTHW = self._latents(frames_BFHWC)
+        with record_function(PHASES[1]):
+            latent_BTdHW = shards.round_latent(latent_BdTHW.permute(0, 2, 1, 3, 4), self.cfg.latent_dtype)
+            self._check_finite(latent_BTdHW, latent_BdTHW, captions)
+            b, t, d, h, w = latent_BTdHW.shape
+            bits = self.quantizer.latent_to_bits(latent_BTdHW.reshape(b * t, d, h, w))
+            bits_BTLd = self.quantizer.flatten_bits(bits).reshape(b, t, -1, d)
+        with record_function(PHASES[2]):
+            bits_BTLd = bits_BTLd.cpu().numpy()
+            latents = shards.latent_to_storage(latent_BTdHW.cpu(), self.cfg.latent_dtype)
         text = None
         if self.text is not None:
             feats, mask = self.text.encode(captions)
             text = list(zip(feats, mask))
         return EncodedBatch(latents=list(latents), bits=[shards.pack_bits(x) for x in bits_BTLd], text=text)
+
+    def _check_finite(self, latent_BTdHW: torch.Tensor, raw_BdTHW: torch.Tensor, captions: Sequence[str]) -> None:
+        if not torch.isfinite(latent_BTdHW).all():  # never write NaN/inf (nor bits derived from them)
+            bad = (~torch.isfinite(latent_BTdHW)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise FloatingPointError(
+                f"non-finite latent for clips {bad} of a batch ({', '.join(captions[i] for i in bad[:3])}) after "
+                f"rounding to latent_dtype={self.cfg.latent_dtype} (float16 overflows past 65504: use bfloat16); "
+                f"the tokenizer output was finite: {bool(torch.isfinite(raw_BdTHW).all())}")
 
     def shapes(self) -> dict:
         return shards.manifest_shapes(latent_frames=self.latent_frames, latent_dim=self.latent_dim,
