@@ -574,7 +574,9 @@ def bench_preset(name: str, args, work: Path) -> dict:
                    "full_runs": runs, "best_full_run": best, "pyav_cpu": runs[routes(args, device, [])[-1].label()],
                    "fraction_of_encoder_only": runs[best]["fraction_of_encoder_only"],
                    "speedup_vs_pyav": runs[best]["vs_pyav"], "host_cores_busy": runs[best]["host_cores_busy"]})
-    result["encoder_profile"] = profile_encoder(args, preset, tok, fmt, EncoderSetup()) if args.profile_encoder else None
+    result["encoder_profile"] = None
+    if args.profile_encoder:
+        result["encoder_profile"] = profile_encoder(args, preset, tok, fmt, EncoderSetup())
     print(f"-- {name} summary --", *summary_lines(result), sep="\n", flush=True)
     return result
 
@@ -603,7 +605,8 @@ def mix_list(text: str) -> list[tuple[int, int]]:
     try:
         mixes = [tuple(int(x) for x in part.split(":")) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected P:M pairs (DALI CPU pipelines:PyAV decoders), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected P:M pairs (DALI CPU pipelines:PyAV decoders), got {text!r}") \
+            from None
     if any(len(m) != 2 or min(m) < 0 or sum(m) == 0 for m in mixes):
         raise argparse.ArgumentTypeError(f"expected P:M pairs of counts >= 0, not both 0, got {text!r}")
     return mixes
@@ -675,7 +678,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_pretok_"))
-    names = {"both": ["17x128", "33x384x672"], "all": ["17x128", "ucf101", "33x384x672"]}.get(args.preset, [args.preset])
+    groups = {"both": ["17x128", "33x384x672"], "all": ["17x128", "ucf101", "33x384x672"]}
+    names = groups.get(args.preset, [args.preset])
     t0 = time.perf_counter()
     try:
         results = [bench_preset(n, args, work) for n in names]

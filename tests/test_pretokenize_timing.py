@@ -175,7 +175,8 @@ def test_the_rate_is_measured_where_the_stream_has_no_timestamps():
     info = VideoInfo(path="raw.h264", codec="h264", num_frames=60, fps=timing.fps, height=48, width=64, timing=timing)
     cfg = ClipSamplingConfig(num_frames=17, target_fps=8.0, height=32, width=32)
     assert StridedRange(info, cfg, None, None).stride == 1  # 8.1 fps / 8: every frame, not every 125th
-    with pytest.raises(VideoUnusable, match=r"a clip needs 81 \(17 frames at stride 5; declared 1000 fps, measured 8.11 fps\)"):
+    with pytest.raises(VideoUnusable,
+                       match=r"a clip needs 81 \(17 frames at stride 5; declared 1000 fps, measured 8.11 fps\)"):
         plan_clips(info, ClipSamplingConfig(num_frames=17, frame_stride=5, height=32, width=32))
 
 

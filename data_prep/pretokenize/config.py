@@ -50,8 +50,9 @@ class PretokenizeConfig:
     """Encoder device: auto (the local GPU if CUDA is present), cpu or cuda. bf16 autocast on cuda."""
     decode_device: str = "auto"
     """Where frames are decoded: auto (gpu when the encoder is on cuda and no PyAV decoders are asked
-    for, else cpu), cpu or gpu (NVDEC, frames stay on the GPU). Decides the pixels (NVDEC's colour conversion differs from the CPU decoders') and, with
-    the decoders, which codecs are accepted (docs/pretokenize.md, "Choosing decoders")."""
+    for, else cpu), cpu or gpu (NVDEC, frames stay on the GPU). Decides the pixels (NVDEC's colour
+    conversion differs from the CPU decoders') and, with the decoders, which codecs are accepted
+    (docs/pretokenize.md, "Choosing decoders")."""
     decoder: str = "dali"
     """dali: decode_pipelines DALI pipelines (plus pyav_decoders PyAV decoders on cpu); pyav: PyAV
     decoders only (pyav_decoders of them, or decode_threads if that is 0; the benchmark's baseline)."""
@@ -136,7 +137,8 @@ class PretokenizeConfig:
         if self.pyav_decoders and self.decode_device == "gpu":
             raise ValueError(NVDEC_WITH_CPU_DECODERS)
         if self.encoder_micro_batch < 0:
-            raise ValueError(f"encoder_micro_batch must be >= 0 (0 = auto: the whole batch), got {self.encoder_micro_batch}")
+            raise ValueError("encoder_micro_batch must be >= 0 (0 = auto: the whole batch), "
+                             f"got {self.encoder_micro_batch}")
         if self.decode_stream_priority > 0:
             raise ValueError("decode_stream_priority must be <= 0 (0 = CUDA's default; lower runs first), "
                              f"got {self.decode_stream_priority}")

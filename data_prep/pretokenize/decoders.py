@@ -104,7 +104,8 @@ class DecoderLanes:
             start += len(request.plans)
             codec = codecs[slots[0]]
             if not self.accepts(codec):  # the probe should have rejected it; never wait for nobody
-                self._deliver(ticket, slots, [VideoUnusable(f"no decoder for codec '{codec}'", "codec")] * len(slots), 0.0)
+                reason = VideoUnusable(f"no decoder for codec '{codec}'", "codec")
+                self._deliver(ticket, slots, [reason] * len(slots), 0.0)
                 continue
             items.append(_Request(request, codec, ticket, slots))
         with self._cv:

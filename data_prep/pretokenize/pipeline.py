@@ -95,7 +95,8 @@ class Pretokenizer:
 
     def _log(self, stats: PartitionStats, clips_by_decoder: dict[str, int]) -> None:
         log = {**stats.__dict__, "clips_by_decoder": clips_by_decoder, "clips_per_s": stats.clips_per_s,
-               "host": socket.gethostname(), "pid": os.getpid(), "worker": self.worker.index, "workers": self.worker.count,
+               "host": socket.gethostname(), "pid": os.getpid(), "worker": self.worker.index,
+               "workers": self.worker.count,
                "launcher": self.worker.launcher, "device": str(self.device), "decode_device": self.decode_device,
                "decode_pipelines": decode_pipelines(self.cfg, self.decode_device),
                "pyav_decoders": pyav_decoders(self.cfg), "decode_stream_priority": self.cfg.decode_stream_priority,
