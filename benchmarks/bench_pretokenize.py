@@ -314,6 +314,7 @@ def decode_beside_encoder(args, preset: Preset, tok: Path, manifest: Path, devic
     import threading
     enc, frames = make_encoder(args, preset, tok, memory_format, setup)
     plans, warm = clip_plans(preset, manifest, device), clip_plans(preset, args._warm_manifest, device)
+    plans = plans[:args.beside_clips or len(plans)]
     stop, batches, failure = threading.Event(), [0], []
 
     def encode_forever(encoder, batch):
@@ -539,11 +540,13 @@ def summary_lines(r: dict) -> list[str]:
     """The headline (the best full run against the encoder alone, then PyAV, then host cores), then every
     full run the same way, then the stage-alone figures."""
     runs, best = r["full_runs"], r["best_full_run"]
-    b = runs[best]
-    lines = [f"  HEADLINE {best}: {b['fraction_of_encoder_only']:.3f} of the encoder alone (goal >= 0.9) | "
-             f"{b['vs_pyav']:.2f}x the PyAV baseline | {b['host_cores_busy']:.1f} host cores busy",
-             f"  {'full run (shards written)' if r['shards_written'] else 'full run (no write)':<58s} "
-             f"{'/encoder':>9s} {'/PyAV':>7s} {'cores':>6s} {'clips/s':>9s} {'waited s':>9s}"]
+    lines = ["  no full runs (--full none)"]
+    if best is not None:
+        b = runs[best]
+        lines = [f"  HEADLINE {best}: {b['fraction_of_encoder_only']:.3f} of the encoder alone (goal >= 0.9) | "
+                 f"{b['vs_pyav']:.2f}x the PyAV baseline | {b['host_cores_busy']:.1f} host cores busy",
+                 f"  {'full run (shards written)' if r['shards_written'] else 'full run (no write)':<58s} "
+                 f"{'/encoder':>9s} {'/PyAV':>7s} {'cores':>6s} {'clips/s':>9s} {'waited s':>9s}"]
     for label, x in runs.items():
         lines.append(f"  {label:<58s} {x['fraction_of_encoder_only']:9.3f} {x['vs_pyav']:7.2f} "
                      f"{x['host_cores_busy']:6.1f} {x['clips_per_s']:9.2f} {x['encoder_waited_for_frames_s']:9.2f}")
@@ -566,14 +569,18 @@ def bench_preset(name: str, args, work: Path) -> dict:
     chosen = pick_pipelines(decode) if decode else auto_pipelines(args, preset, device)
     pipelines = sorted(decode) if args.full == "each" and decode else [chosen]
     beside = sweep_beside(args, preset, tok, manifest, device, pipelines[0], fmt) if args.beside else None
-    runs = full_runs(args, preset, tok, manifest, work, fmt, enc, routes(args, device, pipelines))
-    best = max(runs, key=lambda k: runs[k]["clips_per_s"])
+    runs = {}
+    if args.full != "none":
+        runs = full_runs(args, preset, tok, manifest, work, fmt, enc, routes(args, device, pipelines))
+    best = max(runs, key=lambda k: runs[k]["clips_per_s"]) if runs else None
+    headline = runs[best] if runs else {}
     result.update({"encoder_memory_format": fmt, "encoder_only": enc, "encoder_only_clips_per_s": enc[fmt],
                    "decode_only_clips_per_s": decode, "decode_only_clip_by_clip_clips_per_s": alone,
                    "decode_pipelines_chosen": pipelines[0], "decode_beside_busy_encoder": beside,
-                   "full_runs": runs, "best_full_run": best, "pyav_cpu": runs[routes(args, device, [])[-1].label()],
-                   "fraction_of_encoder_only": runs[best]["fraction_of_encoder_only"],
-                   "speedup_vs_pyav": runs[best]["vs_pyav"], "host_cores_busy": runs[best]["host_cores_busy"]})
+                   "full_runs": runs, "best_full_run": best,
+                   "pyav_cpu": runs.get(routes(args, device, [])[-1].label()),
+                   "fraction_of_encoder_only": headline.get("fraction_of_encoder_only"),
+                   "speedup_vs_pyav": headline.get("vs_pyav"), "host_cores_busy": headline.get("host_cores_busy")})
     result["encoder_profile"] = None
     if args.profile_encoder:
         result["encoder_profile"] = profile_encoder(args, preset, tok, fmt, EncoderSetup())
@@ -645,8 +652,9 @@ def parse_args(argv=None):
                    help="CUDA stream priorities of NVDEC decode to try, comma-separated, <= 0 (default 0)")
     p.add_argument("--encoder-batch-sizes", type=lambda t: int_list(t, 1, "batch sizes"), default=[],
                    help="extra batch sizes for the encoder alone (larger batches: cheaper per clip?)")
-    p.add_argument("--full", choices=["best", "each"], default="best",
-                   help="full DALI runs: with the chosen pipeline count only (default), or with each count")
+    p.add_argument("--full", choices=["best", "each", "none"], default="best",
+                   help="full DALI runs: with the chosen pipeline count only (default), with each count, or none "
+                        "(encoder and decode studies only)")
     p.add_argument("--cpu-mix", type=mix_list, default=[],
                    help="host-decoding full runs, P:M = P DALI CPU pipelines (VP8/VP9/MJPEG sources) + M PyAV "
                         "decoders, comma-separated (e.g. 2:8,0:16); the PyAV baseline always runs")
@@ -661,6 +669,8 @@ def parse_args(argv=None):
                    help="allow cuDNN autotuned (non-deterministic) kernels; the shipped recipes are deterministic")
     p.add_argument("--no-beside", dest="beside", action="store_false",
                    help="skip the decode-beside-a-busy-encoder runs (do the two stages overlap on this device?)")
+    p.add_argument("--beside-clips", type=int, default=0,
+                   help="clips decoded beside the busy encoder (default 0: all of the preset's)")
     p.add_argument("--no-write", action="store_true", help="skip MDS writing (if mosaicml-streaming is missing)")
     p.add_argument("--out", default="", help="write the results JSON here (default: print only)")
     p.add_argument("--work-dir", default="", help="scratch directory (default: a temporary one, removed)")
