@@ -1,46 +1,52 @@
-"""Pre-tokenization throughput: DALI decode feeding the tokenizer encoder vs a PyAV CPU-decode baseline
-feeding the same encoder, measured in one run, plus what decides the settings: DALI decode alone for
-each --decode-pipelines count, the encoder alone (the ceiling) in each --encoder-memory-format, and
-where the time of a full run goes (decode busy time, time the encoder waited for frames, encode, write).
+"""Pre-tokenization throughput against its ceiling: the full pipeline (decode → encoder → shards written)
+next to the encoder alone on resident frames, measured in the same run, per preset.
 
-    python benchmarks/bench_pretokenize.py                      # GPU host: 17x128² and 33x384x672
-    python benchmarks/bench_pretokenize.py --preset all         # also the UCF-101 recipe's sampling
+    python benchmarks/bench_pretokenize.py --preset all                   # GPU host: the three presets
+    python benchmarks/bench_pretokenize.py --preset 17x128 --encoder-micro-batch 0,4 --profile-encoder
     python benchmarks/bench_pretokenize.py --preset tiny --device cpu --clips 16   # CPU smoke run
 
 Presets: ``17x128`` (320x240 sources of 40 frames, one clip each), ``ucf101`` (the sampling of
 recipes/pretokenize/ucf101_17x128.yaml: 7 s sources at 25 fps, 4 clips of 17 frames at 8 fps per
-video), ``33x384x672`` (720p sources, one clip each). With several clips per video the decode-only
-sweep adds the same decoder decoding every clip on its own (``group_by_video=False``), the same-run
-baseline of decoding a video's clips together.
+video), ``33x384x672`` (720p sources, one clip each).
 
-Per preset, in this order: (1) decode only, DALI, once per pipeline count; the fastest count (the
-smallest within 5% of the fastest) is chosen; (2) encoder only on resident frames, once per memory
-format; the faster is chosen; (2b) decode only while the encoder runs back to back on another thread
-(both rates: do the stages overlap on this device or take turns? --no-beside skips it); (3) the full
-DALI pipeline with the chosen settings (--full each: once per pipeline count); (4) the full PyAV
-pipeline with the chosen memory format. Every figure is printed
-with its ratio to (4), the baseline of the same run.
+Per preset it prints FIRST, for every full run, clips/s as a fraction of the encoder alone (goal >= 0.9:
+the encoder never waits for frames), then the ratio to the PyAV baseline of the same run, then the host
+CPU cores the run kept busy (process CPU time / wall time, every thread: DALI's, PyAV's, the encoder's).
+What it measures, in order:
+ 1. the encoder alone on resident random frames: per --encoder-memory-format (the faster is used), per
+    encoder setup of the grid --encoder-micro-batch x --encoder-compile, and at --encoder-batch-sizes;
+ 2. decode alone: DALI (NVDEC on a GPU host) per --decode-pipelines count (the smallest count within 5%
+    of the fastest is chosen; with several clips per video also every clip on its own);
+ 3. decode alone while the encoder runs back to back on another thread, per overlap setup (the grid
+    above x --decode-stream-priority): do the two stages overlap on this device or take turns?
+    (--no-beside skips it);
+ 4. full runs through the production code (`data_prep.pretokenize.pipeline.Pretokenizer`, shards
+    written unless --no-write): DALI with the chosen pipeline count (--full each: every count) once per
+    overlap setup; each --cpu-mix of DALI CPU pipelines and PyAV decoders (frames decoded on the host,
+    the route that leaves the GPU to the encoder; DALI's CPU decoder needs --source-codec vp9); and the
+    PyAV baseline (--cpu-workers PyAV decoders);
+ 5. with --profile-encoder, where the encoder's GPU time goes (torch.profiler over eager batches: conv /
+    GEMM kernels, norms, layout copies and permutes, elementwise, per phase encoder / quantizer / copy to
+    host).
 
-Goal (issue 5): DALI GPU decode is encoder-bound (pipeline clips/s close to encoder-only clips/s) and
->= 3x the PyAV baseline. The full runs use the production code (`data_prep.pretokenize.pipeline.Pretokenizer`),
-differing only in the `decoder` / `decode_device` / `decode_pipelines` / `encoder_memory_format` knobs.
-Source videos are synthetic (a moving texture, cheap to render at any size) encoded with --source-codec
-at the preset's size; a few unique files are repeated to reach --clips (page cache helps both decoders
-alike). The tokenizer is random-init unless --tokenizer is given (throughput does not depend on the
-weights). Needs torch, PyAV, nvidia-dali, and mosaicml-streaming unless --no-write.
+Source videos are synthetic (a moving texture) encoded with --source-codec at the preset's size; a few
+unique files are repeated to reach --clips (page cache helps every decoder alike). The tokenizer is
+random-init unless --tokenizer is given (throughput does not depend on the weights). Needs torch, PyAV,
+nvidia-dali, and mosaicml-streaming unless --no-write. Figures and their history: docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -49,7 +55,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Preset:
     frames: int
     height: int
@@ -122,6 +128,47 @@ def make_tokenizer(out: Path, args, preset: Preset) -> Path:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class EncoderSetup:
+    """How the encoder runs: ``micro_batch`` clips per launch (0: the whole batch) and torch.compile."""
+
+    micro_batch: int = 0
+    compile: bool = False
+
+    def label(self) -> str:
+        return (f"{self.micro_batch}-clip launches" if self.micro_batch else "whole-batch launches") + \
+            (", compiled" if self.compile else "")
+
+    def knobs(self) -> dict:
+        return {"encoder_micro_batch": self.micro_batch, "encoder_compile": self.compile}
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """One full-run configuration: which decoders feed the encoder, and how the encoder runs."""
+
+    decode_device: str                  # gpu (NVDEC) or cpu
+    pipelines: int                      # DALI pipelines (0: none)
+    pyav_decoders: int = 0
+    encoder: EncoderSetup = EncoderSetup()
+    priority: int = 0                   # decode_stream_priority (NVDEC)
+
+    def label(self) -> str:
+        parts = []
+        if self.pipelines:
+            parts.append(f"DALI {self.decode_device} x{self.pipelines}")
+        if self.pyav_decoders:
+            parts.append(f"PyAV x{self.pyav_decoders}")
+        text = " + ".join(parts) + f", {self.encoder.label()}"
+        return text + (f", decode priority {self.priority}" if self.priority else "")
+
+    def knobs(self) -> dict:
+        dali = self.pipelines > 0
+        return {"decoder": "dali" if dali else "pyav", "decode_device": self.decode_device,
+                "decode_pipelines": self.pipelines if dali else 0, "pyav_decoders": self.pyav_decoders,
+                "decode_stream_priority": self.priority, **self.encoder.knobs()}
+
+
 class NullWriter:
     """Stands in for MDSWriter with --no-write (counts bytes, writes nothing)."""
 
@@ -138,9 +185,20 @@ class NullWriter:
         self.bytes += sum(v.nbytes for v in sample.values() if isinstance(v, np.ndarray))
 
 
-def run_pipeline(args, preset: Preset, tok: Path, manifest: Path, work: Path, decoder: str, decode_device: str,
-                 pipelines: int, memory_format: str):
-    """One full pre-tokenization over ``manifest``; returns the partition stats (after a warm-up run)."""
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process so far, every thread (DALI's and PyAV's decode threads are in-process)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def run_pipeline(args, preset: Preset, tok: Path, manifest: Path, work: Path, route: Route, memory_format: str) -> dict:
+    """One full pre-tokenization over ``manifest`` (after a warm-up run on other files): its figures."""
     from data_prep.pretokenize import writer
     from data_prep.pretokenize.config import PretokenizeConfig
     from data_prep.pretokenize.pipeline import Pretokenizer
@@ -148,28 +206,27 @@ def run_pipeline(args, preset: Preset, tok: Path, manifest: Path, work: Path, de
     from tokenizer import load_tokenizer
     if args.no_write:
         writer._mds_writer = lambda: NullWriter
-    stats = None
     for attempt in ("warmup", "measured"):
-        out = work / f"{decoder}-{decode_device}-{attempt}"
+        out = work / f"run-{attempt}"
         shutil.rmtree(out, ignore_errors=True)
+        threads = args.decode_threads if route.pipelines else 1
         cfg = PretokenizeConfig(
             tokenizer=str(tok), input_manifest=str(manifest if attempt == "measured" else args._warm_manifest),
-            output_dir=str(out), clips=preset.sampling(),
-            batch_size=args.batch_size or preset.batch_size, device=args.device, decoder=decoder,
-            decode_device=decode_device, decode_threads=args.decode_threads if decoder == "dali" else args.cpu_workers,
-            decode_pipelines=pipelines, encoder_memory_format=memory_format,
+            output_dir=str(out), clips=preset.sampling(), batch_size=args.batch_size or preset.batch_size,
+            device=args.device, decode_threads=threads, encoder_memory_format=memory_format,
             probe_workers=args.probe_workers, num_partitions=1, latent_dtype="bfloat16",
-            deterministic=args.deterministic, progress_bar=False)
-        stats = Pretokenizer(cfg, Worker(0, 1), load_tokenizer).run()[0]
+            deterministic=args.deterministic, progress_bar=False, **route.knobs())
+        pretok = Pretokenizer(cfg, Worker(0, 1), load_tokenizer)
+        cpu0, t0 = cpu_seconds(), time.perf_counter()
+        stats = pretok.run()[0]
+        wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+        del pretok
         shutil.rmtree(out, ignore_errors=True)
-        release_memory()  # the Pretokenizer's DALI pipelines and encoder, before the next one is built
-    return stats
-
-
-def release_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        release_memory()  # the DALI pipelines and the encoder's graph, before the next run builds its own
+    return {"clips": stats.clips, "rejects": stats.rejects, "clips_per_s": round(stats.clips_per_s, 2),
+            "host_cores_busy": round(cpu / wall, 2), "total_s": round(stats.total_s, 3),
+            "decode_lane_s": round(stats.decode_s, 3), "encoder_waited_for_frames_s": round(stats.wait_s, 3),
+            "encode_s": round(stats.encode_s, 3), "write_s": round(stats.write_s, 3)}
 
 
 def clip_plans(preset: Preset, manifest: Path, device: str) -> list:
@@ -180,8 +237,8 @@ def clip_plans(preset: Preset, manifest: Path, device: str) -> list:
 
 
 def decode_batches(decoder, plans: list, batch_size: int) -> None:
-    """Decode ``plans`` batch by batch as ClipStream does (GPU: on a side stream, synchronised per batch)."""
-    stream = torch.cuda.Stream() if decoder.device == "gpu" else None
+    """Decode ``plans`` batch by batch (GPU: on a side stream of the decoder's priority, synchronised)."""
+    stream = torch.cuda.Stream(priority=decoder.stream_priority) if decoder.device == "gpu" else None
     for i in range(0, len(plans), batch_size):
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             results = decoder.decode(plans[i:i + batch_size])
@@ -193,13 +250,14 @@ def decode_batches(decoder, plans: list, batch_size: int) -> None:
 
 
 def decode_only(args, preset: Preset, plans: list, warm_plans: list, device: str, pipelines: int,
-                group_by_video: bool = True) -> float:
-    """Clips/s of DALI decoding alone with ``pipelines`` pipelines (no encoder competing for the GPU);
-    ``group_by_video=False`` decodes every clip on its own (the decoder before session 4)."""
+                group_by_video: bool = True, priority: int = 0) -> float:
+    """Clips/s of DALI decoding alone with ``pipelines`` pipelines; ``group_by_video=False`` decodes every
+    clip on its own (the decoder before session 4)."""
     from data_prep.video import DaliClipDecoder
     bs = args.batch_size or preset.batch_size
     decoder = DaliClipDecoder(height=preset.height, width=preset.width, device=device, batch_size=bs,
-                              num_threads=args.decode_threads, pipelines=pipelines, group_by_video=group_by_video)
+                              num_threads=args.decode_threads, pipelines=pipelines, group_by_video=group_by_video,
+                              stream_priority=priority)
     decode_batches(decoder, warm_plans, bs)  # builds every pipeline
     t0 = time.perf_counter()
     decode_batches(decoder, plans, bs)
@@ -209,16 +267,17 @@ def decode_only(args, preset: Preset, plans: list, warm_plans: list, device: str
     return rate
 
 
-def make_encoder(args, preset: Preset, tok: Path, memory_format: str):
-    """The production ClipEncoder for the preset's batch (its CUDA graph captured for that batch size, as
-    in the full runs) and one batch of resident random frames."""
+def make_encoder(args, preset: Preset, tok: Path, memory_format: str, setup: EncoderSetup = EncoderSetup(),
+                 batch_size: int = 0, cuda_graph: bool = True):
+    """The production ClipEncoder (its CUDA graph captured as in the full runs) and one batch of resident
+    random frames."""
     from data_prep.pretokenize.config import PretokenizeConfig
     from data_prep.pretokenize.encoder import ClipEncoder
     from tokenizer import load_tokenizer
-    bs = args.batch_size or preset.batch_size
+    bs = batch_size or args.batch_size or preset.batch_size
     cfg = PretokenizeConfig(tokenizer=str(tok), input_manifest="-", output_dir="-", latent_dtype="bfloat16",
-                            clips=preset.sampling(), batch_size=bs,
-                            deterministic=args.deterministic, encoder_memory_format=memory_format)
+                            clips=preset.sampling(), batch_size=bs, deterministic=args.deterministic,
+                            encoder_memory_format=memory_format, encoder_cuda_graph=cuda_graph, **setup.knobs())
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = args.deterministic
@@ -231,138 +290,145 @@ def make_encoder(args, preset: Preset, tok: Path, memory_format: str):
 
 
 @torch.no_grad()
-def encoder_only(args, preset: Preset, tok: Path, iters: int, memory_format: str) -> float:
+def encoder_only(args, preset: Preset, tok: Path, memory_format: str, setup: EncoderSetup = EncoderSetup(),
+                 batch_size: int = 0) -> float:
     """Clips/s of encode + quantize alone on resident random frames (the ceiling of the pipeline)."""
-    enc, frames = make_encoder(args, preset, tok, memory_format)
+    enc, frames = make_encoder(args, preset, tok, memory_format, setup, batch_size)
     sync = torch.cuda.synchronize if enc.device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    for _ in range(iters):
+    for _ in range(args.encoder_iters):
         enc.encode(frames, ["x"] * len(frames))
     sync()
-    rate = iters * len(frames) / (time.perf_counter() - t0)
+    rate = args.encoder_iters * len(frames) / (time.perf_counter() - t0)
     del enc, frames
     release_memory()
     return rate
 
 
 def decode_beside_encoder(args, preset: Preset, tok: Path, manifest: Path, device: str, pipelines: int,
-                          memory_format: str) -> dict[str, float]:
-    """Decode only while the encoder encodes resident frames back to back on another thread: both rates.
-    Next to decode-only and encoder-only this says whether the two stages overlap on this device or take
-    turns (session 6, H200: NVDEC decode fell from 195 to about 20 clips/s beside a busy encoder)."""
+                          memory_format: str, setup: EncoderSetup, priority: int) -> dict[str, float]:
+    """Decode only while the encoder (as ``setup`` says) encodes resident frames back to back on another
+    thread: both rates. Next to decode-only and encoder-only this says whether the two stages overlap on
+    this device or take turns (session 6, H200: NVDEC decode fell from 195 to about 20 clips/s)."""
     import threading
-    enc, frames = make_encoder(args, preset, tok, memory_format)
+    enc, frames = make_encoder(args, preset, tok, memory_format, setup)
     plans, warm = clip_plans(preset, manifest, device), clip_plans(preset, args._warm_manifest, device)
-    stop, batches = threading.Event(), [0]
+    plans = plans[:args.beside_clips or len(plans)]
+    stop, batches, failure = threading.Event(), [0], []
 
     def encode_forever(encoder, batch):
-        if encoder.device.type == "cuda":
-            torch.cuda.set_device(encoder.device)
-        with torch.no_grad():
-            while True:  # at least one batch; the rate's clock stops when the last one has ended
-                encoder.encode(batch, ["x"] * len(batch))  # ends in a host copy: synchronised per batch
-                batches[0] += 1
-                if stop.is_set():
-                    return
+        try:
+            if encoder.device.type == "cuda":
+                torch.cuda.set_device(encoder.device.index or 0)
+            with torch.no_grad():
+                while True:  # at least one batch; the rate's clock stops when the last one has ended
+                    encoder.encode(batch, ["x"] * len(batch))  # ends in a host copy: synchronised per batch
+                    batches[0] += 1
+                    if stop.is_set():
+                        return
+        except BaseException as e:  # noqa: BLE001 - re-raised below: a dead encoder is no measurement
+            failure.append(e)
 
     thread = threading.Thread(target=encode_forever, args=(enc, frames), daemon=True, name="bench-encoder")
     t0 = time.perf_counter()
     thread.start()
     try:
-        decode = decode_only(args, preset, plans, warm, device, pipelines)
+        decode = decode_only(args, preset, plans, warm, device, pipelines, priority=priority)
     finally:
         stop.set()
         thread.join()
+    if failure:
+        raise RuntimeError("the busy encoder beside decode failed") from failure[0]
     encode = batches[0] * len(frames) / (time.perf_counter() - t0)
     del enc, frames
     release_memory()
-    rates = {"decode_clips_per_s": round(decode, 2), "encoder_clips_per_s": round(encode, 2)}
-    print(f"  decode only beside a busy encoder, {pipelines} pipeline(s): {rates}", flush=True)
-    return rates
+    return {"decode_clips_per_s": round(decode, 2), "encoder_clips_per_s": round(encode, 2)}
 
 
-def breakdown(s) -> dict:
-    return {"clips": s.clips, "rejects": s.rejects, "clips_per_s": round(s.clips_per_s, 2),
-            "total_s": round(s.total_s, 3), "decode_busy_s": round(s.decode_s, 3),
-            "encoder_waited_for_frames_s": round(s.wait_s, 3), "encode_s": round(s.encode_s, 3),
-            "write_s": round(s.write_s, 3)}
+# -- where the encoder's time goes -------------------------------------------------------------------
+
+KERNEL_CATEGORIES = (  # first match wins; names of CUDA kernels (lower case), or of aten ops on CPU
+    ("norm", ("group_norm", "groupnorm", "batch_norm", "layer_norm", "moments", "welford", "fusedparams")),
+    ("conv / GEMM", ("conv", "fprop", "implicit", "xmma", "cutlass", "gemm", "cudnn", "winograd", "mkldnn",
+                     "matmul", "addmm", "bmm")),
+    ("layout copy / permute / cat / pad", ("copy", "transpose", "permute", "nchw", "nhwc", "cat", "pad",
+                                           "contiguous", "clone", "stack")),
+    ("elementwise / activation", ("elementwise", "silu", "sigmoid", "mul", "add", "sub", "div", "vectorized",
+                                  "reduce", "sign", "where", "interpolate", "upsample", "round")),
+)
 
 
-def pick_pipelines(rates: dict[int, float]) -> int:
-    """The fewest pipelines within 5% of the fastest decode (fewer threads and NVDEC sessions)."""
-    best = max(rates.values())
-    return min(n for n, r in rates.items() if r >= 0.95 * best)
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    return next((cat for cat, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
 
 
-def sweep_decode(args, preset: Preset, manifest: Path, device: str) -> dict[int, float]:
-    bs = args.batch_size or preset.batch_size
-    counts = sorted({min(n, bs) for n in args.decode_pipelines})  # the decoder caps at batch_size
-    plans, warm = clip_plans(preset, manifest, device), clip_plans(preset, args._warm_manifest, device)
-    rates = {}
-    for n in counts:
-        rates[n] = round(decode_only(args, preset, plans, warm, device, n), 2)
-        print(f"  decode only, DALI {device}, {n} pipeline(s): {rates[n]} clips/s", flush=True)
-    return rates
+def _phase(event) -> str:
+    from data_prep.pretokenize.encoder import PHASES
+    while event is not None:
+        if event.name in PHASES:
+            return event.name.removeprefix("pretokenize.")
+        event = event.cpu_parent
+    return "outside"
 
 
-def clip_by_clip(args, preset: Preset, manifest: Path, device: str, pipelines: int) -> float | None:
-    """With several clips per video: decode only, every clip on its own (the same-run baseline of
-    decoding a video's clips together)."""
-    if preset.clips_per_video == 1:
-        return None
-    plans, warm = clip_plans(preset, manifest, device), clip_plans(preset, args._warm_manifest, device)
-    rate = round(decode_only(args, preset, plans, warm, device, pipelines, group_by_video=False), 2)
-    print(f"  decode only, DALI {device}, {pipelines} pipeline(s), every clip on its own: {rate} clips/s", flush=True)
-    return rate
+def time_units(events, cuda: bool):
+    """(name, microseconds, phase) of every CUDA kernel (by the op that launched it), or on CPU of every
+    aten op's own time."""
+    for e in events:
+        if cuda:
+            for k in e.kernels:
+                yield k.name, k.duration, _phase(e)
+        elif e.name.startswith("aten::"):
+            yield e.name, e.self_cpu_time_total, _phase(e)
 
 
-def sweep_encoder(args, preset: Preset, tok: Path) -> dict[str, float]:
-    rates = {}
-    for fmt in args.encoder_memory_formats:
-        rates[fmt] = round(encoder_only(args, preset, tok, args.encoder_iters, fmt), 2)
-        print(f"  encoder only, {fmt}: {rates[fmt]} clips/s", flush=True)
-    return rates
+def encoder_breakdown(units, batches: int) -> dict:
+    """Milliseconds per batch by phase and by kernel category (and the categories of the encoder phase)."""
+    by_phase, by_category, encoder_only = {}, {}, {}
+    for name, us, phase in units:
+        cat = kernel_category(name)
+        by_phase[phase] = by_phase.get(phase, 0.0) + us
+        by_category[cat] = by_category.get(cat, 0.0) + us
+        if phase == "encoder":
+            encoder_only[cat] = encoder_only.get(cat, 0.0) + us
+
+    def per_batch(d):
+        return {k: round(v / 1000 / batches, 3) for k, v in sorted(d.items(), key=lambda kv: -kv[1])}
+    return {"ms_per_batch_by_phase": per_batch(by_phase), "ms_per_batch_by_category": per_batch(by_category),
+            "encoder_phase_ms_per_batch_by_category": per_batch(encoder_only)}
 
 
-def full_runs(args, preset: Preset, tok: Path, manifest: Path, work: Path, device: str, chosen: dict) -> dict:
-    """The full DALI pipeline (with the chosen count, or each count) and the PyAV baseline."""
-    counts = sorted(chosen["decode_only"]) if args.full == "each" else [chosen["decode_pipelines"]]
-    fmt = chosen["encoder_memory_format"]
-    dali = {}
-    for n in counts:
-        dali[n] = breakdown(run_pipeline(args, preset, tok, manifest, work, "dali", device, n, fmt))
-        print(f"  DALI {device} decode ({n} pipeline(s)) -> encoder ({fmt}): {dali[n]}", flush=True)
-    pyav = breakdown(run_pipeline(args, preset, tok, manifest, work, "pyav", "cpu", 1, fmt))
-    print(f"  PyAV cpu decode ({args.cpu_workers} threads) -> encoder ({fmt}): {pyav}", flush=True)
-    return {"dali": dali, "pyav": pyav}
+@torch.no_grad()
+def profile_encoder(args, preset: Preset, tok: Path, memory_format: str, setup: EncoderSetup) -> dict:
+    """torch.profiler over ``--profile-batches`` eager batches (a CUDA graph replay hides its kernels'
+    names; the graph replays the same kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+    enc, frames = make_encoder(args, preset, tok, memory_format, setup, cuda_graph=False)
+    cuda = enc.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.profile_batches):
+            enc.encode(frames, ["x"] * len(frames))
+        if cuda:
+            torch.cuda.synchronize()
+    result = encoder_breakdown(time_units(prof.events(), cuda), args.profile_batches)
+    result["timing"] = "CUDA kernel time" if cuda else "CPU op self time"
+    del enc, frames, prof
+    release_memory()
+    return result
 
 
-def summary_lines(r: dict, device: str) -> list[str]:
-    """Every figure of a preset next to the PyAV baseline of the same run, with the ratio."""
-    p = r["pyav_cpu"]["clips_per_s"]
-
-    def row(label: str, rate: float, extra: str = "") -> str:
-        ratio = f"{rate / p:6.2f}x PyAV" if p else "    n/a"
-        return f"  {label:<52s} {rate:9.2f} clips/s {ratio}{extra}"
-
-    lines = [row("PyAV cpu decode -> encoder (the baseline)", p)]
-    lines += [row(f"decode only, DALI {device}, {n} pipeline(s)", v) for n, v in r["decode_only_clips_per_s"].items()]
-    if r.get("decode_only_clip_by_clip_clips_per_s"):
-        n = r["chosen"]["decode_pipelines"]
-        lines.append(row(f"decode only, {n} pipeline(s), every clip on its own", r["decode_only_clip_by_clip_clips_per_s"]))
-    lines += [row(f"encoder only, {f}", v) for f, v in r["encoder_only_by_memory_format"].items()]
-    if r.get("decode_beside_busy_encoder"):
-        b = r["decode_beside_busy_encoder"]
-        lines.append(row("decode only beside a busy encoder", b["decode_clips_per_s"],
-                         f"  (encoder meanwhile {b['encoder_clips_per_s']:.2f} clips/s)"))
-    ceiling = r["encoder_only_clips_per_s"]
-    for n, b in r["dali_full_by_pipelines"].items():
-        d = b["clips_per_s"]
-        lines.append(row(f"DALI {device} -> encoder, {n} pipeline(s), {r['chosen']['encoder_memory_format']}", d,
-                         f"  (goal >= 3x) at {100 * d / ceiling:.0f}% of encoder-only" if ceiling else ""))
+def breakdown_lines(p: dict) -> list[str]:
+    total = sum(p["ms_per_batch_by_category"].values()) or 1.0
+    lines = [f"  encoder profile ({p['timing']}, ms per batch): by phase " +
+             ", ".join(f"{k} {v:.2f}" for k, v in p["ms_per_batch_by_phase"].items())]
+    lines += [f"    {k:<36s} {v:9.2f} ms  {100 * v / total:5.1f}%" for k, v in p["ms_per_batch_by_category"].items()]
     return lines
 
+
+# -- one preset ---------------------------------------------------------------------------------------
 
 def prepare(name: str, args, work: Path) -> tuple[Preset, Path, Path, str, dict]:
     """Sources, warm-up sources and tokenizer of a preset; returns (preset, manifest, tokenizer, DALI
@@ -379,57 +445,185 @@ def prepare(name: str, args, work: Path) -> tuple[Preset, Path, Path, str, dict]
     tok = Path(args.tokenizer) if args.tokenizer else make_tokenizer(work / f"tok-{name}", args, preset)
     header = {"preset": name, "clips": clips, "batch_size": bs, "source_codec": args.source_codec,
               "source_size": list(preset.source), "device": "cuda" if cuda else "cpu",
-              "gpu": torch.cuda.get_device_name() if cuda else None, "deterministic": args.deterministic}
+              "gpu": torch.cuda.get_device_name() if cuda else None, "host_cores": os.cpu_count(),
+              "deterministic": args.deterministic, "shards_written": not args.no_write,
+              "clips_per_video": preset.clips_per_video}
     return preset, manifest, tok, "gpu" if cuda else "cpu", header
 
 
-def figures(decode: dict, encode: dict, chosen: dict, runs: dict, device: str) -> dict:
-    """The result fields; the headline (``dali_<device>``, speedup) is the fastest full DALI run."""
-    best_n = max(runs["dali"], key=lambda n: runs["dali"][n]["clips_per_s"])  # the only one unless --full each
-    best, pyav = runs["dali"][best_n], runs["pyav"]
-    d, p, ceiling = best["clips_per_s"], pyav["clips_per_s"], encode[chosen["encoder_memory_format"]]
-    return {"decode_only_clips_per_s": decode, "encoder_only_by_memory_format": encode,
-            "chosen": {k: v for k, v in chosen.items() if k != "decode_only"},
-            "dali_full_by_pipelines": runs["dali"], "dali_full_pipelines": best_n, f"dali_{device}": best,
-            "pyav_cpu": pyav, "encoder_only_clips_per_s": ceiling,
-            "speedup_dali_vs_pyav": round(d / p, 2) if p else None,
-            "dali_fraction_of_encoder_only": round(d / ceiling, 3) if ceiling else None}
+def sweep_encoder(args, preset: Preset, tok: Path) -> tuple[str, dict[str, float]]:
+    """Encoder alone per memory format, then per encoder setup and extra batch size in the chosen one."""
+    rates = {}
+    for fmt in args.encoder_memory_formats:
+        rates[fmt] = round(encoder_only(args, preset, tok, fmt), 2)
+        print(f"  encoder only, {fmt}: {rates[fmt]} clips/s", flush=True)
+    fmt = max((f for f in rates), key=rates.get)
+    for setup in dict.fromkeys(s for s in args.encoder_setups if s != EncoderSetup()):
+        key = f"{fmt}, {setup.label()}"
+        rates[key] = round(encoder_only(args, preset, tok, fmt, setup), 2)
+        print(f"  encoder only, {key}: {rates[key]} clips/s", flush=True)
+    for bs in args.encoder_batch_sizes:
+        key = f"{fmt}, batch {bs}"
+        rates[key] = round(encoder_only(args, preset, tok, fmt, batch_size=bs), 2)
+        print(f"  encoder only, {key}: {rates[key]} clips/s", flush=True)
+    return fmt, rates
+
+
+def encoder_rate(rates: dict, fmt: str, setup: EncoderSetup) -> float:
+    return rates[fmt] if setup == EncoderSetup() else rates[f"{fmt}, {setup.label()}"]
+
+
+def sweep_decode(args, preset: Preset, manifest: Path, device: str) -> tuple[dict[int, float], float | None]:
+    """DALI decode alone per pipeline count; with several clips per video also every clip on its own."""
+    bs = args.batch_size or preset.batch_size
+    counts = sorted({min(n, bs) for n in args.decode_pipelines})  # the decoder caps at batch_size
+    plans, warm = clip_plans(preset, manifest, device), clip_plans(preset, args._warm_manifest, device)
+    rates = {}
+    for n in counts:
+        rates[n] = round(decode_only(args, preset, plans, warm, device, n), 2)
+        print(f"  decode only, DALI {device}, {n} pipeline(s): {rates[n]} clips/s", flush=True)
+    alone = None
+    if preset.clips_per_video > 1:
+        n = pick_pipelines(rates)
+        alone = round(decode_only(args, preset, plans, warm, device, n, group_by_video=False), 2)
+        print(f"  decode only, DALI {device}, {n} pipeline(s), every clip on its own: {alone} clips/s", flush=True)
+    return rates, alone
+
+
+def auto_pipelines(args, preset: Preset, device: str) -> int:
+    """What decode_pipelines=0 (auto) gives in production, for runs without the decode-alone sweep."""
+    from data_prep.pretokenize.clip_stream import GPU_DECODE_PIPELINES
+    return min(GPU_DECODE_PIPELINES if device == "gpu" else 1, args.batch_size or preset.batch_size)
+
+
+def pick_pipelines(rates: dict[int, float]) -> int:
+    """The fewest pipelines within 5% of the fastest decode (fewer threads and NVDEC sessions)."""
+    best = max(rates.values())
+    return min(n for n, r in rates.items() if r >= 0.95 * best)
+
+
+def sweep_beside(args, preset: Preset, tok: Path, manifest: Path, device: str, pipelines: int, fmt: str) -> dict:
+    out = {}
+    for setup, priority in args.overlap_setups:
+        label = setup.label() + (f", decode priority {priority}" if priority else "")
+        out[label] = decode_beside_encoder(args, preset, tok, manifest, device, pipelines, fmt, setup, priority)
+        print(f"  decode only beside a busy encoder ({label}), {pipelines} pipeline(s): {out[label]}", flush=True)
+    return out
+
+
+def routes(args, device: str, pipelines: list[int]) -> list[Route]:
+    """The full runs: DALI per pipeline count x overlap setup, each CPU mix, and the PyAV baseline last."""
+    out = [Route(device, n, encoder=setup, priority=prio) for n in pipelines for setup, prio in args.overlap_setups]
+    out += [Route("cpu", dali, pyav) for dali, pyav in args.cpu_mix]
+    out.append(Route("cpu", 0, args.cpu_workers))  # the baseline: PyAV decoders on every core
+    return out
+
+
+def full_runs(args, preset: Preset, tok: Path, manifest: Path, work: Path, fmt: str, encoder_rates: dict,
+              all_routes: list[Route]) -> dict[str, dict]:
+    runs = {}
+    for route in all_routes:
+        label = route.label()
+        r = run_pipeline(args, preset, tok, manifest, work, route, fmt)
+        ceiling = encoder_rate(encoder_rates, fmt, route.encoder)
+        r["encoder_only_clips_per_s"] = ceiling
+        r["fraction_of_encoder_only"] = round(r["clips_per_s"] / ceiling, 3) if ceiling else None
+        runs[label] = r
+        print(f"  full run, {label}: {r}", flush=True)
+    baseline = runs[all_routes[-1].label()]["clips_per_s"]
+    for r in runs.values():
+        r["vs_pyav"] = round(r["clips_per_s"] / baseline, 2) if baseline else None
+    return runs
+
+
+def summary_lines(r: dict) -> list[str]:
+    """The headline (the best full run against the encoder alone, then PyAV, then host cores), then every
+    full run the same way, then the stage-alone figures."""
+    runs, best = r["full_runs"], r["best_full_run"]
+    lines = ["  no full runs (--full none)"]
+    if best is not None:
+        b = runs[best]
+        lines = [f"  HEADLINE {best}: {b['fraction_of_encoder_only']:.3f} of the encoder alone (goal >= 0.9) | "
+                 f"{b['vs_pyav']:.2f}x the PyAV baseline | {b['host_cores_busy']:.1f} host cores busy",
+                 f"  {'full run (shards written)' if r['shards_written'] else 'full run (no write)':<58s} "
+                 f"{'/encoder':>9s} {'/PyAV':>7s} {'cores':>6s} {'clips/s':>9s} {'waited s':>9s}"]
+    for label, x in runs.items():
+        lines.append(f"  {label:<58s} {x['fraction_of_encoder_only']:9.3f} {x['vs_pyav']:7.2f} "
+                     f"{x['host_cores_busy']:6.1f} {x['clips_per_s']:9.2f} {x['encoder_waited_for_frames_s']:9.2f}")
+    lines += [f"  encoder only, {k}: {v:.2f} clips/s" for k, v in r["encoder_only"].items()]
+    lines += [f"  decode only, DALI, {n} pipeline(s): {v:.2f} clips/s" for n, v in r["decode_only_clips_per_s"].items()]
+    if r.get("decode_only_clip_by_clip_clips_per_s"):
+        lines.append(f"  decode only, every clip on its own: {r['decode_only_clip_by_clip_clips_per_s']:.2f} clips/s")
+    for label, x in (r.get("decode_beside_busy_encoder") or {}).items():
+        lines.append(f"  decode beside a busy encoder ({label}): decode {x['decode_clips_per_s']:.2f}, "
+                     f"encoder meanwhile {x['encoder_clips_per_s']:.2f} clips/s")
+    if r.get("encoder_profile"):
+        lines += breakdown_lines(r["encoder_profile"])
+    return lines
 
 
 def bench_preset(name: str, args, work: Path) -> dict:
     preset, manifest, tok, device, result = prepare(name, args, work)
-    decode = sweep_decode(args, preset, manifest, device)
-    encode = sweep_encoder(args, preset, tok)
-    chosen = {"decode_pipelines": pick_pipelines(decode), "encoder_memory_format": max(encode, key=encode.get),
-              "decode_only": decode}
-    one_by_one = clip_by_clip(args, preset, manifest, device, chosen["decode_pipelines"])
-    beside = decode_beside_encoder(args, preset, tok, manifest, device, chosen["decode_pipelines"],
-                                   chosen["encoder_memory_format"]) if args.beside else None
-    runs = full_runs(args, preset, tok, manifest, work, device, chosen)
-    result.update(figures(decode, encode, chosen, runs, device))
-    result["decode_beside_busy_encoder"] = beside
-    result["clips_per_video"] = preset.clips_per_video
-    result["decode_only_clip_by_clip_clips_per_s"] = one_by_one
-    print(f"-- {name} summary (chosen: {chosen['decode_pipelines']} pipeline(s), "
-          f"{chosen['encoder_memory_format']}) --", *summary_lines(result, device), sep="\n", flush=True)
+    fmt, enc = sweep_encoder(args, preset, tok)
+    decode, alone = sweep_decode(args, preset, manifest, device) if args.decode_pipelines else ({}, None)
+    chosen = pick_pipelines(decode) if decode else auto_pipelines(args, preset, device)
+    pipelines = sorted(decode) if args.full == "each" and decode else [chosen]
+    beside = sweep_beside(args, preset, tok, manifest, device, pipelines[0], fmt) if args.beside else None
+    runs = {}
+    if args.full != "none":
+        runs = full_runs(args, preset, tok, manifest, work, fmt, enc, routes(args, device, pipelines))
+    best = max(runs, key=lambda k: runs[k]["clips_per_s"]) if runs else None
+    headline = runs[best] if runs else {}
+    result.update({"encoder_memory_format": fmt, "encoder_only": enc, "encoder_only_clips_per_s": enc[fmt],
+                   "decode_only_clips_per_s": decode, "decode_only_clip_by_clip_clips_per_s": alone,
+                   "decode_pipelines_chosen": pipelines[0], "decode_beside_busy_encoder": beside,
+                   "full_runs": runs, "best_full_run": best,
+                   "pyav_cpu": runs.get(routes(args, device, [])[-1].label()),
+                   "fraction_of_encoder_only": headline.get("fraction_of_encoder_only"),
+                   "speedup_vs_pyav": headline.get("vs_pyav"), "host_cores_busy": headline.get("host_cores_busy")})
+    result["encoder_profile"] = None
+    if args.profile_encoder:
+        result["encoder_profile"] = profile_encoder(args, preset, tok, fmt, EncoderSetup())
+    print(f"-- {name} summary --", *summary_lines(result), sep="\n", flush=True)
     return result
 
 
-def int_list(text: str) -> list[int]:
+# -- command line -------------------------------------------------------------------------------------
+
+def int_list(text: str, least: int = 1, what: str = "pipeline counts") -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"pipeline counts must be >= 1, got {text!r}")
+    if values and min(values) < least:
+        raise argparse.ArgumentTypeError(f"{what} must be >= {least}, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
+def priority_list(text: str) -> list[int]:
+    values = int_list(text, least=-(1 << 30), what="stream priorities")
+    if not values or max(values) > 0:
+        raise argparse.ArgumentTypeError(f"stream priorities must be <= 0 (lower runs first), got {text!r}")
     return values
+
+
+def mix_list(text: str) -> list[tuple[int, int]]:
+    """``P:M,P:M``: DALI CPU pipelines : PyAV decoders."""
+    try:
+        mixes = [tuple(int(x) for x in part.split(":")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected P:M pairs (DALI CPU pipelines:PyAV decoders), got {text!r}") \
+            from None
+    if any(len(m) != 2 or min(m) < 0 or sum(m) == 0 for m in mixes):
+        raise argparse.ArgumentTypeError(f"expected P:M pairs of counts >= 0, not both 0, got {text!r}")
+    return mixes
 
 
 MEMORY_FORMAT_CHOICES = {"both": ["contiguous", "channels_last"], "contiguous": ["contiguous"],
                          "channels_last": ["channels_last"]}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=[*PRESETS, "both", "all"], default="both",
                    help="both = 17x128 and 33x384x672; all = 17x128, ucf101 (the UCF-101 recipe's 4 clips per "
@@ -438,44 +632,71 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=0, help="clips per batch (default: the preset's)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="encoder device")
     p.add_argument("--source-codec", choices=["h264", "hevc", "vp9", "mpeg4"], default="h264",
-                   help="codec of the synthetic sources (default h264; use vp9 for --device cpu)")
+                   help="codec of the synthetic sources (default h264; DALI's CPU decoder needs vp9)")
     p.add_argument("--unique-videos", type=int, default=8, help="distinct source files (default 8)")
     p.add_argument("--tokenizer", default="", help="tokenizer dir (default: random init, see --base-channels)")
     p.add_argument("--base-channels", type=int, default=64, help="random tokenizer width (default 64)")
     p.add_argument("--res-blocks", type=int, default=2, help="random tokenizer res blocks per level (default 2)")
     p.add_argument("--latent-dim", type=int, default=32, help="random tokenizer bits per token (default 32)")
-    p.add_argument("--decode-threads", type=int, default=4, help="DALI threads per pipeline (default 4)")
-    p.add_argument("--decode-pipelines", type=int_list, default=[1, 2, 4, 8],
-                   help="DALI pipeline counts to sweep, comma-separated (default 1,2,4,8; capped at the batch size)")
+    p.add_argument("--decode-threads", type=int, default=4, help="host threads per DALI pipeline (default 4)")
+    p.add_argument("--decode-pipelines", type=lambda t: int_list(t), default=[1, 2, 4, 8],
+                   help="DALI pipeline counts for decode alone, comma-separated (default 1,2,4,8; capped at the "
+                        "batch size); one value skips the choice, an empty string skips decode alone")
     p.add_argument("--encoder-memory-format", choices=list(MEMORY_FORMAT_CHOICES), default="both",
                    help="encoder layouts to time (default both; the faster feeds the full runs)")
-    p.add_argument("--full", choices=["best", "each"], default="best",
-                   help="full DALI runs: with the chosen pipeline count only (default), or with each count")
+    p.add_argument("--encoder-micro-batch", type=lambda t: int_list(t, 0, "micro-batch sizes"), default=[0],
+                   help="clips per encoder launch to try, comma-separated (0 = the whole batch, the default)")
+    p.add_argument("--encoder-compile", choices=["off", "on", "both"], default="off",
+                   help="torch.compile the encoder: off (default), on, or both")
+    p.add_argument("--decode-stream-priority", type=priority_list, default=[0],
+                   help="CUDA stream priorities of NVDEC decode to try, comma-separated, <= 0 (default 0)")
+    p.add_argument("--encoder-batch-sizes", type=lambda t: int_list(t, 1, "batch sizes"), default=[],
+                   help="extra batch sizes for the encoder alone (larger batches: cheaper per clip?)")
+    p.add_argument("--full", choices=["best", "each", "none"], default="best",
+                   help="full DALI runs: with the chosen pipeline count only (default), with each count, or none "
+                        "(encoder and decode studies only)")
+    p.add_argument("--cpu-mix", type=mix_list, default=[],
+                   help="host-decoding full runs, P:M = P DALI CPU pipelines (VP8/VP9/MJPEG sources) + M PyAV "
+                        "decoders, comma-separated (e.g. 2:8,0:16); the PyAV baseline always runs")
     p.add_argument("--cpu-workers", type=int, default=os.cpu_count() or 4,
-                   help="PyAV baseline decode threads (default: all cores)")
+                   help="PyAV decoders of the baseline (default: all cores)")
     p.add_argument("--probe-workers", type=int, default=8)
     p.add_argument("--encoder-iters", type=int, default=10, help="batches timed for encoder-only")
+    p.add_argument("--profile-encoder", action="store_true",
+                   help="also profile the encoder: GPU time by kernel category and phase")
+    p.add_argument("--profile-batches", type=int, default=3, help="batches under the profiler (default 3)")
     p.add_argument("--no-deterministic", dest="deterministic", action="store_false",
                    help="allow cuDNN autotuned (non-deterministic) kernels; the shipped recipes are deterministic")
     p.add_argument("--no-beside", dest="beside", action="store_false",
-                   help="skip the decode-beside-a-busy-encoder run (do the two stages overlap on this device?)")
+                   help="skip the decode-beside-a-busy-encoder runs (do the two stages overlap on this device?)")
+    p.add_argument("--beside-clips", type=int, default=0,
+                   help="clips decoded beside the busy encoder (default 0: all of the preset's)")
     p.add_argument("--no-write", action="store_true", help="skip MDS writing (if mosaicml-streaming is missing)")
     p.add_argument("--out", default="", help="write the results JSON here (default: print only)")
     p.add_argument("--work-dir", default="", help="scratch directory (default: a temporary one, removed)")
     args = p.parse_args(argv)
     args.encoder_memory_formats = MEMORY_FORMAT_CHOICES[args.encoder_memory_format]
-    if args.device == "cpu" and args.source_codec not in ("vp9",):
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.encoder_compile]
+    args.encoder_setups = [EncoderSetup(mb, c) for mb in args.encoder_micro_batch for c in compiles]
+    args.overlap_setups = [(s, prio) for s in args.encoder_setups for prio in args.decode_stream_priority]
+    if args.device == "cpu" and args.source_codec != "vp9":
         print("note: DALI on CPU decodes only vp8/vp9/mjpeg; using --source-codec vp9")
         args.source_codec = "vp9"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_pretok_"))
-    names = {"both": ["17x128", "33x384x672"], "all": ["17x128", "ucf101", "33x384x672"]}.get(args.preset, [args.preset])
+    groups = {"both": ["17x128", "33x384x672"], "all": ["17x128", "ucf101", "33x384x672"]}
+    names = groups.get(args.preset, [args.preset])
     t0 = time.perf_counter()
     try:
         results = [bench_preset(n, args, work) for n in names]
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps({"results": results, "torch": torch.__version__,
+    text = json.dumps({"results": results, "torch": torch.__version__, "argv": sys.argv[1:] if argv is None else argv,
                        "wall_s": round(time.perf_counter() - t0, 1)}, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

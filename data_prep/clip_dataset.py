@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from data_prep.manifest import VideoRecord, read_manifest
-from data_prep.video import (ClipPlan, ClipSamplingConfig, DaliClipDecoder, VideoInfo, VideoUnusable,
-                             clip_stride, frames_to_model_input, plan_clips, probe_video)
+from data_prep.video import (ClipPlan, ClipSamplingConfig, DaliClipDecoder, VideoInfo, VideoUnusable, clip_range,
+                             frames_to_model_input, probe_video)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 REJECTS_FILE = "rejects.jsonl"
@@ -128,18 +128,9 @@ class VideoSource:
         if is_image(record.path):
             raise VideoUnusable("an image file in a video list (put images in data.image_manifest)")
         info = self._probe(record.path)
-        # plan_clips validates the span (raises 'too short') and gives the centre clip.
-        centre = plan_clips(info, self.sampling, start_s=record.start, end_s=record.end,
-                            fps_override=record.fps)[0]
-        if rng is None:
-            return centre
-        fps = record.fps or info.fps
-        stride = clip_stride(info, self.sampling, record.fps)
-        first = 0 if record.start is None else max(0, int(np.floor(record.start * fps)))
-        last = info.num_frames if record.end is None else min(info.num_frames, int(np.floor(record.end * fps)))
-        room = last - first - ((self.sampling.num_frames - 1) * stride + 1)  # same span as plan_clips
-        start = first + int(rng.integers(room + 1))
-        return ClipPlan(path=centre.path, start_frame=start, stride=stride, num_frames=centre.num_frames)
+        # clip_range validates the span (raises 'too short'); by time for a variable-rate video.
+        clips = clip_range(info, self.sampling, start_s=record.start, end_s=record.end, fps_override=record.fps)
+        return clips.spread(self.sampling.clips_per_video)[0] if rng is None else clips.random(rng)
 
     def decode(self, plans: Sequence[ClipPlan]) -> list[torch.Tensor | VideoUnusable]:
         return self.decoder.decode(plans)

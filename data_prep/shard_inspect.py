@@ -92,7 +92,7 @@ def render_samples(directory: str | Path, tok: DecodingTokenizer, *, png: str | 
     import matplotlib.pyplot as plt
 
     from data_prep.reader import decode_sample
-    from data_prep.video import ClipPlan, PyAVClipDecoder
+    from data_prep.video import PyAVClipDecoder
 
     require(tok, DecodingTokenizer, "shards inspect")
     directory = shards.require_complete(directory)
@@ -109,9 +109,7 @@ def render_samples(directory: str | Path, tok: DecodingTokenizer, *, png: str | 
         rows = []
         src = root / s["source"] if root is not None else None
         if src is not None and src.is_file():
-            clip = ClipPlan(path=str(src), start_frame=int(s["clip_start"]), stride=int(r["clip_stride"]),
-                            num_frames=int(manifest["num_frames"]))
-            frames = PyAVClipDecoder(height=h, width=w, num_threads=1).decode([clip])[0]
+            frames = PyAVClipDecoder(height=h, width=w, num_threads=1).decode([_source_clip(src, s, r, manifest)])[0]
             if isinstance(frames, torch.Tensor):
                 rows.append(("source", frames.numpy()))
         rows.append(("from latent", _to_uint8_frames(tok.decode(latent_1dTHW))))
@@ -127,6 +125,18 @@ def render_samples(directory: str | Path, tok: DecodingTokenizer, *, png: str | 
     fig.savefig(png, dpi=100)
     plt.close(fig)
     return png
+
+
+def _source_clip(src: Path, sample: dict, raw: dict, manifest: dict):
+    """The source frames of a stored clip (a clip_stride of 0: picked by time, rebuilt from the video's
+    timestamps under the manifest's target_fps)."""
+    from data_prep.video import ClipPlan, ClipSamplingConfig, clip_at, probe_video
+    start, stride, frames = int(sample["clip_start"]), int(raw["clip_stride"]), int(manifest["num_frames"])
+    if stride > 0:
+        return ClipPlan(path=str(src), start_frame=start, stride=stride, num_frames=frames)
+    h, w = manifest["resolution"]
+    sampling = ClipSamplingConfig(num_frames=frames, target_fps=float(manifest["target_fps"]), height=h, width=w)
+    return clip_at(probe_video(src, any_codec=True), sampling, start, stride)
 
 
 def _read_raw_samples(directory: Path, num: int) -> list[dict]:

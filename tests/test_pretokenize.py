@@ -2,6 +2,7 @@
 refused mismatches, deterministic partitions (CPU: DALI CPU decode, fp32 encode)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from data_prep.pretokenize.worker import Worker, worker_from_env
 from data_prep.reader import ShardReaderConfig, build_shard_loader
 from data_prep.tokenizer_api import BitQuantizer, DecodingTokenizer, EncodingTokenizer, TokenizerGeometry, require
 from data_prep.video import ClipSamplingConfig, DaliClipDecoder, frames_to_model_input, plan_clips, probe_video
-from tests.pretok_helpers import (SCHEDULE, make_clean_corpus, make_mixed_corpus, make_tiny_tokenizer,
+from tests.pretok_helpers import (CLIP, SCHEDULE, make_clean_corpus, make_mixed_corpus, make_tiny_tokenizer,
                                   pretok_config, pretokenizer, tree_bytes)
 from tokenizer import load_tokenizer
 from tests.subprocess_env import child_env
@@ -239,6 +240,47 @@ def test_channels_last_encoder_agrees_with_contiguous(tok, clean, clean_run, tmp
     assert shards.read_shard_manifest(out) == shards.read_shard_manifest(clean_run)
 
 
+def random_clips(n: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (CLIP["num_frames"], CLIP["height"], CLIP["width"], 3), generator=gen,
+                          dtype=torch.uint8) for _ in range(n)]
+
+
+def test_micro_batched_encoder_encodes_chunk_by_chunk_to_the_same_latents(tok, clean, tmp_path, monkeypatch):
+    """encoder_micro_batch=2 on a batch of 5: the encoder sees 2, 2 and 1 clips; the latents match the
+    whole-batch encoder's to float rounding (another batch size runs other kernels); auto = whole batch."""
+    micro = encoder.ClipEncoder(pretok_config(tok, clean, tmp_path, batch_size=5, encoder_micro_batch=2),
+                                load_tokenizer(tok, "cpu"), torch.device("cpu"))
+    whole = encoder.ClipEncoder(pretok_config(tok, clean, tmp_path, batch_size=5), load_tokenizer(tok, "cpu"),
+                                torch.device("cpu"))
+    assert (micro.micro_batch, whole.micro_batch) == (2, 5)
+    sizes, real = [], encoder.ClipEncoder._latent
+    monkeypatch.setattr(encoder.ClipEncoder, "_latent", lambda self, x: (sizes.append(len(x)), real(self, x))[1])
+    frames = random_clips(5, seed=0)
+    got, want = micro.encode(frames, ["x"] * 5), whole.encode(frames, ["x"] * 5)
+    assert sizes == [2, 2, 1, 5] and len(got.latents) == 5
+    for x, y in zip(got.latents, want.latents):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow  # Inductor compiles the encoder: about 2 minutes on 2 CPU cores
+def test_compiled_encoder_matches_the_eager_encoder(tok, clean, tmp_path):
+    """encoder_compile: torch.compile (Inductor) of the tokenizer's encode; the same latents to float
+    rounding, and the tokenizer (its content hash, recorded in manifest.json) untouched."""
+    eager = encoder.ClipEncoder(pretok_config(tok, clean, tmp_path), load_tokenizer(tok, "cpu"), torch.device("cpu"))
+    compiled = encoder.ClipEncoder(pretok_config(tok, clean, tmp_path, encoder_compile=True),
+                                   load_tokenizer(tok, "cpu"), torch.device("cpu"))
+    assert compiled._compiled_encode is not None and eager._compiled_encode is None
+    assert compiled.tokenizer.content_hash == eager.tokenizer.content_hash
+    frames = random_clips(3, seed=1)
+    from torch._dynamo.utils import counters
+    counters.clear()
+    got, want = compiled.encode(frames, ["x"] * 3), eager.encode(frames, ["x"] * 3)
+    assert counters["stats"]["unique_graphs"] >= 1  # the compiled function ran (Dynamo captured a graph)
+    for x, y in zip(got.latents, want.latents):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("total", [0, 1, 5, 7, 100, 1001])
 @pytest.mark.parametrize("count", [1, 2, 3, 8])
 def test_partition_ranges_cover_the_manifest_exactly(total, count):
@@ -355,11 +397,20 @@ class FlakyDecoder:
                 for p, r in zip(plans, out)]
 
 
+def flaky_lanes(monkeypatch, fail) -> None:
+    """Every decoder lane's decoder wrapped in a FlakyDecoder failing ``fail``."""
+    real = clip_stream.decoder_lanes
+
+    def lanes(*args, **kwargs):
+        return [dataclasses.replace(lane, make_decoder=lambda make=lane.make_decoder: FlakyDecoder(make(), fail))
+                for lane in real(*args, **kwargs)]
+    monkeypatch.setattr(clip_stream, "decoder_lanes", lanes)
+
+
 def test_a_clip_that_fails_to_decode_is_rejected_alone(tok, clean, clean_run, tmp_path, monkeypatch):
     records = read_manifest(clean)
     victim = (Path(records[1].path).name, 3)  # the second clip (start 3) of video 1
-    real = clip_stream.ClipStream._decoder
-    monkeypatch.setattr(clip_stream.ClipStream, "_decoder", lambda self: FlakyDecoder(real(self), {victim}))
+    flaky_lanes(monkeypatch, {victim})
     out = tmp_path / "shards"
     pretokenizer(pretok_config(tok, clean, out, num_partitions=3)).run()
     (reject,) = shards.read_rejects(out / shards.REJECTS_FILE)
@@ -372,8 +423,7 @@ def test_a_clip_that_fails_to_decode_is_rejected_alone(tok, clean, clean_run, tm
 
 def test_a_broken_decoder_aborts_instead_of_rejecting_everything(tok, tmp_path, monkeypatch):
     corpus = make_clean_corpus(tmp_path / "corpus", num=17)  # 34 clips
-    real = clip_stream.ClipStream._decoder
-    monkeypatch.setattr(clip_stream.ClipStream, "_decoder", lambda self: FlakyDecoder(real(self), None))
+    flaky_lanes(monkeypatch, None)
     out = tmp_path / "shards"
     with pytest.raises(writer.DecoderBroken, match=r"32 of 32 clips failed to decode with dali on cpu"):
         pretokenizer(pretok_config(tok, corpus, out, num_partitions=1, batch_size=8)).run()
@@ -399,7 +449,7 @@ def test_manifest_start_end_and_fps_columns_shape_the_clips(tok, tmp_path):
     out2 = tmp_path / "shards_fps"
     pretokenizer(pretok_config(tok, corpus, out2, num_partitions=1, clips={"target_fps": 8.0})).run()
     (reject,) = shards.read_rejects(out2 / shards.REJECTS_FILE)
-    assert reject["row"] == 1 and "a clip needs 17 (9 frames at stride 2)" in reject["reason"]
+    assert reject["row"] == 1 and "a clip needs 17 (9 frames at stride 2; 16 fps from the manifest)" in reject["reason"]
 
 
 def test_non_finite_latents_fail_loudly_instead_of_being_written(tok, clean, tmp_path, monkeypatch):

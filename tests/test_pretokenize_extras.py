@@ -130,21 +130,39 @@ def test_clips_of_one_video_decode_together_and_a_bad_clip_does_not_take_the_oth
     assert isinstance(pyav[1], VideoUnusable) and pyav[1].kind == "frame_count"
 
 
-def test_benchmark_smoke_on_cpu(tmp_path):
+def test_benchmark_smoke_on_cpu(tmp_path, capsys):
     from benchmarks.bench_pretokenize import main
     out = tmp_path / "bench.json"
     assert main(["--preset", "tiny-multi", "--device", "cpu", "--clips", "8", "--unique-videos", "2", "--base-channels", "8",
                  "--res-blocks", "1", "--latent-dim", "8", "--encoder-iters", "1", "--decode-pipelines", "1,2",
-                 "--full", "each", "--out", str(out)]) == 0
+                 "--full", "each", "--encoder-micro-batch", "0,2", "--cpu-mix", "1:1", "--cpu-workers", "2",
+                 "--profile-encoder", "--profile-batches", "1", "--out", str(out)]) == 0
     (r,) = json.loads(out.read_text())["results"]
-    assert set(r["decode_only_clips_per_s"]) == {"1", "2"} and r["speedup_dali_vs_pyav"] > 0
-    assert r["clips_per_video"] == 2 and r["decode_only_clip_by_clip_clips_per_s"] > 0
-    assert set(r["encoder_only_by_memory_format"]) == {"contiguous", "channels_last"}
-    assert r["chosen"]["encoder_memory_format"] in r["encoder_only_by_memory_format"]
-    beside = r["decode_beside_busy_encoder"]
-    assert beside["decode_clips_per_s"] > 0 and beside["encoder_clips_per_s"] > 0
-    full = [*r["dali_full_by_pipelines"].values(), r["pyav_cpu"]]
-    assert len(full) == 3 and all(b["clips"] == 8 and b["rejects"] == 0 for b in full)
+    assert set(r["decode_only_clips_per_s"]) == {"1", "2"} and r["decode_only_clip_by_clip_clips_per_s"] > 0
+    assert r["clips_per_video"] == 2 and r["shards_written"]
+    fmt = r["encoder_memory_format"]
+    assert set(r["encoder_only"]) == {"contiguous", "channels_last", f"{fmt}, 2-clip launches"}
+    assert set(r["decode_beside_busy_encoder"]) == {"whole-batch launches", "2-clip launches"}
+    # DALI x 2 pipeline counts x 2 encoder setups, the CPU mix, the PyAV baseline last
+    assert list(r["full_runs"]) == ["DALI cpu x1, whole-batch launches", "DALI cpu x1, 2-clip launches",
+                                    "DALI cpu x2, whole-batch launches", "DALI cpu x2, 2-clip launches",
+                                    "DALI cpu x1 + PyAV x1, whole-batch launches", "PyAV x2, whole-batch launches"]
+    for label, run in r["full_runs"].items():
+        assert run["clips"] == 8 and run["rejects"] == 0 and run["host_cores_busy"] > 0
+        ceiling = r["encoder_only"][f"{fmt}, 2-clip launches" if "2-clip" in label else fmt]
+        assert run["encoder_only_clips_per_s"] == ceiling
+        assert run["fraction_of_encoder_only"] == round(run["clips_per_s"] / ceiling, 3)
+        assert run["vs_pyav"] == round(run["clips_per_s"] / r["pyav_cpu"]["clips_per_s"], 2)
+    assert r["fraction_of_encoder_only"] == r["full_runs"][r["best_full_run"]]["fraction_of_encoder_only"]
+    profile = r["encoder_profile"]
+    assert set(profile["ms_per_batch_by_phase"]) >= {"encoder", "quantizer"}
+    assert profile["encoder_phase_ms_per_batch_by_category"]["conv / GEMM"] > 0
+    summary = capsys.readouterr().out.split("-- tiny-multi summary --")[1]
+    headline, columns = summary.strip().splitlines()[:2]  # the ratio to the encoder alone first
+    figures = headline.split(": ", 1)[1]
+    assert headline.startswith(f"HEADLINE {r['best_full_run']}: ")
+    assert figures.index("of the encoder alone") < figures.index("the PyAV baseline") < figures.index("host cores busy")
+    assert columns.split()[-6:] == ["/encoder", "/PyAV", "cores", "clips/s", "waited", "s"]
 
 
 def test_two_torchrun_workers_write_the_same_shards_as_one_process(tmp_path, torchrun):

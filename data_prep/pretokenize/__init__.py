@@ -12,9 +12,9 @@ Design decisions:
   hard link (one creator, every other worker compares), and whichever worker finds every partition
   committed merges the indexes (merging is deterministic and atomic, so a race writes the same
   bytes). The same code runs under torchrun, a SLURM array, or a single process.
-- **Everything in input order.** Probing runs in a thread pool and decoding in a background thread,
+- **Everything in input order.** Probing runs in a thread pool and decoding in several decoder threads,
   but results are consumed in manifest order and encoded in fixed batches, so the shards do not
-  depend on timing. Rejects are sorted by (manifest row, clip start).
+  depend on timing nor on which decoder took a clip. Rejects are sorted by (manifest row, clip start).
 - **Honest rejects.** A video that is missing, unreadable, too short or in a codec the decode device
   cannot handle goes to ``rejects.jsonl`` with the reason (probe stage, whole video); a clip that
   fails to decode or decodes to fewer frames goes there with its clip start. Nothing is substituted.
@@ -23,8 +23,10 @@ Where each stage lives (one file per stage, in pipeline order; docs/pretokenize.
 
 - ``config.py``: ``PretokenizeConfig``, the recipe's knobs and the checks that need only the recipe.
 - ``worker.py``: ``Worker``, ``worker_from_env``: this process's slot (torchrun, srun, SLURM array).
-- ``clip_stream.py``: ``ClipStream``: probe → plan → decode (DALI, or PyAV as the baseline) in
-  manifest order, ``Reject``; its threads (probe pool, decode thread) are ``threads.py``.
+- ``clip_stream.py``: ``ClipStream``: probe → plan → decode in manifest order, ``Reject``; its threads
+  (probe pool, background thread) are ``threads.py``.
+- ``decoders.py``: ``DecoderLanes``: the decoders (DALI pipelines on NVDEC or the CPU, PyAV decoders),
+  each a thread pulling videos from one queue; which took a clip changes no byte.
 - ``encoder.py``: ``ClipEncoder`` (tokenizer encoder → stored latents, BSQ bits, text features) and
   ``EncoderGraph`` (the encoder as one CUDA graph).
 - ``writer.py``: ``PartitionWriter``: a partition → MDS shards + rejects, committed; ``DecoderBroken``.

@@ -1,24 +1,23 @@
-"""The clip stream: probe (thread pool) → plan → decode (background thread), in manifest order.
+"""The clip stream: probe (thread pool) → plan → decode (decoder lanes), in manifest order.
 
 Containers are probed with PyAV ahead of decoding (a missing, unreadable, too short or undecodable
 video becomes a :class:`Reject` with its reason); each usable video is planned into clips, the clips
-are cut into batches of ``batch_size`` and decoded by DALI (or PyAV, the CPU baseline) in a
-background thread, ``prefetch_batches`` ahead of the encoder. Results come out in manifest order
-whatever the timing, so the shards do not depend on it.
+are cut into batches of ``batch_size`` and decoded by the decoder lanes (:mod:`.decoders`: DALI
+pipelines, PyAV decoders), ``prefetch_batches`` batches in flight and as many decoded ahead of the
+encoder. Results come out in manifest order whatever the timing, so the shards do not depend on it.
 """
 from __future__ import annotations
 
-import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import torch
-
 from data_prep.manifest import VideoRecord
-from data_prep.pretokenize.config import PretokenizeConfig
+from data_prep.pretokenize.config import NVDEC_WITH_CPU_DECODERS, PretokenizeConfig
+from data_prep.pretokenize.decoders import DecoderLanes, Lane, dali_lanes, pyav_lanes
 from data_prep.pretokenize.threads import background, ordered_map
-from data_prep.video import ClipPlan, DaliClipDecoder, PyAVClipDecoder, VideoUnusable, plan_clips, probe_video
+from data_prep.video import ClipPlan, VideoUnusable, plan_clips, probe_video
 
 
 @dataclass(frozen=True)
@@ -30,6 +29,8 @@ class ClipJob:
     record: VideoRecord
     source: str
     plan: ClipPlan
+    codec: str = ""
+    """The video's codec (PyAV name): which decoder lanes can take it."""
 
 
 @dataclass(frozen=True)
@@ -61,28 +62,58 @@ benchmarks/bench_pretokenize.py (figures in docs/BENCHMARKS.md)."""
 
 
 def decode_pipelines(cfg: PretokenizeConfig, decode_device: str) -> int:
-    """The DALI pipeline count for ``cfg.decode_pipelines`` (0 = auto) on ``decode_device``."""
+    """The DALI pipeline count for ``cfg.decode_pipelines`` (0 = auto) on ``decode_device``; 0 with
+    ``decoder: pyav``."""
+    if cfg.decoder == "pyav":
+        return 0
     wanted = cfg.decode_pipelines or (GPU_DECODE_PIPELINES if decode_device == "gpu" else 1)
     return min(wanted, cfg.batch_size)
 
 
+def pyav_decoders(cfg: PretokenizeConfig) -> int:
+    """PyAV decoder lanes: ``cfg.pyav_decoders``; with ``decoder: pyav`` and 0, ``decode_threads``."""
+    if cfg.decoder == "pyav":
+        return cfg.pyav_decoders or cfg.decode_threads
+    return cfg.pyav_decoders
+
+
+def decoder_lanes(cfg: PretokenizeConfig, decode_device: str, device_id: int) -> list[Lane]:
+    """The lanes ``cfg`` asks for: DALI pipelines (NVDEC or CPU) and PyAV decoders."""
+    c = cfg.clips
+    lanes = []
+    if n := decode_pipelines(cfg, decode_device):
+        lanes += dali_lanes(count=n, device=decode_device, device_id=device_id, height=c.height, width=c.width,
+                            batch_size=cfg.batch_size, threads=cfg.decode_threads,
+                            stream_priority=cfg.decode_stream_priority)
+    if n := pyav_decoders(cfg):
+        lanes += pyav_lanes(count=n, height=c.height, width=c.width)
+    return lanes
+
+
 class ClipStream:
-    """Yields, in manifest order, batches ``(jobs, results, decode_seconds)`` and rejects."""
+    """Yields, in manifest order, batches ``(jobs, results, decode_seconds)`` and rejects.
+
+    ``decode_seconds``: lane-seconds the decoders spent on the batch (summed over lanes)."""
 
     def __init__(self, cfg: PretokenizeConfig, decode_device: str, device_id: int, manifest_root: Path):
+        if decode_device == "gpu" and pyav_decoders(cfg):
+            raise ValueError(NVDEC_WITH_CPU_DECODERS)
         self.cfg, self.decode_device, self.device_id = cfg, decode_device, device_id
         self.root = manifest_root
-        self._cached_decoder = None
+        self.lane_specs = decoder_lanes(cfg, decode_device, device_id)
+        self._lanes: DecoderLanes | None = None
+        # The probe accepts what some lane decodes: DALI's codecs on this device, or any with PyAV lanes.
+        self._any_codec = any(lane.codecs is None for lane in self.lane_specs)
 
     def _probe(self, item: tuple[int, VideoRecord]) -> list[ClipJob] | Reject:
         row, rec = item
         source = source_name(rec.path, self.root)
         try:
-            info = probe_video(rec.path, device=self.decode_device if self.cfg.decoder == "dali" else "gpu")
+            info = probe_video(rec.path, device=self.decode_device, any_codec=self._any_codec)
             plans = plan_clips(info, self.cfg.clips, start_s=rec.start, end_s=rec.end, fps_override=rec.fps)
         except VideoUnusable as e:
             return Reject(row, source, None, e.kind, e.reason)
-        return [ClipJob(row, rec, source, p) for p in plans]
+        return [ClipJob(row, rec, source, p, info.codec) for p in plans]
 
     def _batches(self, rows: Sequence[tuple[int, VideoRecord]], rejects: list[Reject]) -> Iterator[list[ClipJob]]:
         batch: list[ClipJob] = []
@@ -98,34 +129,37 @@ class ClipStream:
         if batch:
             yield batch
 
-    def _decoder(self):
-        c = self.cfg
-        if c.decoder == "pyav":
-            return PyAVClipDecoder(height=c.clips.height, width=c.clips.width, num_threads=c.decode_threads)
-        return DaliClipDecoder(height=c.clips.height, width=c.clips.width, device=self.decode_device,
-                               device_id=self.device_id, batch_size=c.batch_size, num_threads=c.decode_threads,
-                               pipelines=decode_pipelines(c, self.decode_device))
+    def lanes(self) -> DecoderLanes:
+        """The decoder lanes (threads, DALI pipelines), started on first use and kept across partitions
+        until :meth:`close`."""
+        if self._lanes is None:
+            self._lanes = DecoderLanes(self.lane_specs)
+        return self._lanes
+
+    def clips_by_lane(self) -> dict[str, int]:
+        """Clips each decoder lane has decoded since the lanes started."""
+        return dict(self._lanes.clips_by_lane) if self._lanes is not None else {}
+
+    def close(self) -> None:
+        """Stop the decoder lanes and drop their decoders (DALI pipelines, GPU memory)."""
+        if self._lanes is not None:
+            self._lanes.close()
+            self._lanes = None
 
     def _decoded(self, rows, rejects) -> Iterator[tuple[list[ClipJob], list, float]]:
-        # One decoder (its DALI pipelines) per process, built on first use and reused by later partitions.
-        if self._cached_decoder is None:
-            self._cached_decoder = self._decoder()
-        decoder = self._cached_decoder
-        # GPU: DALI's output is copied into torch tensors on a stream of this thread, which is
-        # synchronised before the batch is handed over, so the encoder's stream never waits on it.
-        stream = torch.cuda.Stream(self.device_id) if decoder.device == "gpu" else None
+        lanes = self.lanes()
+        in_flight: deque = deque()
         for jobs in self._batches(rows, rejects):
-            t0 = time.perf_counter()
-            if stream is None:
-                results = decoder.decode([j.plan for j in jobs])
-            else:
-                with torch.cuda.stream(stream):
-                    results = decoder.decode([j.plan for j in jobs])
-                stream.synchronize()
-            yield jobs, results, time.perf_counter() - t0
+            in_flight.append((jobs, lanes.submit([j.plan for j in jobs], [j.codec for j in jobs])))
+            if len(in_flight) >= self.cfg.prefetch_batches:
+                yield self._finished(lanes, *in_flight.popleft())
+        while in_flight:
+            yield self._finished(lanes, *in_flight.popleft())
+
+    @staticmethod
+    def _finished(lanes: DecoderLanes, jobs: list[ClipJob], ticket) -> tuple[list[ClipJob], list, float]:
+        results, busy_s = lanes.result(ticket)
+        return jobs, results, busy_s
 
     def __call__(self, rows: Sequence[tuple[int, VideoRecord]], rejects: list[Reject]) -> Iterator:
-        def on_gpu() -> None:  # the decode thread's CUDA device (DALI output copies, its stream)
-            torch.cuda.set_device(self.device_id)
-        setup = on_gpu if self.decode_device == "gpu" else None
-        return background(self._decoded(rows, rejects), self.cfg.prefetch_batches, setup)
+        return background(self._decoded(rows, rejects), self.cfg.prefetch_batches)

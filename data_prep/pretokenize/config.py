@@ -19,6 +19,13 @@ MEMORY_FORMATS = {"auto": torch.contiguous_format,  # NCDHW: measured faster on 
                   "channels_last": torch.channels_last_3d, "contiguous": torch.contiguous_format}
 
 
+NVDEC_WITH_CPU_DECODERS = (
+    "pyav_decoders > 0 with NVDEC decode (decode_device=gpu): NVDEC's colour conversion (DALI's CUDA "
+    "kernel) and the CPU decoders' (libswscale) give different pixels, so the shards would depend on "
+    "which decoder took a clip. Set pyav_decoders: 0, or decode on the CPU (decode_device: cpu); "
+    "docs/pretokenize.md, 'Choosing decoders'")
+
+
 @dataclass(kw_only=True)
 class PretokenizeConfig:
     """One pre-tokenization run: inputs, clip sampling, quantization, output, parallelism."""
@@ -42,18 +49,27 @@ class PretokenizeConfig:
     device: str = "auto"
     """Encoder device: auto (the local GPU if CUDA is present), cpu or cuda. bf16 autocast on cuda."""
     decode_device: str = "auto"
-    """DALI decode device: auto (gpu when the encoder is on cuda), cpu or gpu (NVDEC, frames stay on
-    the GPU). Decides which codecs are accepted (see docs/shard_format.md)."""
+    """Where frames are decoded: auto (gpu when the encoder is on cuda and no PyAV decoders are asked
+    for, else cpu), cpu or gpu (NVDEC, frames stay on the GPU). Decides the pixels (NVDEC's colour
+    conversion differs from the CPU decoders') and, with the decoders, which codecs are accepted
+    (docs/pretokenize.md, "Choosing decoders")."""
     decoder: str = "dali"
-    """dali (production) or pyav (CPU baseline for the benchmark; decodes any libavcodec codec)."""
+    """dali: decode_pipelines DALI pipelines (plus pyav_decoders PyAV decoders on cpu); pyav: PyAV
+    decoders only (pyav_decoders of them, or decode_threads if that is 0; the benchmark's baseline)."""
     decode_threads: int = 2
-    """DALI CPU threads per decode pipeline (or PyAV threads)."""
+    """Host threads of each DALI decode pipeline (libavcodec on cpu; demuxing and NVDEC feeding on gpu)."""
     decode_pipelines: int = 0
-    """DALI pipelines per worker; each batch is split over them and they decode concurrently (on the GPU
-    each has its own CUDA stream and NVDEC sessions, so several NVDEC engines work at once). 0 = auto:
-    8 with decode_device=gpu (the best measured on an H100, docs/BENCHMARKS.md), 1 on cpu (DALI's CPU
-    decoder already spreads a batch over decode_threads).
-    Capped at batch_size. The frames, and so the shards, do not depend on it."""
+    """DALI pipelines per worker, each a decoder pulling clips from one queue with up to
+    ceil(batch_size / decode_pipelines) videos per run: NVDEC with decode_device=gpu (each its own CUDA
+    stream and NVDEC sessions, so several NVDEC engines work at once), DALI's CPU decoder (VP8, VP9,
+    MJPEG) on cpu, costing up to decode_threads host cores each. 0 = auto: 8 on gpu (the best measured on
+    an H100, docs/BENCHMARKS.md), 1 on cpu. Capped at batch_size. The shards do not depend on it."""
+    pyav_decoders: int = 0
+    """PyAV decoders beside the DALI pipelines (decode_device cpu only): each a thread pulling one video
+    at a time from the same queue, about one host core busy while it decodes. They decode every codec
+    libavcodec knows (so H.264, HEVC, MPEG-4 and AV1 are accepted on cpu when this is > 0, and go to
+    them only) with DALI's colour conversion and resize, so which decoder took a clip does not change a
+    byte of the shards (tested). Not with NVDEC: its pixels differ from every CPU decoder's."""
     probe_workers: int = 4
     """Threads probing containers (PyAV demux) ahead of decoding."""
     prefetch_batches: int = 2
@@ -71,6 +87,23 @@ class PretokenizeConfig:
     (NCDHW), or auto (contiguous: channels_last measured slower on an H100, GroupNorm converting back
     each time; figures in docs/BENCHMARKS.md). The latents agree to float rounding, but the layouts run
     different kernels, so byte-identical reruns need the same value."""
+    encoder_micro_batch: int = 0
+    """Clips per encoder launch within a batch; 0 = auto: the whole batch (one launch, as before). A
+    smaller value encodes the batch in launches of this many clips (CUDA graph captured for that size,
+    the last launch zero-padded) with the host waiting for each before the next, leaving gaps in which
+    NVDEC decode's kernels can run on a shared GPU. Which value wins is measured by
+    benchmarks/bench_pretokenize.py --encoder-micro-batch. Like batch_size, it fixes which clips the
+    encoder sees together: byte-identical reruns need the same value."""
+    encoder_compile: bool = False
+    """torch.compile the tokenizer's encoder (Inductor) before the CUDA graph is captured; the first
+    batch waits for the compile. Latents agree with the eager encoder's to float rounding (other
+    kernels), so byte-identical reruns need the same value. Measured by bench_pretokenize.py
+    --encoder-compile."""
+    decode_stream_priority: int = 0
+    """CUDA stream priority of NVDEC decode (DALI's streams and the copy of its output), <= 0: lower runs
+    first; CUDA clamps it to the device's range (-5..0 on Hopper). Beside a busy encoder on one GPU,
+    DALI's small per-frame kernels otherwise queue behind the encoder's long ones. The frames, and so
+    the shards, do not depend on it."""
     encoder_cuda_graph: bool = True
     """On cuda, encode each batch by replaying one CUDA graph of the encoder, captured once at start for
     batch_size clips (it holds one batch's activations; smaller batches are zero-padded): one launch
@@ -99,6 +132,16 @@ class PretokenizeConfig:
             raise ValueError(f"decoder must be dali or pyav, got {self.decoder!r}")
         if self.decoder == "pyav" and self.decode_device == "gpu":
             raise ValueError("decoder=pyav decodes on the CPU: set decode_device to cpu or auto")
+        if self.pyav_decoders < 0:
+            raise ValueError(f"pyav_decoders must be >= 0, got {self.pyav_decoders}")
+        if self.pyav_decoders and self.decode_device == "gpu":
+            raise ValueError(NVDEC_WITH_CPU_DECODERS)
+        if self.encoder_micro_batch < 0:
+            raise ValueError("encoder_micro_batch must be >= 0 (0 = auto: the whole batch), "
+                             f"got {self.encoder_micro_batch}")
+        if self.decode_stream_priority > 0:
+            raise ValueError("decode_stream_priority must be <= 0 (0 = CUDA's default; lower runs first), "
+                             f"got {self.decode_stream_priority}")
         if self.encoder_memory_format not in MEMORY_FORMATS:
             raise ValueError(f"encoder_memory_format must be one of {list(MEMORY_FORMATS)}, "
                              f"got {self.encoder_memory_format!r}")

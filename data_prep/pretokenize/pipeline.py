@@ -16,7 +16,7 @@ import torch
 
 from data_prep import shards
 from data_prep.manifest import read_manifest
-from data_prep.pretokenize.clip_stream import ClipStream, decode_pipelines
+from data_prep.pretokenize.clip_stream import ClipStream, decode_pipelines, pyav_decoders
 from data_prep.pretokenize.config import PretokenizeConfig
 from data_prep.pretokenize.encoder import ClipEncoder
 from data_prep.pretokenize.run_manifest import build_run_manifest
@@ -44,10 +44,7 @@ class Pretokenizer:
         if cfg.deterministic and self.device.type == "cuda":
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
-        dd = cfg.decode_device
-        self.decode_device = ("gpu" if self.device.type == "cuda" else "cpu") if dd == "auto" else dd
-        if cfg.decoder == "pyav":
-            self.decode_device = "cpu"
+        self.decode_device = resolve_decode_device(cfg, self.device)
         if self.decode_device == "gpu" and not torch.cuda.is_available():
             raise ValueError("decode_device=gpu needs CUDA (NVDEC), which this host does not have; "
                              "use decode_device=cpu (and `videoar transcode` for codecs DALI CPU cannot decode)")
@@ -68,8 +65,11 @@ class Pretokenizer:
         """Write this worker's unfinished partitions, then merge if every partition is committed."""
         shards.ensure_run_manifest(self.out, self.manifest)
         stats = []
-        for p in self.worker.partitions(self.num_partitions):
-            stats.append(self.run_partition(p, progress))
+        try:
+            for p in self.worker.partitions(self.num_partitions):
+                stats.append(self.run_partition(p, progress))
+        finally:
+            self.stream.close()  # decoder threads and DALI pipelines (GPU memory) go with the run
         self.maybe_merge()
         return stats
 
@@ -86,19 +86,32 @@ class Pretokenizer:
 
     def run_partition(self, p: int, progress: Progress | None = None) -> PartitionStats:
         rows = [(i, self.records[i]) for i in shards.partition_range(p, self.num_partitions, len(self.records))]
+        before = self.stream.clips_by_lane()
         stats = self.writer.write_partition(shards.partition_name(p, self.num_partitions), rows, progress)
         if not stats.skipped:
-            self._log(stats)
+            after = self.stream.clips_by_lane()
+            self._log(stats, {lane: n - before.get(lane, 0) for lane, n in after.items()})
         return stats
 
-    def _log(self, stats: PartitionStats) -> None:
-        log = {**stats.__dict__, "clips_per_s": stats.clips_per_s, "host": socket.gethostname(),
-               "pid": os.getpid(), "worker": self.worker.index, "workers": self.worker.count,
+    def _log(self, stats: PartitionStats, clips_by_decoder: dict[str, int]) -> None:
+        log = {**stats.__dict__, "clips_by_decoder": clips_by_decoder, "clips_per_s": stats.clips_per_s,
+               "host": socket.gethostname(), "pid": os.getpid(), "worker": self.worker.index,
+               "workers": self.worker.count,
                "launcher": self.worker.launcher, "device": str(self.device), "decode_device": self.decode_device,
-               "decode_pipelines": decode_pipelines(self.cfg, self.decode_device) if self.cfg.decoder == "dali" else 0,
+               "decode_pipelines": decode_pipelines(self.cfg, self.decode_device),
+               "pyav_decoders": pyav_decoders(self.cfg), "decode_stream_priority": self.cfg.decode_stream_priority,
                "encoder_memory_format": str(self.encoder.memory_format).removeprefix("torch."),
+               "encoder_micro_batch": self.encoder.micro_batch, "encoder_compile": self.cfg.encoder_compile,
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         shards.write_json(self.out / shards.LOG_DIR / f"{stats.partition}.json", log)
+
+
+def resolve_decode_device(cfg: PretokenizeConfig, device: torch.device) -> str:
+    """``decode_device`` auto: NVDEC when the encoder is on cuda, unless PyAV decoders are asked for
+    (CPU decoders and NVDEC give different pixels, so a run uses one or the other)."""
+    if cfg.decode_device != "auto":
+        return cfg.decode_device
+    return "gpu" if device.type == "cuda" and not pyav_decoders(cfg) else "cpu"
 
 
 def merge_only(cfg_or_dir: PretokenizeConfig | str | Path) -> dict:
