@@ -1,6 +1,7 @@
 """The CUDA redirects are scoped (torch is unchanged outside each block, also after an exception), the
-local engine's optimizer computes Megatron's norm and clip on host tensors with the right values, and
-``train.engine`` picks the engine or refuses a combination that cannot run, naming the knob."""
+local engine's optimizer computes Megatron's norm and clip on host tensors with the right values and
+uses the parameter groups Megatron's builder makes, and ``train.engine`` picks the engine or refuses a
+combination that cannot run, naming the knob."""
 from __future__ import annotations
 
 import math
@@ -108,3 +109,23 @@ def test_engine_selection_names_the_knob():
         select_engine("local", torch.device("cuda", 0), plain)
     with cuda_compat.emulated_cuda():
         assert select_engine("megatron", CPU, pp2) == "megatron"
+
+
+def test_host_param_groups_are_megatrons(world_of_one):
+    """The local engine's AdamW groups equal those Megatron's optimizer builder makes for the same model
+    (its ``_get_param_groups``: same parameters per group, same fields), so both engines decay the same
+    weights and the LR schedule reads the same group fields."""
+    from megatron.core.optimizer import _get_param_groups
+    from tests.train_helpers import TINY_RECIPE
+    from videoar_common.config import load_config
+    from videoar_megatron.model.model import build_model
+    from videoar_megatron.training.config import TrainConfig
+    from videoar_megatron.training.optim import host_param_groups, megatron_optimizer_config
+    cfg = load_config(TrainConfig, TINY_RECIPE, [])
+    model = build_model(cfg.model, cfg.parallel, world_of_one.groups, device=CPU)
+    ours = host_param_groups(model, cfg.optim)
+    theirs = _get_param_groups([model], megatron_optimizer_config(cfg.optim, bf16=False, distributed=False), None)
+    assert len(ours) == len(theirs) == 2 and all(g["params"] for g in ours)
+    for mine, megatron in zip(ours, theirs):
+        assert [id(p) for p in mine["params"]] == [id(p) for p in megatron["params"]]
+        assert {k: v for k, v in mine.items() if k != "params"} == {k: v for k, v in megatron.items() if k != "params"}

@@ -51,7 +51,9 @@ def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
 
 
 def host_param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Two AdamW groups (decayed, not decayed) with the fields OptimizerParamScheduler reads."""
+    """Two AdamW groups (decayed, not decayed) with the fields OptimizerParamScheduler reads: what
+    ``get_megatron_optimizer`` builds for DDP-wrapped chunks (its builder is private and reads the DDP
+    wrapper; ``tests/test_cuda_compat.py`` checks the groups equal Megatron's for the VideoAR model)."""
     decay, plain = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
