@@ -24,7 +24,7 @@ def host_reference(tiny_shards, tmp_path_factory) -> tuple[Path, dict[int, float
     root = tmp_path_factory.mktemp("emulated")
     run_train(1, root / "seedrun", tiny_shards, *SETS, args=("--seed-checkpoint",))
     seed = root / "seedrun" / "seed"
-    run_train(1, root / "host", tiny_shards, *SETS, args=("--load", str(seed)))
+    run_train(1, root / "host", tiny_shards, *SETS, args=("--load", str(seed)), engine="local")
     return seed, losses(root / "host")
 
 

@@ -25,7 +25,7 @@ STEPS = ("train.steps=60", "checkpoint.save_every=20", "optim.warmup_steps=5")
 def reference(tiny_shards, tmp_path_factory) -> Path:
     """The uninterrupted tiny run: 60 steps, checkpoints every 20 (keep the last 2)."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    run_train(1, run, tiny_shards, *STEPS)
+    run_train(1, run, tiny_shards, *STEPS, engine="local")
     return run
 
 
