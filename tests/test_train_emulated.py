@@ -1,7 +1,9 @@
-"""The trainer's GPU engine (Megatron DDP, distributed optimizer, 1F1B pipeline schedule) emulated on
-CPU/gloo (see tests/dist_scripts/emulated_megatron_train.py): PP=2, TP=2 x PP=2, DP=2 x PP=2 and TP=2
-with sequence parallelism train like the host engine from the same seed checkpoint, and their distributed-optimizer checkpoints resume at another
-layout with the same losses. The real thing runs in tests/test_train_gpu.py on a GPU host."""
+"""The production engine (Megatron DDP, distributed optimizer, 1F1B pipeline schedule) emulated on
+CPU/gloo: ``videoar train --set train.engine=megatron`` inside ``cuda_compat.emulated_cuda``
+(tests/dist_scripts/emulated_megatron_train.py). PP=2, TP=2 x PP=2 and DP=2 x PP=2 train like the local
+engine at TP=PP=DP=1 from the same seed checkpoint, and their distributed-optimizer checkpoints resume
+at another layout with the same losses; TP=2 with sequence parallelism matches it on both engines. The
+real thing runs in tests/test_train_gpu.py on a GPU host."""
 from __future__ import annotations
 
 import math
@@ -10,20 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.train_helpers import losses, run_train
+from tests.train_helpers import ENGINES, losses, run_train
 
-EMULATED = Path(__file__).parent / "dist_scripts" / "emulated_megatron_train.py"
 SETS = ("train.steps=6", "checkpoint.save_every=3", "checkpoint.keep_last=0", "optim.warmup_steps=1",
         "train.micro_batch_size=2")
 
 
 @pytest.fixture(scope="module")
 def host_reference(tiny_shards, tmp_path_factory) -> tuple[Path, dict[int, float]]:
-    """(seed checkpoint, losses of the CPU engine at TP=PP=1 started from it)."""
+    """(seed checkpoint, losses of the local engine at TP=PP=DP=1 started from it)."""
     root = tmp_path_factory.mktemp("emulated")
     run_train(1, root / "seedrun", tiny_shards, *SETS, args=("--seed-checkpoint",))
     seed = root / "seedrun" / "seed"
-    run_train(1, root / "host", tiny_shards, *SETS, args=("--load", str(seed)))
+    run_train(1, root / "host", tiny_shards, *SETS, args=("--load", str(seed)), engine="local")
     return seed, losses(root / "host")
 
 
@@ -32,17 +33,16 @@ def close(got: dict[int, float], ref: dict[int, float], steps, tol: float) -> No
         assert math.isclose(got[s], ref[s], rel_tol=tol), (s, got, ref)
 
 
-def test_pp2_megatron_engine_matches_the_host_engine_and_resumes_at_tp2(torchrun, host_reference, tiny_shards,
-                                                                        tmp_path):
+def test_pp2_megatron_engine_matches_the_host_engine_and_resumes_at_tp2(host_reference, tiny_shards, tmp_path):
     seed, ref = host_reference
     run = tmp_path / "pp2"
-    torchrun(EMULATED, 2, run, f"data.path={tiny_shards}", *SETS, "parallel.pipeline_parallel=2",
-             f"checkpoint.load={seed}")
+    run_train(2, run, tiny_shards, *SETS, "parallel.pipeline_parallel=2", f"checkpoint.load={seed}",
+              engine="megatron")
     pp2 = losses(run)
     assert sorted(pp2) == list(range(1, 7))
     close(pp2, ref, range(1, 7), 1e-6)
     shutil.rmtree(run / "checkpoints" / "step_00000006")
-    proc = torchrun(EMULATED, 2, run, f"data.path={tiny_shards}", *SETS, "parallel.tensor_parallel=2")
+    proc = run_train(2, run, tiny_shards, *SETS, "parallel.tensor_parallel=2", engine="megatron")
     assert "saved at tp=1 pp=2 dp=1, resharded" in proc.stderr
     close(losses(run), ref, range(4, 7), 1e-5)
 
@@ -52,28 +52,29 @@ def test_pp2_megatron_engine_matches_the_host_engine_and_resumes_at_tp2(torchrun
      "saved at tp=2 pp=2 dp=1, resharded"),
     (("parallel.pipeline_parallel=2",), ("parallel.tensor_parallel=2",), "saved at tp=1 pp=2 dp=2, resharded"),
 ], ids=["tp2xpp2", "dp2xpp2"])
-def test_four_rank_layouts_match_the_host_engine_and_resume_on_two_ranks(torchrun, host_reference, tiny_shards,
-                                                                          tmp_path, layout, resume, saved):
+def test_four_rank_layouts_match_the_host_engine_and_resume_on_two_ranks(host_reference, tiny_shards, tmp_path,
+                                                                          layout, resume, saved):
     """The 4-GPU layouts of tests/test_train_gpu.py on 4 gloo ranks (TP=2 inside each of 2 pipeline
     stages; 2 data-parallel replicas of 2 stages), then the step-3 checkpoint resumed on 2 ranks."""
     seed, ref = host_reference
     run = tmp_path / "run"
-    torchrun(EMULATED, 4, run, f"data.path={tiny_shards}", *SETS, *layout, f"checkpoint.load={seed}")
+    run_train(4, run, tiny_shards, *SETS, *layout, f"checkpoint.load={seed}", engine="megatron")
     assert sorted(losses(run)) == list(range(1, 7))
     close(losses(run), ref, range(1, 7), 1e-6)
     shutil.rmtree(run / "checkpoints" / "step_00000006")
-    proc = torchrun(EMULATED, 2, run, f"data.path={tiny_shards}", *SETS, *resume)
+    proc = run_train(2, run, tiny_shards, *SETS, *resume, engine="megatron")
     assert saved in proc.stderr
     close(losses(run), ref, range(4, 7), 1e-5)
 
 
-def test_tp2_with_sequence_parallelism_matches_the_host_engine(torchrun, host_reference, tiny_shards, tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_tp2_with_sequence_parallelism_matches_the_host_engine(host_reference, tiny_shards, tmp_path, engine):
     """Sequence parallelism splits the sequence over the TP ranks outside attention (the builder pads it
-    to a multiple of TP); the losses must not notice."""
+    to a multiple of TP); the losses must not notice, on either engine."""
     seed, ref = host_reference
     run = tmp_path / "tp2sp"
-    torchrun(EMULATED, 2, run, f"data.path={tiny_shards}", *SETS, "parallel.tensor_parallel=2",
-             "parallel.sequence_parallel=true", f"checkpoint.load={seed}")
+    run_train(2, run, tiny_shards, *SETS, "parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
+              f"checkpoint.load={seed}", engine=engine)
     close(losses(run), ref, range(1, 7), 1e-6)
 
 
@@ -83,3 +84,10 @@ def test_loading_weights_into_another_model_is_refused_naming_the_knob(host_refe
                      args=("--load", str(seed)), expect_rc=2)
     assert "the weights do not fit this model (model.condition.tokens_per_class: 1 in the checkpoint, 2 now)" \
         in proc.stderr
+
+
+def test_the_megatron_engine_on_cpu_outside_the_emulation_is_refused_naming_the_knob(tiny_shards, tmp_path):
+    """The plain CLI (no emulation) refuses train.engine=megatron on a CPU host before building anything."""
+    proc = run_train(1, tmp_path / "run", tiny_shards, *SETS, "train.engine=megatron", expect_rc=2)
+    assert "train.engine=megatron needs CUDA" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

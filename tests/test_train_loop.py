@@ -1,17 +1,19 @@
 """AR training on CPU, one process: the tiny recipe learns; a crash during a save leaves the previous
-checkpoint in use and the resumed run equals the uninterrupted one bitwise; the checkpoint holds the
-contract fields; recipe mistakes are errors that name the key; shards it cannot train on are refused
-in one line (exit 2)."""
+checkpoint in use and the resumed run equals the uninterrupted one bitwise, and mixed sources resume
+exactly, on both engines (the local CPU engine, and the production Megatron engine emulated on CPU);
+the two engines compute the same run; the checkpoint holds the contract fields; recipe mistakes are
+errors that name the key; shards it cannot train on are refused in one line (exit 2)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 from pathlib import Path
 
 import pytest
 
-from tests.train_helpers import TINY_RECIPE, losses, run_train
+from tests.train_helpers import ENGINES, TINY_RECIPE, losses, run_train
 from videoar_common.config import ConfigError, load_config
 from videoar_megatron.training.audit import consumed_samples, step_metrics
 from videoar_megatron.training.config import TrainConfig
@@ -23,8 +25,21 @@ STEPS = ("train.steps=60", "checkpoint.save_every=20", "optim.warmup_steps=5")
 def reference(tiny_shards, tmp_path_factory) -> Path:
     """The uninterrupted tiny run: 60 steps, checkpoints every 20 (keep the last 2)."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    run_train(1, run, tiny_shards, *STEPS)
+    run_train(1, run, tiny_shards, *STEPS, engine="local")
     return run
+
+
+@pytest.fixture(scope="module")
+def references(reference, tiny_shards, tmp_path_factory):
+    """engine → its uninterrupted tiny run (the same recipe and steps as ``reference``), made on first use."""
+    runs = {"local": reference}
+
+    def get(engine: str) -> Path:
+        if engine not in runs:
+            runs[engine] = tmp_path_factory.mktemp(f"reference_{engine}") / "run"
+            run_train(1, runs[engine], tiny_shards, *STEPS, engine=engine)
+        return runs[engine]
+    return get
 
 
 def test_tiny_recipe_trains_and_its_loss_falls(reference):
@@ -66,13 +81,29 @@ def test_checkpoint_holds_the_contract_fields(reference):
     assert (reference / "checkpoints" / "step_00000060" / "COMMITTED").is_file()
 
 
-def test_crash_during_save_leaves_the_previous_checkpoint_and_resume_is_bitwise(reference, tiny_shards, tmp_path):
+def test_both_engines_compute_the_same_run(references):
+    """One process, 60 steps with clipping active early on: the Megatron engine (DDP grad buffers, its
+    no-pipelining schedule, the distributed optimizer with fp32 main weights) and the local engine
+    (a loop, Megatron's FP32Optimizer) give the same losses, gradient norms and learning rates."""
+    local, megatron = (step_metrics(references(engine)) for engine in ENGINES)
+    assert sorted(local) == sorted(megatron) == list(range(1, 61))
+    assert any(local[s]["grad_norm"] > 1.0 for s in local)  # optim.clip_grad=1 clipped some steps
+    for s in local:
+        for key in ("loss", "grad_norm", "lr"):
+            assert math.isclose(megatron[s][key], local[s][key], rel_tol=1e-6), (s, key, megatron[s], local[s])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_crash_during_save_leaves_the_previous_checkpoint_and_resume_is_bitwise(references, tiny_shards, tmp_path,
+                                                                                engine):
+    reference = references(engine)
     run = tmp_path / "run"
-    run_train(1, run, tiny_shards, *STEPS, "logging.wandb=true", "debug.crash_in_save_at_step=40", expect_rc=17)
+    run_train(1, run, tiny_shards, *STEPS, "logging.wandb=true", "debug.crash_in_save_at_step=40", expect_rc=17,
+              engine=engine)
     ckpt = run / "checkpoints"
     assert (ckpt / "step_00000040").is_dir() and not (ckpt / "step_00000040" / "COMMITTED").exists()
     assert (ckpt / "step_00000020" / "COMMITTED").is_file()
-    proc = run_train(1, run, tiny_shards, *STEPS, "logging.wandb=true")
+    proc = run_train(1, run, tiny_shards, *STEPS, "logging.wandb=true", engine=engine)
     assert "resumed from" in proc.stderr and "step_00000020 at step 20" in proc.stderr
     run_id = (run / "logger_run_id.txt").read_text().strip()
     wandb_runs = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
@@ -136,11 +167,12 @@ def test_cli_reports_a_bad_recipe_without_a_traceback(tmp_path, capsys):
     assert "global_batch_size: 8" in capsys.readouterr().out
 
 
-def test_mixed_sources_alternate_by_weight_and_resume_exactly(tiny_shards, tiny_image_shards, tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_mixed_sources_alternate_by_weight_and_resume_exactly(tiny_shards, tiny_image_shards, tmp_path, engine):
     mix = (f"data.mix=[{{name: image, path: {tiny_image_shards}, weight: 0.5, num_frames: 1}}]", "data.name=video",
            "train.steps=12", "checkpoint.save_every=6", "checkpoint.keep_last=0", "optim.warmup_steps=2")
     run = tmp_path / "run"
-    run_train(1, run, tiny_shards, *mix)
+    run_train(1, run, tiny_shards, *mix, engine=engine)
     records = step_metrics(run)
     assert [records[s]["source"] for s in range(1, 7)] == ["video", "image", "video"] * 2  # weights 1 : 0.5
     assert all(f"{r['source']}/loss_scale1" in r and f"loss_{r['source']}" in r for r in records.values())
@@ -150,7 +182,7 @@ def test_mixed_sources_alternate_by_weight_and_resume_exactly(tiny_shards, tiny_
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000012")
-    run_train(1, resumed, tiny_shards, *mix)
+    run_train(1, resumed, tiny_shards, *mix, engine=engine)
     assert losses(resumed) == losses(run) and consumed_samples(resumed) == consumed_samples(run)
 
 

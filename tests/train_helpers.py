@@ -1,5 +1,8 @@
 """Shared by the AR training tests: tiny token shards made by the real pre-tokenizer, and a runner for
-``videoar train`` (one process, or N under torchrun)."""
+``videoar train`` (one process, or N under torchrun). ``engine``: None runs the production CLI as a user
+would (``train.engine`` from the recipe: auto); ``local`` runs the same and checks that the run used the
+local engine (auto on CPU); ``megatron`` runs the same CLI with ``train.engine=megatron`` inside the
+CUDA emulation (tests/dist_scripts/emulated_megatron_train.py) and checks that engine ran."""
 from __future__ import annotations
 
 import subprocess
@@ -10,6 +13,9 @@ from tests.subprocess_env import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "recipes" / "ar" / "tiny.yaml"
+EMULATED_CLI = REPO / "tests" / "dist_scripts" / "emulated_megatron_train.py"
+ENGINES = ("local", "megatron")
+"""What the engine-parametrized tests run on: every promise they state holds on both."""
 
 
 def make_tiny_shards(root: Path) -> Path:
@@ -36,11 +42,15 @@ def make_tiny_image_shards(video_shards: Path) -> Path:
 
 
 def train_command(nproc: int, run_dir: Path, shards: Path, *sets: str, recipe: Path = TINY_RECIPE,
-                  args: tuple[str, ...] = ()) -> list[str]:
+                  args: tuple[str, ...] = (), engine: str | None = None) -> list[str]:
+    if engine not in (None, *ENGINES):
+        raise ValueError(f"engine must be None or one of {ENGINES}, got {engine!r}")
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
         f"--master_port={_free_port()}"]
-    cli = ["-m", "videoar_megatron.cli", "train", "--recipe", str(recipe), "--run-dir", str(run_dir),
+    entry = ["-m", "videoar_megatron.cli", "train"] if engine != "megatron" else [
+        str(EMULATED_CLI), "--set", "train.engine=megatron"]
+    cli = [*entry, "--recipe", str(recipe), "--run-dir", str(run_dir),
            "--set", f"data.path={shards}", "--set", "logging.progress_bar=false", *args]
     for item in sets:
         cli += ["--set", item]
@@ -48,16 +58,20 @@ def train_command(nproc: int, run_dir: Path, shards: Path, *sets: str, recipe: P
 
 
 def run_train(nproc: int, run_dir: Path, shards: Path, *sets: str, recipe: Path = TINY_RECIPE,
-              expect_rc: int | None = 0, timeout: float = 300, args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """Run ``videoar train``; checks the exit code unless ``expect_rc`` is None."""
+              expect_rc: int | None = 0, timeout: float = 300, args: tuple[str, ...] = (),
+              engine: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``videoar train`` on ``engine`` (see the module docstring); checks the exit code unless
+    ``expect_rc`` is None, and that a run that started went through the engine asked for."""
     env = child_env(OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run(train_command(nproc, run_dir, shards, *sets, recipe=recipe, args=args), capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=REPO)
+    proc = subprocess.run(train_command(nproc, run_dir, shards, *sets, recipe=recipe, args=args, engine=engine),
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     if expect_rc is not None and proc.returncode != expect_rc:
         raise AssertionError(f"videoar train exited {proc.returncode}, expected {expect_rc}:\n"
                              f"STDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-8000:]}")
+    if engine is not None and "(train.engine: " in proc.stderr:  # the run started
+        assert f"(train.engine: {engine})" in proc.stderr, proc.stderr[-4000:]
     return proc
 
 

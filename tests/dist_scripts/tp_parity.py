@@ -7,10 +7,12 @@ compare loss, logits and gathered gradients. Writes ``rank{r}.json`` with the la
 Usage: tp_parity.py OUT_DIR {plain|sp|sp_recompute} {cpu|cuda}
 
 On a CPU-only host, sequence parallelism needs one redirection: Megatron's sequence-parallel linears
-allocate their all-gather buffer with ``device=torch.cuda.current_device()``. We point that call at the
-CPU (see ``_cpu_buffers_for_sequence_parallel``); all computation and communication stay Megatron's.
+allocate their all-gather / reduce-scatter buffers with ``device=torch.cuda.current_device()``. The TP=2
+forward/backward runs inside ``cuda_compat.host_current_device()`` (the library's scoped redirect, the
+one the local engine uses); all computation and communication stay Megatron's.
 Activation recompute saves CUDA RNG states, so ``sp_recompute`` runs on CUDA only.
 """
+import contextlib
 import json
 import sys
 
@@ -25,15 +27,11 @@ from videoar_megatron.model.loss import bit_loss
 from videoar_megatron.model.model import build_model
 from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel
 from videoar_megatron.model.sequence import build_batch
+from videoar_megatron.training.cuda_compat import host_current_device
 
 OUT, MODE, DEVICE = sys.argv[1], sys.argv[2], sys.argv[3]
 SP = MODE.startswith("sp")
 RECOMPUTE = "full" if MODE == "sp_recompute" else "none"
-
-
-def _cpu_buffers_for_sequence_parallel() -> None:
-    """Megatron's SP all-gather buffers are allocated on torch.cuda.current_device(); use the CPU."""
-    torch.cuda.current_device = lambda: "cpu"
 
 
 def is_glu_fc1(name: str) -> bool:
@@ -69,17 +67,17 @@ def allreduce_sequence_parallel_grads(model, group) -> None:
             dist.all_reduce(p.grad, group=group)
 
 
-def run(model, batch, cfg):
-    logits = model(batch)
-    out = bit_loss(logits, batch.targets_BNd, batch.layout, cfg.loss)
-    out.loss.backward()
+def run(model, batch, cfg, scope=contextlib.nullcontext):
+    with scope():
+        logits = model(batch)
+        out = bit_loss(logits, batch.targets_BNd, batch.layout, cfg.loss)
+        out.loss.backward()
     return out.loss.detach(), logits.detach()
 
 
 def main():
     ctx = init_distributed(device=DEVICE)
-    if SP and ctx.device.type == "cpu":
-        _cpu_buffers_for_sequence_parallel()
+    sp_buffers = host_current_device if SP and ctx.device.type == "cpu" else contextlib.nullcontext
     raw = {"size": "custom", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "latent_dim": 8,
            "condition": {"kind": "class", "num_classes": 10, "tokens_per_class": 3},
            "mask": {"rfm_window": 2, "rfm_p_mask": 0.3}}
@@ -107,7 +105,7 @@ def main():
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(shard(name, p, ref_params[name].detach(), tp_rank, tp))
-    loss, logits = run(model, batch, cfg)
+    loss, logits = run(model, batch, cfg, sp_buffers)
     if SP:
         allreduce_sequence_parallel_grads(model, groups.tp)
 

@@ -1,13 +1,15 @@
 """Run under torchrun: a checkpoint written at one TP size continues at another (library API, no CLI).
 
-Usage: train_reshard.py {save|load} RUN_DIR SHARDS OUT_JSON TP
+Usage: train_reshard.py {save|load} RUN_DIR SHARDS OUT_JSON TP {local|megatron}
 
 - ``save``: build the tiny trainer at TP, train 6 steps, save step 6, write the TP-gathered weights, then
   train 2 more steps and record their losses.
 - ``load``: build the trainer at TP over a copy of that run directory holding only step 6, restore
   (resharding weights and optimizer state), write the gathered weights, train 2 steps, record losses.
-Rank 0 writes OUT_JSON (losses, layout) and OUT_JSON with suffix .pt (weights).
+Rank 0 writes OUT_JSON (losses, layout, engine) and OUT_JSON with suffix .pt (weights). ``megatron``
+builds the production engine (``train.engine=megatron``) inside ``cuda_compat.emulated_cuda``.
 """
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ import torch.distributed as dist
 from tests.train_helpers import TINY_RECIPE
 from videoar_common.config import load_config
 from videoar_megatron.training.config import TrainConfig
+from videoar_megatron.training.cuda_compat import emulated_cuda
 from videoar_megatron.training.trainer import build_trainer
 
 
@@ -39,9 +42,16 @@ def gathered(model, groups) -> dict:
 
 def main() -> None:
     mode, run_dir, shards, out, tp = sys.argv[1], Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), int(sys.argv[5])
+    engine = sys.argv[6]
     cfg = load_config(TrainConfig, TINY_RECIPE, [f"data.path={shards}", f"parallel.tensor_parallel={tp}",
                                                  "train.steps=8", "optim.warmup_steps=2", "checkpoint.save_every=0",
-                                                 "logging.progress_bar=false", "checkpoint.keep_last=0"])
+                                                 "logging.progress_bar=false", "checkpoint.keep_last=0",
+                                                 f"train.engine={engine}"])
+    with emulated_cuda() if engine == "megatron" else contextlib.nullcontext():
+        run(mode, cfg, run_dir, out)
+
+
+def run(mode: str, cfg: TrainConfig, run_dir: Path, out: Path) -> None:
     trainer = build_trainer(cfg, run_dir)
     try:
         what = trainer.restore()
@@ -56,7 +66,8 @@ def main() -> None:
         if trainer.ctx.is_main:
             torch.save(weights, out.with_suffix(".pt"))
             out.write_text(json.dumps({"losses": losses, "grad_norms": norms, "restored": what, "step": trainer.step,
-                                       "tp": trainer.layout.tp, "dp": trainer.layout.dp}))
+                                       "tp": trainer.layout.tp, "dp": trainer.layout.dp,
+                                       "engine": trainer.engine_name}))
     finally:
         trainer.close()
 

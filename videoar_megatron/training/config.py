@@ -173,7 +173,13 @@ class TrainLoopConfig:
     """Parameter/compute precision. bf16 (GPU): bf16 weights and activations, fp32 main weights, grads
     reduced in fp32 and optimizer state (Megatron mixed precision). fp32: everything fp32 (CPU)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """cuda when available (auto), else cpu. The CPU path supports pipeline_parallel = 1 only."""
+    """cuda when available (auto), else cpu."""
+    engine: Literal["auto", "megatron", "local"] = "auto"
+    """Forward/backward and optimizer engine. auto: megatron on CUDA, local on CPU. megatron: Megatron
+    DDP, pipeline schedules (1F1B for PP > 1), finalize_model_grads and get_megatron_optimizer
+    (distributed optimizer, bf16 main weights); needs CUDA (on CPU it runs only inside the CI emulation,
+    videoar_megatron.training.cuda_compat.emulated_cuda). local: the CPU engine, PP = 1, no recompute: a
+    loop over micro-batches, gloo all-reduces, Megatron's FP32Optimizer on host tensors."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size"):

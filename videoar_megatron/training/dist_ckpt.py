@@ -26,7 +26,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
 from torch.distributed import checkpoint as torch_dcp
 
-from videoar_common.atomic import (atomic_write_json, committed_steps, is_committed, latest_committed,
+from videoar_common.atomic import (atomic_write_json, is_committed, latest_committed,
                                    save_committed_step)
 from videoar_common.distributed import DistContext
 

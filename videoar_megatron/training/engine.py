@@ -1,29 +1,63 @@
-"""Forward/backward of one optimizer step: Megatron schedules on GPU, a plain loop on CPU.
+"""Forward/backward of one optimizer step: the Megatron engine, and the local engine for CPU hosts.
 
 Both engines take the step's micro-batches, accumulate gradients of ``loss / micro-batches`` (the
 mean over the step's samples, as Megatron's schedules do), synchronise gradients over data-parallel
 replicas (mean) and the sequence-parallel norm weights over tensor-parallel ranks (sum), and return
 the per-micro-batch :class:`~videoar_megatron.model.loss.LossOutput` of this rank (empty on pipeline
-stages without the head). The optimizer step is not theirs (see :mod:`.optim`).
+stages without the head). The optimizer step is not theirs (see :mod:`.optim`). ``train.engine``
+picks one (:func:`select_engine`; ``auto``: Megatron on CUDA, local on CPU).
 
-- :class:`MegatronEngine` (CUDA): the model wrapped in Megatron ``DistributedDataParallel`` (fp32
-  gradient buffers, reduce-scatter into the distributed optimizer), ``get_forward_backward_func()``
+- :class:`MegatronEngine` (production, CUDA): the model wrapped in Megatron ``DistributedDataParallel``
+  (fp32 gradient buffers, reduce-scatter into the distributed optimizer), ``get_forward_backward_func()``
   (no pipelining for PP = 1, 1F1B for PP > 1: every stage builds the same micro-batches, since the
-  mask and RoPE need the layout), ``finalize_model_grads`` for the DP/SP reductions.
-- :class:`LocalEngine` (CPU, PP = 1): the same model code with a loop over micro-batches, then one
-  coalesced all-reduce per reduction, on gloo. Megatron's DDP, schedules and activation recompute
-  assume CUDA; recompute is refused here, and the one CUDA allocation of the sequence-parallel
-  linears (their all-gather buffer) is pointed at the host.
+  mask and RoPE need the layout), ``finalize_model_grads`` for the DP/SP reductions. CI runs it on
+  CPU/gloo inside :func:`.cuda_compat.emulated_cuda` (``tests/test_train_emulated.py`` and the
+  engine-parametrized resume tests).
+- :class:`LocalEngine` (CPU, PP = 1): only what Megatron cannot do on a host. Megatron's DDP allocates
+  its grad buffers on CUDA, its schedules count tokens in a CUDA tensor, and ``finalize_model_grads``
+  needs the DDP wrapper; so: the same model code in a loop over micro-batches, then one coalesced
+  all-reduce per reduction, on gloo. Pipeline parallelism and activation recompute (which saves CUDA
+  RNG states) are refused by :func:`select_engine`; the sequence-parallel linears' CUDA buffers are made on the host by
+  :func:`.cuda_compat.host_current_device`, open for the forward/backward only.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from videoar_megatron.model.config import LossConfig
+from videoar_megatron.model.config import LossConfig, ParallelConfig
 from videoar_megatron.model.loss import LossOutput, bit_loss
 from videoar_megatron.model.sequence import VideoARBatch
+from videoar_megatron.training.cuda_compat import cuda_emulated, host_current_device
+
+ENGINES = ("megatron", "local")
+
+
+def select_engine(requested: str, device: torch.device, parallel: ParallelConfig) -> str:
+    """``train.engine`` → the engine this run builds: ``auto`` is Megatron's on CUDA and the local one
+    on CPU. Raises ``ValueError`` naming the knobs, before anything is built, for a combination that
+    cannot run."""
+    cuda = device.type == "cuda"
+    engine = requested if requested != "auto" else ("megatron" if cuda else "local")
+    if engine not in ENGINES:
+        raise ValueError(f"train.engine must be auto, megatron or local, got {requested!r}")
+    if engine == "megatron" and not cuda and not cuda_emulated():
+        raise ValueError("train.engine=megatron needs CUDA (Megatron's DDP, schedules and optimizers allocate "
+                         "there); on CPU it runs only inside the CI emulation (videoar_megatron.training."
+                         "cuda_compat.emulated_cuda). Use train.engine=auto or local on CPU")
+    if engine == "local":
+        if cuda:
+            raise ValueError("train.engine=local is the CPU engine; on CUDA use train.engine=auto or megatron")
+        if parallel.pipeline_parallel > 1:
+            raise ValueError("parallel.pipeline_parallel > 1 needs the Megatron engine (train.engine=megatron, "
+                             "the default on CUDA): the local CPU engine runs pipeline_parallel=1 only")
+        if parallel.recompute != "none":
+            raise ValueError(f"parallel.recompute={parallel.recompute} needs CUDA (Megatron's recompute saves "
+                             f"CUDA RNG states); use parallel.recompute=none with the local CPU engine")
+    return engine
 
 
 def _poison(loss: torch.Tensor, inject_nan: bool) -> torch.Tensor:
@@ -40,18 +74,15 @@ def _record(out: LossOutput, loss: torch.Tensor) -> LossOutput:
 class LocalEngine:
     """CPU engine (PP = 1): see the module docstring."""
 
-    def __init__(self, model, loss_cfg: LossConfig, groups, *, sequence_parallel: bool, recompute: str):
-        if recompute != "none":
-            raise ValueError(f"parallel.recompute={recompute} needs CUDA (Megatron's recompute saves CUDA RNG "
-                             f"states); use recompute: none on CPU")
-        if groups.pp.size() != 1:
-            raise ValueError("the CPU path supports parallel.pipeline_parallel=1 only (Megatron's pipeline "
-                             "schedules and p2p communication need CUDA)")
-        if sequence_parallel:
-            # Megatron's SP linears allocate their all-gather buffer on torch.cuda.current_device().
-            torch.cuda.current_device = lambda: "cpu"
+    name = "local"
+
+    def __init__(self, model, loss_cfg: LossConfig, groups, *, sequence_parallel: bool):
+        """PP = 1 and no recompute (checked by :func:`select_engine`)."""
         self.model, self.loss_cfg, self.groups = model, loss_cfg, groups
         self.model_chunks = [model]
+        # Megatron's SP linears allocate their all-gather / reduce-scatter buffers on
+        # torch.cuda.current_device(), in forward and backward alike.
+        self._buffer_scope = host_current_device if sequence_parallel else contextlib.nullcontext
 
     def zero_grad(self) -> None:
         self.model.zero_grad(set_to_none=True)
@@ -59,11 +90,12 @@ class LocalEngine:
     def forward_backward(self, microbatches: list[VideoARBatch], inject_nan: bool = False) -> list[LossOutput]:
         self.zero_grad()
         outs = []
-        for mb in microbatches:
-            out = bit_loss(self.model(mb), mb.targets_BNd, mb.layout, self.loss_cfg)
-            loss = _poison(out.loss, inject_nan)
-            (loss / len(microbatches)).backward()
-            outs.append(_record(out, loss))
+        with self._buffer_scope():
+            for mb in microbatches:
+                out = bit_loss(self.model(mb), mb.targets_BNd, mb.layout, self.loss_cfg)
+                loss = _poison(out.loss, inject_nan)
+                (loss / len(microbatches)).backward()
+                outs.append(_record(out, loss))
         self._finalize_grads()
         return outs
 
@@ -93,7 +125,9 @@ def _all_reduce_coalesced(tensors: list[torch.Tensor], group, scale: float = 1.0
 
 
 class MegatronEngine:
-    """CUDA engine: Megatron DDP + pipeline schedules; see the module docstring."""
+    """Production engine: Megatron DDP + pipeline schedules; see the module docstring."""
+
+    name = "megatron"
 
     def __init__(self, model, loss_cfg: LossConfig, *, distributed_optimizer: bool):
         from megatron.core import tensor_parallel

@@ -1,16 +1,19 @@
 """Optimizer, learning-rate schedule and the guarded optimizer step, on GPU and on CPU.
 
-Design decision: both paths hand the loop a Megatron ``MegatronOptimizer``, so the step, the
-gradient norm, clipping and the (reshardable) checkpoint format go through one interface.
+Design decision: both engines hand the loop a Megatron ``MegatronOptimizer``, so the step, the
+gradient norm, clipping and the (reshardable) checkpoint format go through one interface and one
+implementation, Megatron's.
 
-- GPU: ``get_megatron_optimizer`` (AdamW; bf16 → fp32 main weights; the distributed optimizer shards
-  optimizer state over data-parallel ranks) on Megatron-DDP-wrapped model chunks.
-- CPU: Megatron's ``FP32Optimizer`` around ``torch.optim.AdamW`` (:class:`HostFP32Optimizer`). Megatron
-  assumes CUDA in two places of that class (the loss-scale tensor, and the multi-tensor grad norm and
-  clip kernels), which are replaced here by host implementations with the same semantics: the norm
-  counts tensor-parallel duplicates once (``param_is_not_tensor_parallel_duplicate``) and all-reduces
-  the squared norm over the model-parallel group. Its ``sharded_state_dict`` is Megatron's own, so
-  optimizer state reshards across TP like the weights.
+- Megatron engine (GPU): ``get_megatron_optimizer`` (AdamW; bf16 → fp32 main weights; the distributed
+  optimizer shards optimizer state over data-parallel ranks) on Megatron-DDP-wrapped model chunks.
+- Local engine (CPU): Megatron's ``FP32Optimizer`` around ``torch.optim.AdamW``
+  (:class:`HostFP32Optimizer`). ``get_megatron_optimizer`` cannot build it: it reads the DDP wrapper's
+  config and grad buffers, which the local engine does not have. Its norm (``get_grad_norm_fp32``
+  through Megatron's non-CUDA fallback ``local_multi_tensor_l2_norm``: tensor-parallel duplicates
+  counted once, squared norm all-reduced over the model-parallel group), its clipping
+  (``clip_grad_by_total_norm_fp32``), its update and its ``sharded_state_dict`` (optimizer state
+  reshards across TP like the weights) are Megatron's, unchanged; only the tensors those calls create
+  on ``"cuda"`` are made on the host, by :func:`.cuda_compat.host_allocations` around each.
 
 The step is split as in Megatron's ``ChainedOptimizer.step`` (prepare grads → norm → clip → update) so
 that the numerics guard can veto the update *between* the norm and the update, on every rank together.
@@ -20,11 +23,11 @@ The schedule is Megatron's ``OptimizerParamScheduler`` (plain Python, works on C
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer.optimizer import FP32Optimizer, MegatronOptimizer
@@ -33,6 +36,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from videoar_common.lr_schedule import LRScheduler, build_lr_scheduler
 from videoar_common.numerics import NumericsGuard
 from videoar_megatron.training.config import OptimConfig
+from videoar_megatron.training.cuda_compat import host_allocations
 
 
 def megatron_optimizer_config(cfg: OptimConfig, *, bf16: bool, distributed: bool) -> OptimizerConfig:
@@ -48,7 +52,9 @@ def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
 
 
 def host_param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Two AdamW groups (decayed, not decayed) with the fields OptimizerParamScheduler reads."""
+    """Two AdamW groups (decayed, not decayed) with the fields OptimizerParamScheduler reads: what
+    ``get_megatron_optimizer`` builds for DDP-wrapped chunks (its builder is private and reads the DDP
+    wrapper; ``tests/test_cuda_compat.py`` checks the groups equal Megatron's for the VideoAR model)."""
     decay, plain = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -68,59 +74,62 @@ def _init_adam_state(opt: torch.optim.Optimizer, config=None) -> None:
 
 
 class HostFP32Optimizer(FP32Optimizer):
-    """Megatron's FP32Optimizer with host implementations of its CUDA-only pieces (see module doc)."""
+    """Megatron's ``FP32Optimizer`` on host tensors: unchanged but for where three of its calls allocate.
 
-    def __init__(self, optimizer: torch.optim.Optimizer, config: OptimizerConfig, mp_group):
-        MegatronOptimizer.__init__(self, optimizer, config, _init_adam_state)
-        self._scale = torch.tensor([1.0])
-        self.is_stub_optimizer = False
-        self.grad_stats_parallel_group = mp_group
+    On a CPU host ``FP32Optimizer`` fails only at allocations, never in its arithmetic: the constructor
+    makes its (constant 1) loss-scale tensor on ``"cuda"``; ``get_grad_norm_fp32`` makes an overflow
+    flag there and its non-CUDA fallback ``local_multi_tensor_l2_norm`` returns the norm there;
+    ``clip_grad_by_total_norm_fp32`` makes an overflow flag there and asserts that every gradient is a
+    ``torch.cuda.FloatTensor``. Those three calls run inside :func:`.cuda_compat.host_allocations`;
+    what they compute is Megatron's. ``init_state_fn`` is the AdamW one Megatron's builder defines
+    inline (not importable).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, config: OptimizerConfig, mp_group, tp_group):
+        with host_allocations():
+            super().__init__(optimizer, config, _init_adam_state)
+        # What get_megatron_optimizer sets on the FP32Optimizer it builds.
+        self.grad_stats_parallel_group, self.tp_group = mp_group, tp_group
 
     @torch.no_grad()
     def get_grad_norm(self) -> float:
-        squares = torch.zeros((), dtype=torch.float64)
-        for grad in self.get_main_grads_for_grad_norm():
-            squares += grad.double().pow(2).sum()
-        if dist.is_initialized() and self.grad_stats_parallel_group.size() > 1:
-            dist.all_reduce(squares, group=self.grad_stats_parallel_group)
-        return float(squares.sqrt())
+        with host_allocations():
+            return super().get_grad_norm()
 
     def clip_grad_norm(self, clip_grad: float) -> float:
-        norm = self.get_grad_norm()
-        clip_to_norm(self, clip_grad, norm)
-        return norm
+        with host_allocations():
+            return super().clip_grad_norm(clip_grad)
 
 
 def clip_to_norm(optimizer: MegatronOptimizer, max_norm: float, total_norm: float) -> None:
-    """Scale gradients so that their global norm (already computed, ``total_norm``) is <= max_norm."""
+    """Scale gradients so that their global norm (already computed, ``total_norm``) is <= max_norm:
+    Megatron's ``clip_grad_by_total_norm_fp32`` per optimizer, as in ``ChainedOptimizer.step``."""
     if max_norm <= 0:
         return
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
     from megatron.core.optimizer.optimizer import ChainedOptimizer
     chained = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
     for opt in chained:
-        params = [p for p in opt.get_parameters() if p.grad is not None]
-        if not params:
+        params = opt.get_parameters()
+        if getattr(opt, "is_stub_optimizer", False) or not params:
             continue
-        if isinstance(opt, HostFP32Optimizer):
-            coeff = max_norm / (total_norm + 1.0e-6)
-            if coeff < 1.0:
-                torch._foreach_mul_([p.grad for p in params], coeff)
-        else:
-            from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
-            clip_grad_by_total_norm_fp32(opt.get_parameters(), max_norm, total_norm,
+        scope = host_allocations if isinstance(opt, HostFP32Optimizer) else contextlib.nullcontext
+        with scope():
+            clip_grad_by_total_norm_fp32(params, max_norm, total_norm,
                                          opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
 
 
 def build_host_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> HostFP32Optimizer:
-    """CPU: AdamW in fp32 over this rank's (tensor-parallel shard of the) parameters."""
+    """Local engine: AdamW in fp32 over this rank's (tensor-parallel shard of the) parameters."""
     config = megatron_optimizer_config(cfg, bf16=False, distributed=False)
     adam = torch.optim.AdamW(host_param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps, weight_decay=cfg.weight_decay)
-    return HostFP32Optimizer(adam, config, parallel_state.get_model_parallel_group())
+    return HostFP32Optimizer(adam, config, parallel_state.get_model_parallel_group(),
+                             parallel_state.get_tensor_model_parallel_group())
 
 
 def build_megatron_optimizer(model_chunks: list, cfg: OptimConfig, *, bf16: bool) -> MegatronOptimizer:
-    """GPU: Megatron's optimizer over DDP-wrapped chunks (distributed optimizer when configured)."""
+    """Megatron engine: Megatron's optimizer over DDP-wrapped chunks (distributed optimizer when configured)."""
     from megatron.core.optimizer import get_megatron_optimizer
     config = megatron_optimizer_config(cfg, bf16=bf16, distributed=cfg.distributed_optimizer)
     return get_megatron_optimizer(config, model_chunks)

@@ -7,7 +7,8 @@ One step, every rank in the same order (each numbered line is collective):
 1. read this replica's step batch, build its micro-batches (all TP/PP ranks of a replica build the
    same ones; randomness from (seed, step, sample id));
 2. forward/backward over the micro-batches, gradients reduced over DP (and SP norms over TP) — the
-   engine (:mod:`.engine`: Megatron DDP + schedules on GPU, a plain loop on CPU);
+   engine ``train.engine`` picks (:mod:`.engine`: Megatron DDP + schedules, the default on GPU; a
+   plain loop on CPU);
 3. loss and per-scale metrics summed over all ranks, so every rank holds the same numbers;
 4. gradient norm → numerics guard verdict (any rank bad ⇒ all skip) → clip → update → LR schedule
    (:func:`.optim.guarded_step`); a bad step changes nothing and is never checkpointed;
@@ -42,7 +43,7 @@ from videoar_megatron.training import dist_ckpt
 from videoar_megatron.training.audit import SAMPLE_IDS_FILE
 from videoar_megatron.training.config import TrainConfig
 from videoar_megatron.training.data import TrainData, check_replicas_are_consecutive
-from videoar_megatron.training.engine import LocalEngine, MegatronEngine
+from videoar_megatron.training.engine import LocalEngine, MegatronEngine, select_engine
 from videoar_megatron.training.metrics import memory_stats, step_flops_per_sample, throughput
 from videoar_megatron.training.optim import (build_host_optimizer, build_megatron_optimizer, build_scheduler,
                                              current_lr, guarded_step)
@@ -82,6 +83,7 @@ class Trainer:
         self.log = get_logger()
         self.layout = cfg.check_layout(ctx.world_size, "this launch")
         self._check_device()
+        self.engine_name = select_engine(cfg.train.engine, ctx.device, cfg.parallel)
         self.groups = init_model_parallel(ctx, cfg.parallel, seed=cfg.train.seed, order=REPLICA_CONSECUTIVE_ORDER)
         check_replicas_are_consecutive(self.groups)
         self.model = self._build_model()
@@ -99,11 +101,8 @@ class Trainer:
 
     # --- construction -------------------------------------------------------------------------
     def _check_device(self) -> None:
-        cuda = self.ctx.device.type == "cuda"
-        if not cuda and self.cfg.train.precision == "bf16":
+        if self.ctx.device.type != "cuda" and self.cfg.train.precision == "bf16":
             raise ValueError("train.precision=bf16 needs CUDA; on CPU set train.precision=fp32")
-        if not cuda and self.cfg.parallel.pipeline_parallel > 1:
-            raise ValueError("parallel.pipeline_parallel > 1 needs CUDA (Megatron's pipeline schedules)")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -118,13 +117,12 @@ class Trainer:
 
     def _build_engine(self):
         cfg = self.cfg
-        if self.ctx.device.type == "cuda":
+        if self.engine_name == "megatron":
             engine = MegatronEngine(self.model, cfg.model.loss, distributed_optimizer=cfg.optim.distributed_optimizer)
             optimizer = build_megatron_optimizer(engine.model_chunks, cfg.optim, bf16=cfg.train.precision == "bf16")
             engine.attach_optimizer(optimizer)
             return engine, optimizer
-        engine = LocalEngine(self.model, cfg.model.loss, self.groups, sequence_parallel=cfg.parallel.sequence_parallel,
-                             recompute=cfg.parallel.recompute)
+        engine = LocalEngine(self.model, cfg.model.loss, self.groups, sequence_parallel=cfg.parallel.sequence_parallel)
         return engine, build_host_optimizer(self.model, cfg.optim)
 
     # --- restore ------------------------------------------------------------------------------
@@ -134,7 +132,7 @@ class Trainer:
 
     def restore(self) -> str:
         """Resume from the newest committed checkpoint of the run, else load initial weights
-        (``checkpoint.load``), else start fresh. Returns what happened (for the log)."""
+        (``checkpoint.load``), else start fresh. Returns what happened and on which engine (for the log)."""
         latest = dist_ckpt.find_resume_checkpoint(self.checkpoint_root)
         if latest is not None and not self.cfg.checkpoint.resume:
             # A fresh run here would restart step numbers among the old, higher ones: keep-last-k would
@@ -151,7 +149,7 @@ class Trainer:
         else:
             what = "fresh start"
         self._open_run(latest is not None)
-        return what
+        return f"{what} (train.engine: {self.engine_name})"
 
     def _resume(self, path: Path) -> str:
         saved = dist_ckpt.read_train_state(path)
