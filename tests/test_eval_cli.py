@@ -1,6 +1,6 @@
 """``videoar eval`` end to end on CPU: a synthetic VP9 corpus decoded by DALI, a random-weight I3D
-written to disk, real statistics computed then read back from the cache; gFVD of an AR checkpoint
-through the sampler; rFVD through a real tokenizer checkpoint."""
+written to disk, real statistics computed then read back from the cache; gFVD of a real tiny training
+run's checkpoint through the sampler; rFVD through a real tokenizer checkpoint."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from data_prep.synth import make_corpus
+from sample_helpers import TRAINED_STEPS
 from test_eval_i3d import random_i3d
 from videoar_megatron.cli.eval import main
 from videoar_common.distributed import DistContext
@@ -76,24 +77,14 @@ def test_real_stats_are_computed_once_then_read_from_the_cache(corpus, tmp_path,
 
 
 @pytest.fixture(scope="module")
-def ar_checkpoint(tmp_path_factory):
-    """A tokenizer and a class-conditional AR checkpoint (random weights) for 9-frame 64x64 clips."""
-    from sample_helpers import model_config, write_ar_checkpoint, write_tokenizer
-    from videoar_common.distributed import init_distributed
-    from videoar_megatron.model.config import ParallelConfig
-    from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel
-
-    root = tmp_path_factory.mktemp("ar")
-    digest = write_tokenizer(root / "tokenizer")
-    ctx = init_distributed(device="cpu")
-    groups = init_model_parallel(ctx, ParallelConfig())
-    write_ar_checkpoint(root / "run", 5, model_config(), digest, ctx, groups)
-    destroy_model_parallel(ctx)
-    return root
+def ar_checkpoint(trained_ar_run):
+    """A real tiny training run (tests/sample_helpers.train_tiny_run): class-conditional, 9-frame 64x64
+    clips, its tokenizer beside it."""
+    return trained_ar_run.parent
 
 
 def fvd_args(ar_checkpoint, out: Path) -> list[str]:
-    return ["fvd", "--recipe", str(TINY), "--checkpoint", str(ar_checkpoint / "run"),
+    return ["fvd", "--recipe", str(TINY), "--checkpoint", str(ar_checkpoint / "run" / "checkpoints"),
             "--tokenizer", str(ar_checkpoint / "tokenizer"), "--sample-recipe", str(SAMPLE_TINY), "--out", str(out)]
 
 
@@ -104,7 +95,7 @@ def test_fvd_of_an_ar_checkpoint_runs_end_to_end(corpus, ar_checkpoint, tmp_path
     result = report["result"]
     assert result["num_samples"] == 3 and result["num_folds"] == 2
     assert all(np.isfinite(f) and f > 0 for f in result["fvd_per_fold"])
-    assert report["step"] == 5 and report["sampling"]["guidance"]["schedule"] == "ucf101"
+    assert report["step"] == TRAINED_STEPS[-1] and report["sampling"]["guidance"]["schedule"] == "ucf101"
     assert report["tokenizer"]["content_hash"]
     # the same recipe again gives the same numbers (samples are seeded by their global id)
     again = tmp_path / "again"
