@@ -39,4 +39,5 @@ def assert_same_frames(got_FHWC: torch.Tensor, want_FHWC: torch.Tensor, tol: flo
     whole = (got_FHWC.float().cpu() - want_FHWC.float().cpu()).abs().mean().item()
     same, shifted = moving_pixel_distances(got_FHWC, want_FHWC)
     assert whole < tol and same < 0.5 * shifted, \
-        f"mean |difference| {whole:.2f} (tolerance {tol}); on moving pixels {same:.2f} vs {shifted:.2f} off by one frame"
+        (f"mean |difference| {whole:.2f} (tolerance {tol}); on moving pixels {same:.2f} vs {shifted:.2f} "
+         "off by one frame")

@@ -77,7 +77,8 @@ def train_tiny_run(root: Path) -> Path:
     cond = model_config().condition
     run_train(1, root / "run", root / "shards", "data.num_frames=9", "data.resolution=[64, 64]",
               f"data.scale_schedule={schedule}", f"model.latent_dim={D}", "model.num_query_groups=2",
-              f"model.condition.num_classes={cond.num_classes}", f"model.condition.tokens_per_class={cond.tokens_per_class}",
+              f"model.condition.num_classes={cond.num_classes}",
+              f"model.condition.tokens_per_class={cond.tokens_per_class}",
               f"train.steps={TRAINED_STEPS[-1]}", "train.global_batch_size=4", "train.micro_batch_size=2",
               "optim.warmup_steps=1", "checkpoint.save_every=1", "checkpoint.keep_last=0")
     return root / "run"

@@ -99,7 +99,8 @@ def test_class_names_long_videos_and_step_directories(assets, tmp_path):
                     "--recipe", str(TINY), "--out", str(out), "--class", "Diving", "--class-names", str(names),
                     "--set", "frames=19"]) == 0
     index = json.loads((out / "index.json").read_text())
-    assert index["step"] == TRAINED_STEPS[0] and index["samples"][0]["condition"] == {"class": 2, "class_name": "Diving"}
+    assert index["step"] == TRAINED_STEPS[0]
+    assert index["samples"][0]["condition"] == {"class": 2, "class_name": "Diving"}
     assert decode(out / "videos/sample_00000.mp4").shape[0] == 19
 
 
