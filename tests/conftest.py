@@ -72,3 +72,11 @@ def tiny_image_shards(tiny_shards):
     """One-frame (image) shards of the same corpus, for mixed-source training tests."""
     from tests.train_helpers import make_tiny_image_shards
     return make_tiny_image_shards(tiny_shards)
+
+
+@pytest.fixture(scope="session")
+def trained_ar_run(tmp_path_factory):
+    """A real tiny training run (tokenizer, pre-tokenized shards, 2 trainer steps, both saved) whose
+    checkpoints the sampling and evaluation tests load; made once per session (tests/sample_helpers.py)."""
+    from tests.sample_helpers import train_tiny_run
+    return train_tiny_run(tmp_path_factory.mktemp("trained_ar"))

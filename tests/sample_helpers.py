@@ -1,5 +1,6 @@
-"""Shared by the sampler tests and their torchrun scripts: a tiny tokenizer, a tiny VideoAR model, and
-AR checkpoints in the trainer's contract (random weights) written the way the trainer writes them."""
+"""Shared by the sampler tests and their torchrun scripts: a tiny tokenizer, a tiny VideoAR model, a real
+tiny training run's checkpoints (``train_tiny_run``: what sampling and evaluation load), and hand-made
+checkpoints in the trainer's contract for what the trainer cannot make (text-token conditioning)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,9 +53,41 @@ def make_model(cfg: ModelConfig, groups, seed: int = 0):
     return model.eval()
 
 
+TRAINED_STEPS = (1, 2)
+"""Committed checkpoints of :func:`train_tiny_run` (it saves after every step)."""
+
+
+def train_tiny_run(root: Path) -> Path:
+    """The pipeline at sampling-test size, through the production code: this module's tokenizer
+    (``root/tokenizer``), 5 synthetic VP9 videos (one per class), the pre-tokenizer (two 9-frame 64x64
+    clips a video, schedule SCALES) and ``videoar train`` on the tiny recipe with :func:`model_config`'s
+    condition and 2 query groups (so TP=2 sampling meets GQA), for 2 steps, saving after each. Returns
+    the run directory (checkpoints/step_00000001, step_00000002 with the train_state the trainer wrote)."""
+    from data_prep.synth import make_corpus
+    from tests.pretok_helpers import pretok_config, pretokenizer
+    from tests.train_helpers import run_train
+    tokenizer = root / "tokenizer"
+    write_tokenizer(tokenizer)
+    corpus = make_corpus(root / "corpus", num=NUM_CLASSES, classes=NUM_CLASSES, codec="vp9", frames=12, size=(64, 64),
+                         fps=8, seed=0)
+    schedule = [list(s) for s in SCALES]
+    clips = {"num_frames": 1 + 4 * (LATENT_FRAMES - 1), "height": 64, "width": 64, "clips_per_video": 2}
+    pretokenizer(pretok_config(tokenizer, corpus, root / "shards", clips=clips, scale_schedule=schedule,
+                               num_partitions=1)).run()
+    cond = model_config().condition
+    run_train(1, root / "run", root / "shards", "data.num_frames=9", "data.resolution=[64, 64]",
+              f"data.scale_schedule={schedule}", f"model.latent_dim={D}", "model.num_query_groups=2",
+              f"model.condition.num_classes={cond.num_classes}",
+              f"model.condition.tokens_per_class={cond.tokens_per_class}",
+              f"train.steps={TRAINED_STEPS[-1]}", "train.global_batch_size=4", "train.micro_batch_size=2",
+              "optim.warmup_steps=1", "checkpoint.save_every=1", "checkpoint.keep_last=0")
+    return root / "run"
+
+
 def write_ar_checkpoint(root: Path, step: int, cfg: ModelConfig, tokenizer_hash: str, ctx, groups,
                         seed: int = 0, latent_frames: int = LATENT_FRAMES) -> Path:
-    """A committed AR checkpoint exactly as the trainer writes it (weights + train_state.json)."""
+    """A committed AR checkpoint in the trainer's format (weights + train_state.json), for models the
+    trainer cannot train (``condition.kind=text_tokens``); everything else loads :func:`train_tiny_run`'s."""
     model = make_model(cfg, groups, seed)
     train_state = {"step": step, "model_config": config_to_dict(cfg), "scale_schedule": [list(s) for s in SCALES],
                    "latent_frames": latent_frames, "tokenizer_hash": tokenizer_hash, "consumed_samples": 0}

@@ -1,6 +1,6 @@
 """``videoar eval`` end to end on CPU: a synthetic VP9 corpus decoded by DALI, a random-weight I3D
-written to disk, real statistics computed then read back from the cache; gFVD of an AR checkpoint
-through the sampler; rFVD through a real tokenizer checkpoint."""
+written to disk, real statistics computed then read back from the cache; gFVD of a real tiny training
+run's checkpoint through the sampler; rFVD through a real tokenizer checkpoint."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from data_prep.synth import make_corpus
+from sample_helpers import TRAINED_STEPS
 from test_eval_i3d import random_i3d
 from videoar_megatron.cli.eval import main
 from videoar_common.distributed import DistContext
@@ -76,24 +77,14 @@ def test_real_stats_are_computed_once_then_read_from_the_cache(corpus, tmp_path,
 
 
 @pytest.fixture(scope="module")
-def ar_checkpoint(tmp_path_factory):
-    """A tokenizer and a class-conditional AR checkpoint (random weights) for 9-frame 64x64 clips."""
-    from sample_helpers import model_config, write_ar_checkpoint, write_tokenizer
-    from videoar_common.distributed import init_distributed
-    from videoar_megatron.model.config import ParallelConfig
-    from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel
-
-    root = tmp_path_factory.mktemp("ar")
-    digest = write_tokenizer(root / "tokenizer")
-    ctx = init_distributed(device="cpu")
-    groups = init_model_parallel(ctx, ParallelConfig())
-    write_ar_checkpoint(root / "run", 5, model_config(), digest, ctx, groups)
-    destroy_model_parallel(ctx)
-    return root
+def ar_checkpoint(trained_ar_run):
+    """A real tiny training run (tests/sample_helpers.train_tiny_run): class-conditional, 9-frame 64x64
+    clips, its tokenizer beside it."""
+    return trained_ar_run.parent
 
 
 def fvd_args(ar_checkpoint, out: Path) -> list[str]:
-    return ["fvd", "--recipe", str(TINY), "--checkpoint", str(ar_checkpoint / "run"),
+    return ["fvd", "--recipe", str(TINY), "--checkpoint", str(ar_checkpoint / "run" / "checkpoints"),
             "--tokenizer", str(ar_checkpoint / "tokenizer"), "--sample-recipe", str(SAMPLE_TINY), "--out", str(out)]
 
 
@@ -104,7 +95,7 @@ def test_fvd_of_an_ar_checkpoint_runs_end_to_end(corpus, ar_checkpoint, tmp_path
     result = report["result"]
     assert result["num_samples"] == 3 and result["num_folds"] == 2
     assert all(np.isfinite(f) and f > 0 for f in result["fvd_per_fold"])
-    assert report["step"] == 5 and report["sampling"]["guidance"]["schedule"] == "ucf101"
+    assert report["step"] == TRAINED_STEPS[-1] and report["sampling"]["guidance"]["schedule"] == "ucf101"
     assert report["tokenizer"]["content_hash"]
     # the same recipe again gives the same numbers (samples are seeded by their global id)
     again = tmp_path / "again"
@@ -124,10 +115,12 @@ def test_missing_i3d_weights_stop_the_command_with_the_expected_file(corpus, tmp
         main(["real-stats", "--recipe", str(TINY), *args])
 
 
-def test_rfvd_of_a_tokenizer_checkpoint_writes_the_reports(corpus, tmp_path):
-    tokenizer = pytest.importorskip("tokenizer")
-    if not hasattr(tokenizer, "load_tokenizer"):
-        pytest.skip("tokenizer.load_tokenizer (issue 4) is not in this build")
+def test_rfvd_reports_psnr_and_ssim_of_the_heldout_clips_and_their_reconstructions(corpus, tmp_path):
+    """The report's PSNR and SSIM are those of the decoded held-out clips against the tokenizer's own
+    reconstruction (``VideoTokenizer.forward``: encode, quantize, decode), computed here by numpy and
+    scipy.ndimage, not by the code under test."""
+    import tokenizer
+    from test_eval_recon import reference_ssim
     from tokenizer.config import TokenizerModelConfig
     from tokenizer.model import VideoTokenizer
 
@@ -136,11 +129,25 @@ def test_rfvd_of_a_tokenizer_checkpoint_writes_the_reports(corpus, tmp_path):
     tokenizer.save_tokenizer(VideoTokenizer(TokenizerModelConfig()), tok_dir)
     out = tmp_path / "out"
     assert main(["rfvd", "--recipe", str(TINY), "--tokenizer", str(tok_dir), "--out", str(out),
-                 *overrides(corpus, tmp_path / "cache"), "--set", "recon.num_clips=3"]) == 0
+                 *overrides(corpus, tmp_path / "cache"), "--set", "recon.num_clips=0"]) == 0
     report = json.loads((out / "rfvd_report.json").read_text())
     result = report["result"]
-    assert result["num_clips"] == 3 and np.isfinite(result["rfvd"]) and result["rfvd"] > 1e-3
-    assert 0 < result["psnr"] < 100 and -1 <= result["ssim"] <= 1
     assert report["tokenizer"]["content_hash"] == tokenizer.checkpoint.read_tokenizer_hash(tok_dir)
     assert "VideoAR-L tokenizer (paper)" in (out / "rfvd_report.md").read_text()
     assert (out / "config.yaml").is_file()
+
+    # recon.num_clips=0: every held-out clip (6 videos, data.heldout_clips_per_video=1), in order.
+    source = ManifestClipSource(corpus[0], num_frames=9, resolution=64, fps=0, clips_per_video=1)
+    real = source.load(np.arange(source.num_clips()))
+    assert result["num_clips"] == len(real) == 6 and np.isfinite(result["rfvd"]) and result["rfvd"] > 1e-3
+    tok = tokenizer.load_tokenizer(tok_dir)
+    with torch.no_grad():
+        recon = torch.cat([tok(real[i:i + 2].float() / 127.5 - 1)[0] for i in range(0, len(real), 2)])
+    a = real.double().numpy() / 255.0
+    b = (recon.double().clamp(-1, 1).numpy() + 1) / 2
+    psnr = [10 * np.log10(1 / np.mean((a[i] - b[i]) ** 2)) for i in range(len(a))]
+    ssim = [np.mean([reference_ssim(a[i, c, t], b[i, c, t]) for c in range(3) for t in range(a.shape[2])])
+            for i in range(len(a))]
+    assert 0.0 < np.mean(ssim) < 0.99 and 0 < np.mean(psnr) < 60     # a real, imperfect reconstruction
+    assert result["psnr"] == pytest.approx(np.mean(psnr), rel=1e-6)
+    assert result["ssim"] == pytest.approx(np.mean(ssim), rel=1e-6)

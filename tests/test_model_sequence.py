@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tokenizer.quantizer import MultiScaleBSQ
 from videoar_common.config import build_dataclass
@@ -76,15 +77,6 @@ def test_error_correction_feeds_the_corrupted_accumulation_forward():
     again = build_batch(q, cfg, latent_BdTHW=latent, cond=torch.arange(4), training=True,
                         generator=torch.Generator().manual_seed(0))
     assert torch.equal(batch.targets_BNd, again.targets_BNd) and torch.equal(batch.inputs_BNd, again.inputs_BNd)
-    # Recover the fed (flipped) bits from inputs: the accumulation of scales < k is what scale k sees, so
-    # rebuild it from targets + flips through the quantizer and compare with the inputs of Eq. 6.
-    from videoar_megatron.model.correction import corrupt_and_requantize, draw_flip_ratios
-    g2 = torch.Generator().manual_seed(0)
-    p = draw_flip_ratios(4, 3, 4, cfg.correction, g2)
-    folded = latent.permute(0, 2, 1, 3, 4).reshape(12, D, 4, 4)
-    out = corrupt_and_requantize(q, folded, p.reshape(12, -1), g2)
-    accum = [[a.reshape(4, 3, D, 4, 4)[:, t] for a in out.accum_NdHW] for t in range(3)]
-    torch.testing.assert_close(batch.inputs_BNd, expected_inputs(q, accum))
     clean = torch.cat([q.flatten_bits(q.latent_to_bits(latent[:, :, t])) for t in range(3)], dim=1)
     assert not torch.equal(batch.targets_BNd, clean)                     # targets were re-quantized
     L = q.tokens_per_frame
@@ -92,6 +84,54 @@ def test_error_correction_feeds_the_corrupted_accumulation_forward():
     # Frame 1's first-scale input is the *corrupted* final accumulation of frame 0.
     clean_prev = q.scale_input(q.accumulate(q.latent_to_bits(latent[:, :, 0]))[-1], 0).flatten(2).transpose(1, 2)
     assert not torch.allclose(batch.inputs_BNd[:, L:L + 1], clean_prev)
+
+
+def brute_force_corrupted_sequence(latent_BdTHW: torch.Tensor, flip) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs_BNd, targets_BNd) by hand, one sample, frame and scale at a time, from the definitions:
+    scale k's target is the sign of the residual (latent minus the accumulation of the bits *fed* at
+    scales < k) area-downsampled to scale k; ``flip(target)`` is fed and its codes ±1/sqrt(d) are
+    bilinearly upsampled into the accumulation; Eq. 6 inputs are the accumulation resized to scale k,
+    and scale 0 of frame t > 0 sees the previous frame's final (corrupted) accumulation."""
+    B, d, T, H, W = latent_BdTHW.shape
+    inputs, targets = [], []
+    for b in range(B):
+        prev_final = None
+        rows_in, rows_target = [], []
+        for t in range(T):
+            x = latent_BdTHW[b:b + 1, :, t].float()
+            accum = torch.zeros_like(x)
+            for k, (h, w) in enumerate(SCALES):
+                seen = accum if k > 0 else prev_final            # None: frame 0's <SOS> (zeros)
+                seen_dhw = (torch.zeros(d, h, w) if seen is None else
+                            F.interpolate(seen, (h, w), mode="bilinear", align_corners=False)[0])
+                rows_in.append(seen_dhw.flatten(1).T)
+                z = F.normalize(F.interpolate(x - accum, (h, w), mode="area"), dim=1)
+                target_dhw = z[0] > 0
+                rows_target.append(target_dhw.flatten(1).T)
+                codes = flip(target_dhw).float() * (2 / d ** 0.5) - 1 / d ** 0.5
+                accum = accum + F.interpolate(codes[None], (H, W), mode="bilinear", align_corners=False)
+            prev_final = accum
+        inputs.append(torch.cat(rows_in))
+        targets.append(torch.cat(rows_target))
+    return torch.stack(inputs), torch.stack(targets)
+
+
+def test_error_correction_with_every_bit_flipped_equals_a_brute_force_build():
+    """Flip ratio 1 (p_min = p_max = 1, no ramp) flips every bit, so the corrupted sequence is fixed and
+    can be rebuilt by hand without the correction module or its random draws."""
+    q, latent, _ = setup(frames=3, batch=2, seed=4)
+    cfg = build_dataclass(ModelConfig, {"latent_dim": D, "correction": {"p_min": 1.0, "p_max": 1.0, "delta": 0.0}})
+    batch = build_batch(q, cfg, latent_BdTHW=latent, cond=torch.tensor([1, 2]), training=True,
+                        generator=torch.Generator().manual_seed(0))
+    assert torch.equal(batch.flip_p_BTK, torch.ones(2, 3, len(SCALES), dtype=torch.float64))
+    inputs, targets = brute_force_corrupted_sequence(latent, flip=lambda bits: ~bits)
+    assert torch.equal(batch.targets_BNd, targets)
+    torch.testing.assert_close(batch.inputs_BNd, inputs, rtol=1e-5, atol=1e-6)
+    # the clean build is not it (the check can tell corrupted from clean)
+    clean_inputs, clean_targets = brute_force_corrupted_sequence(latent, flip=lambda bits: bits)
+    clean = build_batch(q, cfg, latent_BdTHW=latent, cond=torch.tensor([1, 2]), training=False)
+    assert torch.equal(clean.targets_BNd, clean_targets) and not torch.equal(clean_targets, targets)
+    torch.testing.assert_close(clean.inputs_BNd, clean_inputs, rtol=1e-5, atol=1e-6)
 
 
 def test_correction_needs_the_latent_and_eval_is_clean():

@@ -70,9 +70,24 @@ def test_video_to_video_keeps_the_given_frames_exactly(setup):
     other = given.clone()
     other[:, :, -5:] = -other[:, :, -5:]
     assert not torch.equal(videos(setup, context=other, frames=15)[:, :, 7:], out[:, :, 7:])
-    # the known bits are the tokenizer's quantization of the last 1 + 4(c-1) given frames
+    # the known bits are the tokenizer's own quantization (its training forward: encode, multi-scale
+    # BSQ) of the last 1 + 4(c-1) given frames, token by token and bit by bit
     bits = encode_known_bits(tokenizer, sampler.quantizer, given[:, :, 2:])
     assert bits.shape == (1, 2, sampler.quantizer.tokens_per_frame, 8)
+    assert torch.equal(bits, tokenizer_bits(tokenizer, given[:, :, 2:]))
+    assert not torch.equal(bits, tokenizer_bits(tokenizer, given[:, :, :5]))  # the first frames differ
+
+
+def tokenizer_bits(tokenizer, clip_BCTHW: torch.Tensor) -> torch.Tensor:
+    """``(B, c, L, d)`` bits from ``VideoTokenizer.forward``'s quantizer output (scales in order,
+    row-major inside a scale), the schedule being the tokenizer's own (= SCALES)."""
+    assert [tuple(s) for s in tokenizer.cfg.scale_schedule] == SCALES
+    with torch.no_grad():
+        _, q = tokenizer(clip_BCTHW)
+    B = clip_BCTHW.shape[0]
+    c = q.bits[0].shape[0] // B                                        # latent frames
+    per_scale = [b.reshape(B, c, h * w, b.shape[-1]) for b, (h, w) in zip(q.bits, SCALES)]
+    return torch.cat(per_scale, dim=2)
 
 
 def test_image_to_video(setup):

@@ -1,5 +1,6 @@
-"""Parallel sampling on gloo (2 processes): TP=2 (checkpoint resharded on load) samples the TP=1 bits;
-``videoar sample`` under torchrun (data parallel or TP=2) writes the files of a single process."""
+"""Parallel sampling on gloo (2 processes) of a real tiny training run's checkpoint: TP=2 (resharded on
+load) samples the TP=1 bits; ``videoar sample`` under torchrun (data parallel or TP=2) writes the files
+of a single process."""
 from __future__ import annotations
 
 import json
@@ -7,11 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from sample_helpers import model_config, write_ar_checkpoint, write_tokenizer
-from videoar_common.distributed import init_distributed
-from videoar_megatron.model.config import ParallelConfig
-from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel
 
 from videoar_megatron.cli import main as videoar
 
@@ -21,13 +17,9 @@ CLI = ROOT / "videoar_megatron" / "cli" / "__main__.py"
 TINY = ROOT / "recipes" / "sample" / "tiny.yaml"
 
 
-def test_tp2_sampling_equals_tp1_on_gloo(torchrun, tmp_path):
-    digest = write_tokenizer(tmp_path / "tokenizer")
-    ctx = init_distributed(device="cpu")
-    groups = init_model_parallel(ctx, ParallelConfig())
-    write_ar_checkpoint(tmp_path / "run", 1, model_config(num_query_groups=2), digest, ctx, groups)
-    destroy_model_parallel(ctx)
-    torchrun(SCRIPTS / "sample_tp.py", 2, tmp_path, tmp_path / "run", tmp_path / "tokenizer")
+def test_tp2_sampling_equals_tp1_on_gloo(torchrun, tmp_path, trained_ar_run):
+    """The trained run has 2 query groups for 4 heads: TP=2 splits them."""
+    torchrun(SCRIPTS / "sample_tp.py", 2, tmp_path, trained_ar_run / "checkpoints", trained_ar_run.parent / "tokenizer")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     ref = ranks[0]["tp1"]
     assert ranks[0]["tp2"]["tp_size"] == 2 and ref["tp_size"] == 1
@@ -41,14 +33,9 @@ def test_tp2_sampling_equals_tp1_on_gloo(torchrun, tmp_path):
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_videoar_sample_under_torchrun_writes_the_single_process_files(torchrun, tmp_path, tp):
+def test_videoar_sample_under_torchrun_writes_the_single_process_files(torchrun, tmp_path, tp, trained_ar_run):
     """2 ranks (data parallel, or one TP=2 model) write the same videos and index as one process."""
-    digest = write_tokenizer(tmp_path / "tokenizer")
-    ctx = init_distributed(device="cpu")
-    groups = init_model_parallel(ctx, ParallelConfig())
-    write_ar_checkpoint(tmp_path / "run", 1, model_config(), digest, ctx, groups)
-    destroy_model_parallel(ctx)
-    args = ["sample", "--ckpt", str(tmp_path / "run"), "--tokenizer", str(tmp_path / "tokenizer"),
+    args = ["sample", "--ckpt", str(trained_ar_run), "--tokenizer", str(trained_ar_run.parent / "tokenizer"),
             "--recipe", str(TINY), "--class", "0,2,4", "--set", "batch_size=1"]
     assert videoar([*args, "--out", str(tmp_path / "one")]) == 0
     torchrun(CLI, 2, *args, "--out", str(tmp_path / "two"), "--set", f"tensor_parallel={tp}")

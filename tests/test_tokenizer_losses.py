@@ -93,3 +93,39 @@ def test_generator_loss_leaves_discriminator_gradients_alone():
     d.backward()
     assert all(p.grad is not None for p in disc.parameters())
     assert {"d_hinge", "lecam", "logits_real", "logits_fake", "d_total"} <= set(dterms)
+
+
+@pytest.mark.parametrize("rec", ["l1", "l2"])
+def test_generator_and_discriminator_totals_weight_each_term_as_configured(vgg_file, rec):
+    """Eq. 4's weighting: each total equals the configured weights times terms computed here by hand
+    (reconstruction, hinge, LeCAM) or by the modules tested above (perceptual, discriminator); the
+    weights are all different, so a swapped or dropped weight shows."""
+    torch.manual_seed(0)
+    cfg = TokenizerLossConfig(rec=rec, rec_weight=0.7, perceptual_weight=0.3, perceptual_vgg_path=str(vgg_file),
+                     commit_weight=0.11, entropy_weight=0.05, gan_weight=0.2, lecam_weight=0.37, lecam_decay=0.5,
+                     disc_start_step=0)
+    loss, disc = TokenizerLoss(cfg), Discriminator3D(TINY_DISC)
+    loss.lecam.update(0.4, -0.6)                    # EMAs 0.2 and -0.3: the penalty's two sides differ
+    x = clip(t=5)
+    recon = (x + 0.2 * torch.randn_like(x)).clamp(-1, 1)
+    commitment, entropy = torch.tensor(0.9), torch.tensor(-1.3)  # as the quantizer hands them over
+    g, terms = loss.generator_loss(x, recon, commitment, entropy, disc)
+
+    rec_term = (recon - x).abs().mean() if rec == "l1" else (recon - x).pow(2).mean()
+    perceptual = VGGPerceptualLoss(str(vgg_file))(recon, x)
+    with torch.no_grad():
+        gan_g = -disc(recon).mean()
+    want = 0.7 * rec_term + 0.3 * perceptual + 0.11 * 0.9 + 0.05 * -1.3 + 0.2 * gan_g
+    for name, value in (("rec", rec_term), ("perceptual", perceptual), ("gan_g", gan_g)):
+        assert terms[name].item() == pytest.approx(value.item(), rel=1e-6), name
+    assert g.item() == pytest.approx(want.item(), rel=1e-6) and terms["g_total"].item() == pytest.approx(g.item())
+    assert min(abs(w * v.item()) for w, v in ((0.7, rec_term), (0.3, perceptual), (0.2, gan_g))) > 1e-3
+
+    d, dterms = loss.discriminator_loss(disc, x, recon)
+    with torch.no_grad():
+        real, fake = disc(x), disc(recon)
+    hinge = 0.5 * ((1 - real).clamp_min(0).mean() + (1 + fake).clamp_min(0).mean())
+    lecam = (real - -0.3).clamp_min(0).pow(2).mean() + (0.2 - fake).clamp_min(0).pow(2).mean()
+    assert dterms["d_hinge"].item() == pytest.approx(hinge.item(), rel=1e-6)
+    assert dterms["lecam"].item() == pytest.approx(lecam.item(), rel=1e-5)
+    assert d.item() == pytest.approx((hinge + 0.37 * lecam).item(), rel=1e-6) and 0.37 * lecam > 1e-3 * d

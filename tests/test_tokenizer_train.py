@@ -92,6 +92,26 @@ def losses(run_dir: Path) -> dict[int, dict]:
     return out
 
 
+def zero_fp32_masters(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The autoencoder's fp32 master weights in a committed step, gathered from every rank's ZeRO
+    partition by DeepSpeed's own converter (docs/checkpoints.md, "Exporting an intermediate step")."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="autoencoder")
+    return {k.removeprefix("tokenizer."): v for k, v in state.items()}
+
+
+def assert_export_is_the_final_masters(run_dir: Path, final: int, earlier: int) -> None:
+    """``run_dir/tokenizer`` holds exactly the fp32 masters of the final step (not an earlier step's)."""
+    from tokenizer.checkpoint import load_tokenizer
+    exported = load_tokenizer(run_dir / "tokenizer").state_dict()
+    masters = zero_fp32_masters(run_dir / "checkpoints" / f"step_{final:08d}")
+    assert sorted(exported) == sorted(masters)
+    for key, value in masters.items():
+        assert exported[key].dtype == torch.float32 and torch.equal(exported[key], value.float()), key
+    before = zero_fp32_masters(run_dir / "checkpoints" / f"step_{earlier:08d}")
+    assert any(not torch.equal(before[k], masters[k]) for k in masters)  # training moved them
+
+
 KEYS = ("g_total", "rec", "commit", "entropy", "psnr", "lr", "grad_norm", "d_total", "lecam", "gan_g")
 
 
@@ -127,6 +147,7 @@ def test_zero2_training_lowers_loss_and_resume_is_bitwise(tmp_path, corpus):
     from tokenizer.checkpoint import load_tokenizer
     model = load_tokenizer(straight / "tokenizer")
     assert model.cfg.latent_dim == 8
+    assert_export_is_the_final_masters(straight, final=8, earlier=6)
     before = json.loads((straight / "eval" / "step_00000000" / "eval.json").read_text())
     after = json.loads((straight / "eval" / "step_00000008" / "eval.json").read_text())
     assert after["psnr"] > before["psnr"] + 3

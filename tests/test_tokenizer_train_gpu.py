@@ -1,5 +1,6 @@
 """GPU path of tokenizer training (run on a GPU host with `make test-gpu`): bf16 engines with fp32
-masters inside ZeRO, NVDEC decoding, a NaN drill under bf16, and an fp32 export gathered from ZeRO."""
+masters inside ZeRO, NVDEC decoding, a NaN drill under bf16, and an fp32 export that equals the masters
+DeepSpeed's zero_to_fp32 gathers from the checkpoint (and rounds to the engine's bf16 weights)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from data_prep.synth import make_corpus
-from tests.test_tokenizer_train import losses, torchrun, write_recipe
+from tests.test_tokenizer_train import assert_export_is_the_final_masters, losses, torchrun, write_recipe
 from videoar_common.atomic import committed_steps
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
@@ -39,6 +40,15 @@ def test_bf16_training_on_gpu_skips_nan_and_exports_fp32(tmp_path, nvdec_corpus)
     events = [json.loads(line) for line in (run / "nonfinite.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events] == [2]
     assert committed_steps(run / "checkpoints") == [3, 6]
+    # the export is the fp32 masters (gathered from ZeRO), not the bf16 weights the engine computes with
+    assert_export_is_the_final_masters(run, final=6, earlier=3)
     from tokenizer.checkpoint import load_tokenizer
-    model = load_tokenizer(run / "tokenizer")
-    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    exported = load_tokenizer(run / "tokenizer").state_dict()
+    module = torch.load(run / "checkpoints" / "step_00000006" / "autoencoder" / "mp_rank_00_model_states.pt",
+                        map_location="cpu", weights_only=False)["module"]
+    module = {k.removeprefix("tokenizer."): v for k, v in module.items()}
+    weights = [k for k, v in module.items() if v.dtype == torch.bfloat16]
+    assert weights and set(weights) <= set(exported)
+    for key in weights:  # the engine's bf16 weights are its fp32 masters rounded
+        assert torch.equal(exported[key].bfloat16(), module[key]), key
+    assert any(not torch.equal(exported[k], module[k].float()) for k in weights)  # more than bf16 precision

@@ -5,10 +5,18 @@ model 20 steps on the same samples (DP = 1, global batch 8 = 4 micro-batches of 
 DDP, the distributed optimizer and the pipeline schedules:
 
 - fp32: TP=2, PP=2 (2 GPUs) and TP=2 x PP=2 (4 GPUs, skipped with fewer) match TP=1 losses within
-  1e-3 relative at every step (observed differences come from reduction order only);
-- bf16: TP=2 matches TP=1 within 5e-2 relative (bf16 rounding compounds over 20 steps);
+  1e-5 relative at every step (differences come from reduction order only);
+- bf16: TP=2 matches TP=1 within 5e-3 relative (bf16 rounding compounds over 20 steps);
 - save at one layout, resume at another: TP=2's step-10 checkpoint continues at PP=2, PP=2's at
-  DP=2; steps 11-20 match the uninterrupted run within 1e-3.
+  DP=2; steps 11-20 match the uninterrupted run within 1e-5.
+
+Tolerances, from the 2 x H200 run of session 5 (docs/training.md): the worst relative loss difference
+was 3.3e-8 (TP=2), 2.9e-8 (PP=2), 5.1e-8 and 3.4e-8 (resumes) in fp32 and 7.1e-4 at TP=2 in bf16;
+1e-5 and 5e-3 leave 200x and 7x of that. The effect they must see is a layout computing something
+else: the reference's own loss moves by about 35% over these 20 steps (0.70 -> 0.45 on CPU, fp32), so
+each tolerance is also asserted to be under a tenth of the reference's movement; a layout that drops
+or double-counts a gradient shard changes that movement itself. (They were 1e-3 and 5e-2: the bf16 one
+was 70x the measured rounding and a seventh of the whole learning curve.)
 
 Each test prints its loss table. About 9 launches of ~30 s (imports, FlexAttention compile, 20 steps).
 """
@@ -28,7 +36,7 @@ GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 COMMON = ("train.device=cuda", "train.steps=20", "train.global_batch_size=8", "train.micro_batch_size=2",
           "optim.warmup_steps=2", "checkpoint.save_every=10", "checkpoint.keep_last=0", "data.num_workers=0")
 LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 2), "pp2": (1, 2, 2), "tp2pp2": (2, 2, 4), "dp2": (1, 1, 2)}
-FP32_TOL, BF16_TOL = 1e-3, 5e-2
+FP32_TOL, BF16_TOL = 1e-5, 5e-3
 
 
 def needs(gpus: int):
@@ -69,6 +77,8 @@ def compare(ref: dict[int, float], got: dict[int, float], tol: float, title: str
     worst = max(r for *_, r in rows)
     print(f"\n{title}: max relative difference {worst:.2e} (tolerance {tol:g})\n{table}")
     assert all(math.isfinite(b) for _, _, b, _ in rows), table
+    learned = (ref[1] - ref[max(ref)]) / ref[1]
+    assert learned > 10 * tol, f"{title}: the reference learned {learned:.2%}, not 10x the tolerance {tol:g}"
     assert worst <= tol, f"{title}: max relative difference {worst:.2e} > {tol:g}\n{table}"
 
 
@@ -77,7 +87,6 @@ def compare(ref: dict[int, float], got: dict[int, float], tol: float, title: str
 def test_layout_matches_tp1_losses_for_20_steps_fp32(root, tiny_shards, seed, name):
     ref = train(root, tiny_shards, seed, "tp1", "fp32")
     got = train(root, tiny_shards, seed, name, "fp32")
-    assert ref[20] < ref[1], "the reference did not learn"
     compare(ref, got, FP32_TOL, f"{name} vs tp1 (fp32)")
 
 

@@ -1,6 +1,7 @@
 """Training pieces without a training run: layout checks name the knob, the FLOP count's attended
 pairs equal the dense mask, per-sample randomness is layout independent, the LR schedule, the audit
-replay, the host optimizer's TP-aware grad norm and its checkpoint format."""
+replay, the host optimizer's TP-aware grad norm and its checkpoint format; FLOPs per sample pinned to a count from
+the built model's weight shapes."""
 from __future__ import annotations
 
 import json
@@ -58,12 +59,42 @@ def test_attended_pairs_equal_the_dense_mask(prefix, window, p_mask):
     assert math.isclose(counted, expected, rel_tol=0.02 if p_mask else 0.0), (counted, expected)
 
 
-def test_step_flops_scale_with_the_model():
-    layout = TokenLayout(1, ((1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (8, 8)), 5)
-    small = step_flops_per_sample(ModelConfig(size="L"), layout)
-    big = step_flops_per_sample(ModelConfig(size="XL"), layout)
-    # 6 x params x tokens dominates: L (0.9B) x 651 tokens ≈ 3.5 TFLOP per sample
-    assert 3.0e12 < small < 4.5e12 and 2.0 < big / small < 2.6
+FLOP_CASES = {
+    "tiny-class": {"size": "tiny", "latent_dim": 8},
+    "gqa-text-features-rfm": {"size": "custom", "num_layers": 3, "hidden_size": 96, "num_attention_heads": 6,
+                              "num_query_groups": 2, "ffn_hidden_size": 160, "latent_dim": 12,
+                              "condition": {"kind": "text_features", "feature_dim": 24, "text_len": 5},
+                              "mask": {"rfm_window": 2}},
+}
+
+
+@pytest.mark.parametrize("case", FLOP_CASES)
+def test_step_flops_equal_a_count_from_the_built_models_weights_and_mask(case):
+    """Counted independently: 2 FLOPs per multiply-add of every weight matrix of the built model, on
+    the tokens it applies to (decoder matrices: every token; input projection and bit head: video
+    tokens; text-feature projection: prefix tokens; embeddings are lookups), plus QKᵀ and AV over the
+    pairs the dense mask allows (2 x 2 x head_dim per pair, head and layer), x 3 for forward + backward."""
+    from tests.process_groups import single_process_groups
+    from videoar_megatron.model.config import ParallelConfig
+    from videoar_megatron.model.model import build_model
+    cfg = build_dataclass(ModelConfig, FLOP_CASES[case])
+    prefix = cfg.condition.text_len if cfg.condition.kind == "text_features" else cfg.condition.tokens_per_class
+    layout = TokenLayout(prefix, ((1, 1), (2, 2), (3, 4)), 4)
+    with single_process_groups() as groups:
+        model = build_model(cfg, ParallelConfig(), groups)
+    matrices = {name: m.weight.shape for name, m in model.named_modules()
+                if not isinstance(m, torch.nn.Embedding) and getattr(m, "weight", None) is not None
+                and m.weight.dim() == 2}
+    applied_to = {"decoder.": layout.prefix_len + layout.video_len, "embedding.input_proj": layout.video_len,
+                  "head": layout.video_len, "embedding.condition.feat_proj": layout.prefix_len}
+    assert all(any(n.startswith(w) for w in applied_to) for n in matrices), sorted(matrices)
+    macs = sum(out_f * in_f * next(n for where, n in applied_to.items() if name.startswith(where))
+               for name, (out_f, in_f) in matrices.items())
+    vis = draw_frame_visibility(1, layout.frames, window=cfg.mask.rfm_window, p_mask=0.0)
+    pairs = int(dense_mask(layout.tables(), vis, torch.tensor([prefix])).sum())
+    heads_dim = cfg.num_attention_heads * cfg.head_dim
+    expected = 3 * (2 * macs + 2 * 2 * heads_dim * pairs * cfg.num_layers)
+    assert step_flops_per_sample(cfg, layout) == expected
 
 
 def test_per_sample_randomness_does_not_depend_on_the_batch_it_lands_in():
