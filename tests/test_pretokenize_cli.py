@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from data_prep.pretokenize.config import PretokenizeConfig
-from tests.pretok_helpers import make_clean_corpus, make_tiny_tokenizer
+from tests.pretok_helpers import make_clean_corpus, make_tiny_tokenizer, tree_bytes
+from tests.subprocess_env import child_env
 from videoar_megatron.cli import main as videoar
 from videoar_common.config import load_config
 
@@ -49,3 +52,23 @@ def test_cli_runs_the_tiny_recipe_and_inspects_it(tmp_path, capsys):
     with pytest.raises(SystemExit, match="unknown key 'clip'"):
         videoar(args + ["--set", "clip.height=64"])
     assert videoar(["shards", "merge", str(out)]) == 0
+
+
+@pytest.mark.slow  # a CLI process that spawns a decode process: imports twice
+def test_decode_process_from_the_module_entrypoint_writes_the_in_process_shards(tmp_path):
+    """`python -m videoar_megatron.cli pretokenize` with decode_process: the spawned decode process imports
+    the entrypoint's main module again without running it (spawn skips a `.__main__` module), decodes
+    (the partition log says so), and the shards equal an in-process run's."""
+    corpus = make_clean_corpus(tmp_path / "corpus", num=3)
+    tok = make_tiny_tokenizer(tmp_path / "tok")
+    here, there = tmp_path / "here", tmp_path / "there"
+    sets = [f"tokenizer={tok}", f"input_manifest={corpus}", "progress_bar=false"]
+    args = ["pretokenize", "--recipe", str(RECIPES / "tiny.yaml")] + [a for s in sets for a in ("--set", s)]
+    assert videoar(args + ["--set", f"output_dir={here}"]) == 0
+    cmd = [sys.executable, "-m", "videoar_megatron.cli", *args, "--set", f"output_dir={there}",
+           "--set", "decode_process=true"]
+    done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logs = [json.loads(f.read_text()) for f in (there / "logs").glob("part-*.json")]
+    assert logs and all(log["decode_process"] for log in logs)
+    assert tree_bytes(there) == tree_bytes(here)
