@@ -58,3 +58,19 @@ def test_65_frame_layout_switches_to_its_recipe_when_it_lands(tmp_path, monkeypa
     assert (recipe.name, overrides) == ("stage3_65f.yaml", ())
     assert ar_common.recipe_layout(recipe, overrides).seq_len == 43499 - 32
     assert ar_common.layout_origin("stage3_65f") == "recipes/ar/stage3_65f.yaml"
+
+
+def test_compile_cache_benchmark_runs_cold_then_warm(capsys, tmp_path):
+    """Two child runs share the given (empty) cache directory and the ratio is printed (on the CPU nothing
+    is compiled: the cache fills on a GPU, tests/test_compile_cache.py shows a hit on CPU Inductor); a
+    non-empty directory is refused (the first run would not be cold)."""
+    from benchmarks.bench_compile_cache import main
+    cache = tmp_path / "c"
+    argv = ["--device", "cpu", "--size", "tiny", "--layout", "ucf", "--steps", "1", "--cache-dir", str(cache)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"compile cache (cold, then warm): {cache}" in out
+    assert "cold: time to first step" in out and "warm: time to first step" in out
+    assert "=> time to first step, cold / warm = " in out
+    (cache / "fxgraph").mkdir()
+    assert main(argv) == 2 and "is not empty" in capsys.readouterr().err
