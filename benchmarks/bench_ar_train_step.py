@@ -12,11 +12,12 @@ Layouts are the shipped recipes' (benchmarks/ar_common.py): ucf, stage1, stage2,
 stage3_65f (43,499). Printed per (size, layout): step time, tokens/s and MFU (useful FLOPs: 6·matmul
 params·tokens + attention over the pairs the mask lets through, counted in closed form; backward = 2 x
 forward; recompute not credited) for both models, with the ratio VideoAR / GPT (goal >= 1.0), then a
-summary line per pair. Sizes and layouts run in one process, so compiled kernels are shared.
+summary line per pair. Sizes and layouts run in one process (layout by layout), so compiled kernels
+are shared and a run cut short has its first layout at every size.
 
     python benchmarks/bench_ar_train_step.py [--size L,XL,4B] [--layouts ucf,stage3] [--peak-tflops 989]
     python benchmarks/bench_ar_train_step.py --size 4B --layouts stage3,stage3_65f --recompute full
-    python benchmarks/bench_ar_train_step.py --layouts stage3 --recompute stage3_65f=full --flex-kernel triton
+    python benchmarks/bench_ar_train_step.py --size L,XL,4B --layouts stage3 --recompute XL=full,4B=full
     python benchmarks/bench_ar_train_step.py --device cpu --size tiny --layouts ucf --iters 1   # smoke
 """
 from __future__ import annotations
@@ -62,12 +63,13 @@ def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layouts", default="ucf,stage3", help="comma list of: " + ", ".join(LAYOUTS))
     p.add_argument("--size", default="L", help="comma list of named VideoAR sizes (tiny, L, XL, 4B)")
-    p.add_argument("--batch", default="ucf=16", help="samples per step: one number, or per layout (others 1)")
+    p.add_argument("--batch", default="ucf=16",
+                   help="samples per step: one number, or per size/layout, layout or size (others 1), e.g. ucf=16")
     p.add_argument("--latent-dim", type=int, default=48, help="bits per token d (paper 48)")
     p.add_argument("--p-mask", type=float, default=0.0, help="Random Frame Mask drop probability")
     p.add_argument("--recompute", default="none",
-                   help="activation recompute (none, full, core_attn): one value, or per layout "
-                        "(e.g. stage3_65f=full; others none)")
+                   help="activation recompute (none, full, core_attn): one value, or per size/layout, layout or "
+                        "size (others none), e.g. XL=full,4B=full,stage3_65f=full")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H100/H200 SXM: 989)")
     p.add_argument("--iters", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens in the first)")
@@ -80,11 +82,13 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def per_layout(value: str, name: str, default: str) -> str:
-    """``value`` is one setting for every layout, or ``layout=setting,...`` (unlisted: ``default``)."""
+def per_pair(value: str, size: str, name: str, default: str) -> str:
+    """``value`` is one setting for everything, or ``key=setting,...`` where a key is ``size/layout``, a
+    layout or a size, looked up in that order (nothing found: ``default``)."""
     if "=" not in value:
         return value
-    return dict(item.split("=") for item in value.split(",")).get(name, default)
+    table = dict(item.split("=") for item in value.split(","))
+    return next((table[k] for k in (f"{size}/{name}", name, size) if k in table), default)
 
 
 def videoar_config(args, size: str, layout, split_tokens: int | None = None) -> ModelConfig:
@@ -181,8 +185,8 @@ def run_pair(args, size, name, groups, device) -> list[str]:
     """GPT, then each VideoAR variant of one (size, layout), each reported as soon as it is measured (a
     run cut short by a time limit still prints what it finished)."""
     layout = LAYOUTS[name]
-    batch_size = int(per_layout(args.batch, name, "1"))
-    recompute = per_layout(args.recompute, name, "none")
+    batch_size = int(per_pair(args.batch, size, name, "1"))
+    recompute = per_pair(args.recompute, size, name, "none")
     gpt_ms = gpt_step(args, videoar_config(args, size, layout), layout, batch_size, groups, device, recompute)
     print(f"[{name}] {size}: GPT baseline step {gpt_ms:.1f} ms", flush=True)
     lines = []
@@ -207,8 +211,9 @@ def main(argv=None) -> int:
         name_dev = torch.cuda.get_device_name() if ctx.device.type == "cuda" else "cpu"
         print(f"device: {name_dev}, torch {torch.__version__}, peak {args.peak_tflops} TFLOP/s for MFU")
         summary = []
-        for size in args.size.split(","):
-            for name in args.layouts.split(","):
+        # Layout by layout, every size at each: a run cut short has the first length at all sizes.
+        for name in args.layouts.split(","):
+            for size in args.size.split(","):
                 try:
                     summary += run_pair(args, size, name, groups, ctx.device)
                 except torch.OutOfMemoryError as e:  # the next pair may still fit: report and go on

@@ -74,3 +74,13 @@ def test_compile_cache_benchmark_runs_cold_then_warm(capsys, tmp_path):
     assert "=> time to first step, cold / warm = " in out
     (cache / "fxgraph").mkdir()
     assert main(argv) == 2 and "is not empty" in capsys.readouterr().err
+
+
+def test_per_pair_settings_look_up_size_and_layout_then_layout_then_size():
+    from benchmarks.bench_ar_train_step import per_pair
+    spec = "XL=full,4B=full,stage3_65f=full,4B/ucf=none"
+    assert per_pair(spec, "L", "stage3", "none") == "none"
+    assert per_pair(spec, "L", "stage3_65f", "none") == "full"
+    assert per_pair(spec, "XL", "stage3", "none") == "full"
+    assert per_pair(spec, "4B", "ucf", "full") == "none"
+    assert per_pair("core_attn", "L", "ucf", "none") == "core_attn"
