@@ -162,7 +162,7 @@ def flash_blocker(device: torch.device, head_dim: int) -> str | None:
     if device.type != "cuda":
         return f"device {device.type} runs the dense SDPA path"
     if not flash_installed():
-        return "flash-attn-4 (module flash_attn.cute, the 'flash' extra) is not installed"
+        return "flash-attn-4 is not installed: the 'flash' extra, module flash_attn.cute"
     return flash_unsupported(torch.cuda.get_device_capability(device), head_dim)
 
 
