@@ -115,8 +115,8 @@ class Trainer:
         backend = self.model.backend(self.ctx.device)
         for source in self.data.sources:
             layout = source.sequence_layout
-            what = "dense-mask SDPA" if backend == "sdpa" else "FlexAttention, {0.name} kernel ({0.reason})".format(
-                self.model.flex_kernel_for(layout.seq_len))
+            kernel = self.model.flex_kernel_for(layout.seq_len)
+            what = "dense-mask SDPA" if backend == "sdpa" else f"FlexAttention, {kernel.name} kernel ({kernel.reason})"
             self.log.info("attention for data source %s (%d tokens): %s", source.cfg.name, layout.seq_len, what)
 
     def _check_device(self) -> None:
