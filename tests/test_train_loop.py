@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -148,6 +149,22 @@ def test_resume_may_switch_kernels_but_not_the_model(reference, tiny_shards, tmp
     proc = run_train(1, run, tiny_shards, *STEPS, "model.flex_kernel=flash", "model.attention_split_tokens=64",
                      "train.steps=61")
     assert "step_00000060 at step 60" in proc.stderr and max(losses(run)) == 61
+
+
+def test_start_log_names_the_compile_cache_each_sources_attention_and_the_time_to_first_step(
+        tiny_shards, tiny_image_shards, tmp_path):
+    """What a job prints at start (docs/training.md): where compiled kernels are cached (the run directory
+    by default, created before anything compiles), the attention path of each data source's sequence,
+    and the time to the first step."""
+    run = tmp_path / "run"
+    proc = run_train(1, run, tiny_shards, "train.steps=2", "optim.warmup_steps=1", "data.name=video",
+                     f"data.mix=[{{name: image, path: {tiny_image_shards}, num_frames: 1}}]")
+    cache = (run / "compile_cache").absolute()
+    assert f"compile cache {cache} (from the run directory; empty: " in proc.stderr and cache.is_dir()
+    # tiny recipe: 1 class token + 3 latent frames x (1 + 4) tokens; the images are one frame
+    assert "attention for data source video (16 tokens): dense-mask SDPA" in proc.stderr
+    assert "attention for data source image (6 tokens): dense-mask SDPA" in proc.stderr
+    assert re.search(r"time to the first step: \d+\.\d s from start \(the step itself \d+\.\d s", proc.stderr)
 
 
 def test_unknown_recipe_key_is_an_error_naming_it(tmp_path):

@@ -174,14 +174,16 @@ class ModelConfig:
     attention_backend: Literal["auto", "flex", "sdpa"] = "auto"
     """'flex': FlexAttention block-sparse masks (CUDA); 'sdpa': a dense boolean mask with
     scaled_dot_product_attention; 'auto': flex on CUDA, sdpa on CPU. Both use one mask definition."""
-    flex_kernel: Literal["triton", "flash"] = "triton"
+    flex_kernel: Literal["auto", "triton", "flash"] = "auto"
     """Kernel behind the flex path (CUDA). 'triton': Inductor's Triton FlexAttention kernels (no extra
-    dependency). 'flash': FlexAttention's FlashAttention-4 backend (``BACKEND: FLASH``, CuTe DSL), which
-    needs the ``flash`` extra (flash-attn-4) and a Hopper or newer GPU; on Hopper only head_dim 97..128
-    (VideoAR-L and XL; not 4B's 80: FA4's tiles, refused before building). Same mask, same BlockMask; the
-    results agree within bf16 rounding (GPU tests, with and without Random Frame Mask). Which is faster
-    depends on the sequence length (flash at stage-III length, triton at UCF-101 length, as measured
-    so far): figures and how to measure them in docs/BENCHMARKS.md."""
+    dependency). 'flash': FlexAttention's FlashAttention-4 backend (``BACKEND: FLASH``, CuTe DSL): needs
+    the ``flash`` extra (flash-attn-4) and a Hopper or newer GPU (on Hopper head_dim <= 128; heads below
+    97, such as 4B's 80, run zero-padded to 128 with their own softmax scale: exact); refused before
+    building where it cannot run. 'auto': the fastest valid one per sequence layout: flash where it can
+    run and the sequence has at least 4,096 tokens (it is 1.8x faster at stage-III length, slower at
+    UCF-101 length), else triton; the choice and its reason are logged at start. Same mask, same
+    BlockMask, results equal within bf16 rounding (GPU tests). A kernel choice: a run may resume with
+    another value. Figures: docs/BENCHMARKS.md."""
     attention_split_tokens: int = 0
     """Split attention: (frame, scale) blocks of at least this many tokens run as unmasked SDPA calls
     over the keys before their end (FlashAttention kernels on GPU) and only the other queries go through

@@ -29,7 +29,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from videoar_megatron.model import mask as mask_lib
-from videoar_megatron.model.attention import AttentionInputs, KVCache, check_flex_kernel, split_plan
+from videoar_megatron.model.attention import (AttentionInputs, FlexKernel, KVCache, check_flex_kernel,
+                                              choose_flex_kernel, flash_blocker, split_plan)
 from videoar_megatron.model.config import ModelConfig, ParallelConfig
 from videoar_megatron.model.embedding import VideoAREmbedding
 from videoar_megatron.model.layer_spec import get_videoar_block_spec, transformer_config
@@ -66,6 +67,9 @@ class VideoARModel(MegatronModule):
         if post_process:
             self.head = nn.Linear(cfg.hidden_size, cfg.latent_dim, bias=False, dtype=config.params_dtype)
             nn.init.normal_(self.head.weight, std=cfg.init_std)
+        # Until probe_kernels (build_model calls it) auto stays on Triton.
+        self._flash_blocker: str | None = "the device was not probed (VideoARModel.probe_kernels)"
+        self._capability: tuple[int, int] | None = None
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline schedules hand the previous stage's output here."""
@@ -78,6 +82,16 @@ class VideoARModel(MegatronModule):
         if self.cfg.attention_backend == "auto":
             return "flex" if device.type == "cuda" else "sdpa"
         return self.cfg.attention_backend
+
+    def probe_kernels(self, device: torch.device) -> None:
+        """Record once what the flex kernel choice depends on here (GPU generation, FA4 installed)."""
+        self._flash_blocker = flash_blocker(device, self.cfg.head_dim)
+        self._capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+    def flex_kernel_for(self, seq_len: int) -> FlexKernel:
+        """The flex kernel of a ``seq_len``-token layout (``model.flex_kernel``; logged by the trainer)."""
+        return choose_flex_kernel(self.cfg.flex_kernel, seq_len, self.cfg.head_dim, self._capability,
+                                  self._flash_blocker)
 
     def rope(self, layout: TokenLayout, device: torch.device) -> torch.Tensor:
         r = self.cfg.rope
@@ -93,7 +107,7 @@ class VideoARModel(MegatronModule):
         full = mask_lib.is_full_context(batch.frame_visible_BTT)
         split = split_plan(batch.layout, self.cfg.attention_split_tokens, str(device)) if full else None
         rows = None if split is None else split.rest_S
-        inputs = AttentionInputs(split=split, flex_kernel=self.cfg.flex_kernel)
+        inputs = AttentionInputs(split=split, flex_kernel=self.flex_kernel_for(batch.layout.seq_len))
         if split is not None:
             lens = text_len.tolist()
             inputs.text_len = None if min(lens) == batch.layout.prefix_len else tuple(lens)
@@ -165,4 +179,6 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig, groups: ProcessGroup
         model = VideoARModel(cfg, config, groups, vp_stage=vp_stage,
                              pre_process=first if pre_process is None else pre_process,
                              post_process=last if post_process is None else post_process)
-    return model.to(device)
+    model = model.to(device)
+    model.probe_kernels(device)
+    return model

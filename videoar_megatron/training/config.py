@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from videoar_common.compile_cache import CompileConfig
 from videoar_common.numerics import NumericsConfig
 from videoar_common.preemption import PreemptionConfig
 from videoar_common.run_logging import LoggingConfig
@@ -295,6 +296,8 @@ class TrainConfig:
     """MFU peak and the per-step sample-id audit."""
     comm: CommConfig = field(default_factory=CommConfig)
     """Timeouts and the NCCL flight recorder."""
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    """Where compiled kernels are cached (kept across requeues, shareable between nodes)."""
     debug: DebugConfig = field(default_factory=DebugConfig)
     """Fault injection (drills and tests)."""
 

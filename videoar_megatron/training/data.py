@@ -39,6 +39,7 @@ from data_prep.reader import ShardReaderConfig, TokenShardLoader, build_shard_lo
 from data_prep.shards import INDEX_FILE, ShardContentError
 from tokenizer.quantizer import MultiScaleBSQ
 from videoar_megatron.model.config import ModelConfig
+from videoar_megatron.model.layout import TokenLayout
 from videoar_megatron.model.sequence import VideoARBatch, build_batch
 from videoar_megatron.training.config import BatchLayout, DataConfig, SourceConfig
 
@@ -150,6 +151,12 @@ class SourceData:
                              f"than one step's {layout.per_rank_batch} (train.global_batch_size="
                              f"{layout.global_batch_size} over {layout.dp} replicas)")
         self._iter: Iterator[dict] | None = None
+
+    @property
+    def sequence_layout(self) -> TokenLayout:
+        """The token layout of this source's batches (as ``build_batch`` makes them)."""
+        return TokenLayout.padded(self.model_cfg.prefix_len, self.quantizer.scales, int(self.manifest["latent_frames"]),
+                                  self.model_cfg.pad_to_multiple * self.pad_to_multiple)
 
     def _epochs(self) -> Iterator[dict]:
         empty = 0

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from videoar_common.compile_cache import CompileCache, configure_compile_cache
 from videoar_common.config import config_to_dict, save_resolved_config
 from videoar_common.distributed import DistContext, init_distributed, shutdown_distributed
 from videoar_common.exit_codes import REQUEUE_EXIT_CODE
@@ -69,17 +70,21 @@ def configure_flight_recorder(cfg: TrainConfig, run_dir: Path) -> None:
 
 def build_trainer(cfg: TrainConfig, run_dir: str | Path) -> "Trainer":
     """Initialise torch.distributed from the launcher's environment and build the trainer."""
+    started = time.perf_counter()
     run_dir = Path(run_dir)
     configure_flight_recorder(cfg, run_dir)
+    cache = configure_compile_cache(cfg.compile, run_dir)  # before anything compiles
     ctx = init_distributed(device=cfg.train.device, timeout_s=cfg.comm.init_timeout_s)
-    return Trainer(cfg, run_dir, ctx)
+    return Trainer(cfg, run_dir, ctx, compile_cache=cache, started=started)
 
 
 class Trainer:
     """Model, engine, optimizer, schedule, data and guards of one rank; see the module docstring."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, ctx: DistContext):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, ctx: DistContext, *, compile_cache: CompileCache | None = None,
+                 started: float | None = None):
         self.cfg, self.run_dir, self.ctx = cfg, Path(run_dir), ctx
+        self.compile_cache, self.started = compile_cache, time.perf_counter() if started is None else started
         self.log = get_logger()
         self.layout = cfg.check_layout(ctx.world_size, "this launch")
         self._check_device()
@@ -98,8 +103,22 @@ class Trainer:
         self.run_id: str | None = None
         self.logger: RunLogger | None = None
         self._flops_per_sample: dict = {}
+        self._log_start()
 
     # --- construction -------------------------------------------------------------------------
+    def _log_start(self) -> None:
+        """Rank 0: the compile cache, and the attention kernel of each data source's sequence."""
+        if not self.ctx.is_main:
+            return
+        if self.compile_cache is not None:
+            self.log.info("%s", self.compile_cache.describe())
+        backend = self.model.backend(self.ctx.device)
+        for source in self.data.sources:
+            layout = source.sequence_layout
+            kernel = self.model.flex_kernel_for(layout.seq_len)
+            what = "dense-mask SDPA" if backend == "sdpa" else f"FlexAttention, {kernel.name} kernel ({kernel.reason})"
+            self.log.info("attention for data source %s (%d tokens): %s", source.cfg.name, layout.seq_len, what)
+
     def _check_device(self) -> None:
         if self.ctx.device.type != "cuda" and self.cfg.train.precision == "bf16":
             raise ValueError("train.precision=bf16 needs CUDA; on CPU set train.precision=fp32")
@@ -313,6 +332,10 @@ class Trainer:
                             lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         if self.steps_this_job == 1:
             self._shorten_timeouts()
+            if self.ctx.is_main:
+                self.log.info("time to the first step: %.1f s from start (the step itself %.1f s, compilation "
+                              "included; %s)", time.perf_counter() - self.started, record["step_time_s"],
+                              self.compile_cache.describe() if self.compile_cache else "compile cache not set")
         if self.cfg.debug.signal_at_step == self.step and self.ctx.rank == self.cfg.debug.signal_rank:
             os.kill(os.getpid(), signal.SIGUSR1)
 
