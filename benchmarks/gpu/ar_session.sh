@@ -5,13 +5,12 @@
 #   1. the marked GPU tests of the kernel choice and the head padding (tests/test_model_gpu.py: auto on
 #      this GPU, padded FA4 vs dense SDPA at head_dim 64/80/128, unpadded FA4 failing where padding is
 #      used, 4B heads through the model; the FLASH ones skip themselves without flash-attn-4);
-#   2. the compile cache, cold vs warm, VideoAR-L at stage III (benchmarks/bench_compile_cache.py); the
-#      cache it fills is then every later step's (TORCHINDUCTOR_CACHE_DIR), so its shape is not compiled
-#      twice;
 #   3. benchmarks/bench_ar_train_step.py at the recipe layouts, VideoAR / GPT tokens/s and MFU, most
 #      important first: stage III (23,059 tokens) for L, XL, 4B; 65 frames (43,499) for L, 4B, XL; then
 #      UCF-101, stage I and stage II for L. XL and 4B (and every size at 65 frames) recompute (full), as
-#      their recipes do; L at stage III does not, so its MFU is the uncredited-recompute-free figure.
+#      their recipes do; L at stage III does not, so its MFU is the uncredited-recompute-free figure;
+#   4. last, the compile cache, cold vs warm, VideoAR-L at stage III (benchmarks/bench_compile_cache.py)
+#      in a fresh directory of its own (session 8 ran out of budget before it: SKIP the others to get it).
 # Every step has its own time limit and the whole session a budget (BUDGET_S, default 540 s): a step
 # gets min(its limit, what is left), a step with under 20 s left is skipped, so the session ends in time
 # whatever hangs; the benchmarks print each pair as soon as it is measured. SKIP="name ..." leaves steps
@@ -38,6 +37,12 @@ SKIP=${SKIP:-}   # step names to leave out, e.g. SKIP="gpu_tests compile_cache" 
 PY=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# nvidia-cutlass-dsl keeps its `cutlass` package in nvidia_cutlass_dsl/python_packages/ and adds that
+# folder through a .pth file, which a `pip install --target` folder on PYTHONPATH never reads: add it.
+IFS=: read -r -a _entries <<< "$PYTHONPATH"
+for _entry in "${_entries[@]}"; do
+    [[ -d $_entry/nvidia_cutlass_dsl/python_packages ]] && PYTHONPATH="$PYTHONPATH:$_entry/nvidia_cutlass_dsl/python_packages"
+done
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
 T0=$(date +%s)
