@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.pretokenize.config import PretokenizeConfig
+from cli_helpers import assert_refused
 from tests.pretok_helpers import make_clean_corpus, make_tiny_tokenizer
 from videoar_megatron.cli import main as videoar
 from videoar_common.config import load_config
@@ -44,8 +45,7 @@ def test_cli_runs_the_tiny_recipe_and_inspects_it(tmp_path, capsys):
     assert "samples 6 in 2 shards" in text and "rejects 0" in text
     png = out / "logs" / "inspect.png"
     assert png.is_file() and png.stat().st_size > 10_000
-    with pytest.raises(SystemExit, match="'num_frames' is 9 in the shard manifest but 17"):
-        videoar(args + ["--set", "clips.num_frames=17"])
-    with pytest.raises(SystemExit, match="unknown key 'clip'"):
-        videoar(args + ["--set", "clip.height=64"])
+    assert_refused(capsys, videoar(args + ["--set", "clips.num_frames=17"]),
+                   "'num_frames' is 9 in the shard manifest but 17")
+    assert_refused(capsys, videoar(args + ["--set", "clip.height=64"]), "unknown key 'clip'")
     assert videoar(["shards", "merge", str(out)]) == 0

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli_helpers import assert_refused
 from sample_helpers import LATENT_FRAMES, model_config, write_ar_checkpoint, write_tokenizer
 from videoar_megatron.cli import main as videoar
 from videoar_common.distributed import init_distributed
@@ -111,14 +112,14 @@ def test_run_directory_is_accepted_as_ckpt(assets, tmp_path):
         resolve_checkpoint(tmp_path / "runs")
 
 
-def test_checkpoint_of_a_newer_format_is_refused_by_name(assets, tmp_path):
+def test_checkpoint_of_a_newer_format_is_refused_by_name(assets, tmp_path, capsys):
     import shutil
     step = shutil.copytree(assets / "run" / "step_00000200", tmp_path / "step_00000200")
     state = json.loads((step / "train_state.json").read_text())
     (step / "train_state.json").write_text(json.dumps({**state, "format_version": 2}))
-    with pytest.raises(SystemExit, match="checkpoint format_version 2; this videoar-megatron reads format 1"):
-        videoar(["sample", "--ckpt", str(step), "--tokenizer", str(assets / "tokenizer"), "--recipe", str(TINY),
-                 "--out", str(tmp_path / "out"), "--class", "1"])
+    code = videoar(["sample", "--ckpt", str(step), "--tokenizer", str(assets / "tokenizer"), "--recipe", str(TINY),
+                    "--out", str(tmp_path / "out"), "--class", "1"])
+    assert_refused(capsys, code, "checkpoint format_version 2; this videoar-megatron reads format 1")
 
 
 def test_video_to_video_and_image_to_video(assets, tmp_path):
@@ -136,25 +137,22 @@ def test_video_to_video_and_image_to_video(assets, tmp_path):
     assert decode(out / "videos/sample_00000.mp4").shape[0] == WINDOW
 
 
-def test_refusals_name_the_problem(assets, tmp_path):
+def test_refusals_name_the_problem(assets, tmp_path, capsys):
     hashes = [json.loads((assets / d / "meta.json").read_text())["content_hash"]
               for d in ("other_tokenizer", "tokenizer")]
-    with pytest.raises(SystemExit, match=f"tokenizer mismatch.*other_tokenizer.*{hashes[0]}.*{hashes[1]}"):
-        videoar(["sample", "--ckpt", str(assets / "run"), "--tokenizer", str(assets / "other_tokenizer"),
-                 "--recipe", str(TINY), "--out", str(tmp_path / "x"), "--class", "1"])
-    with pytest.raises(SystemExit, match="class-conditional: give --class"):
-        sample(assets, tmp_path / "y", "--prompt", "a cat")
-    with pytest.raises(SystemExit, match=r"--class ids \[9\] outside \[0, 5\)"):
-        sample(assets, tmp_path / "z", "--class", "9")
-    with pytest.raises(SystemExit, match="no COMMITTED marker"):
-        (assets / "run" / "step_00000300" / "train_state.json").write_text("{}")
-        videoar(["sample", "--ckpt", str(assets / "run" / "step_00000300"), "--tokenizer",
-                 str(assets / "tokenizer"), "--out", str(tmp_path / "w"), "--class", "1"])
-    with pytest.raises(SystemExit, match="top_p"):
-        sample(assets, tmp_path / "v", "--class", "1", "--set", "top_p=2")
+    code = videoar(["sample", "--ckpt", str(assets / "run"), "--tokenizer", str(assets / "other_tokenizer"),
+                    "--recipe", str(TINY), "--out", str(tmp_path / "x"), "--class", "1"])
+    assert_refused(capsys, code, f"tokenizer mismatch.*other_tokenizer.*{hashes[0]}.*{hashes[1]}")
+    assert_refused(capsys, sample(assets, tmp_path / "y", "--prompt", "a cat"), "class-conditional: give --class")
+    assert_refused(capsys, sample(assets, tmp_path / "z", "--class", "9"), r"--class ids \[9\] outside \[0, 5\)")
+    (assets / "run" / "step_00000300" / "train_state.json").write_text("{}")
+    code = videoar(["sample", "--ckpt", str(assets / "run" / "step_00000300"), "--tokenizer",
+                    str(assets / "tokenizer"), "--out", str(tmp_path / "w"), "--class", "1"])
+    assert_refused(capsys, code, "no COMMITTED marker")
+    assert_refused(capsys, sample(assets, tmp_path / "v", "--class", "1", "--set", "top_p=2"), "top_p")
 
 
-def test_prompts_through_a_local_text_tokenizer(assets, tmp_path):
+def test_prompts_through_a_local_text_tokenizer(assets, tmp_path, capsys):
     """kind text_tokens: prompts are tokenized by the local Hugging Face tokenizer the shards used."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
@@ -180,7 +178,6 @@ def test_prompts_through_a_local_text_tokenizer(assets, tmp_path):
     index = json.loads((out / "index.json").read_text())
     assert [s["condition"]["prompt"] for s in index["samples"]] == ["a cat runs"] * 2 + ["the dog on the beach"] * 2
     assert decode(out / "videos/sample_00003.mp4").shape[0] == WINDOW
-    with pytest.raises(SystemExit, match="--prompt needs --text-encoder"):
-        videoar([*args, "--out", str(tmp_path / "x"), "--prompt", "a cat"])
-    with pytest.raises(SystemExit, match="text-conditioned"):
-        videoar([*args, "--out", str(tmp_path / "y"), "--class", "1"])
+    assert_refused(capsys, videoar([*args, "--out", str(tmp_path / "x"), "--prompt", "a cat"]),
+                   "--prompt needs --text-encoder")
+    assert_refused(capsys, videoar([*args, "--out", str(tmp_path / "y"), "--class", "1"]), "text-conditioned")

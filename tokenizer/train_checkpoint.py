@@ -35,6 +35,7 @@ from tokenizer.train_engines import Engines
 from videoar_common.atomic import atomic_write_bytes, atomic_write_json, latest_committed, save_committed_step
 from videoar_common.config import config_to_dict, load_config, save_resolved_config
 from videoar_common.distributed import DistContext
+from videoar_common.exit_codes import InputError
 from videoar_common.lr_schedule import schedule_changes
 from videoar_common.run_logging import get_logger
 
@@ -42,7 +43,7 @@ CHECKPOINT_DIR = "checkpoints"
 TRAINER_STATE_FILE = "trainer_state.json"
 
 
-class ResumeRefused(RuntimeError):
+class ResumeRefused(InputError, RuntimeError):
     """The run directory's checkpoint cannot continue under this job (world size, recipe, data sources,
     or an init source that does not fit): nothing was trained or written."""
 

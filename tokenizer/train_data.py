@@ -19,10 +19,11 @@ from data_prep.clip_dataset import (ClipStream, RejectLog, VideoSource, eval_bat
 from tokenizer.train_config import TokenizerTrainConfig
 from videoar_common.atomic import is_committed, mark_committed
 from videoar_common.distributed import DistContext
+from videoar_common.exit_codes import InputError
 from videoar_common.run_logging import get_logger
 
 
-class DataSourcesChanged(RuntimeError):
+class DataSourcesChanged(InputError, RuntimeError):
     """A checkpoint's data positions belong to other streams (video and/or image) than this recipe's."""
 
 

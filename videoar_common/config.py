@@ -25,6 +25,8 @@ from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
 
 import yaml
 
+from videoar_common.exit_codes import InputError
+
 T = TypeVar("T")
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -32,7 +34,7 @@ BASE_KEY = "base"
 RESOLVED_CONFIG_NAME = "config.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A recipe or override is invalid; the message names the key path and its source."""
 
 

@@ -46,6 +46,14 @@ PRESETS = {
 }
 
 
+class StageFailed(RuntimeError):
+    """A stage's command exited non-zero (``returncode``: its exit code) or left out an expected file (1)."""
+
+    def __init__(self, message: str, returncode: int = 1):
+        super().__init__(message)
+        self.returncode = returncode
+
+
 @dataclass
 class Stage:
     name: str
@@ -111,11 +119,11 @@ def run_stage(stage: Stage, out: Path, log=print) -> float:
             proc = subprocess.run(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
             if proc.returncode != 0:
                 tail = log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"demo stage '{stage.name}' failed (exit {proc.returncode}): "
-                                   f"{' '.join(cmd)}\n--- last lines of {log_path} ---\n{tail}")
+                raise StageFailed(f"demo stage '{stage.name}' failed (exit {proc.returncode}): "
+                                  f"{' '.join(cmd)}\n--- last lines of {log_path} ---\n{tail}", proc.returncode)
     missing = [str(p) for p in stage.outputs if not p.exists()]
     if missing:
-        raise RuntimeError(f"demo stage '{stage.name}' finished but did not write {missing}; see {log_path}")
+        raise StageFailed(f"demo stage '{stage.name}' finished but did not write {missing}; see {log_path}")
     return time.monotonic() - start
 
 

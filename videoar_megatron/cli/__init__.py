@@ -3,12 +3,19 @@
 Dispatch is two-stage so that ``videoar --help`` stays instant: the top level only knows each
 subcommand's module and one-line summary; the chosen module builds its own parser (with every knob
 explained) and runs. Entry-point modules parse, build, run and clean up; the library has no argparse.
+
+Exit codes follow one rule for every subcommand (``videoar_common.exit_codes``), applied here rather than
+in each command: a refused input (an :class:`~videoar_common.exit_codes.InputError`, which the project's
+recipe, checkpoint, tokenizer, shard and manifest errors derive from, or a missing file) becomes one line
+``videoar COMMAND: <message naming the path or knob>`` on stderr and exit 2, without a traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from videoar_common.exit_codes import EXIT_CONFIG, InputError
 
 # name → (module with `main(argv, prog)`, summary). Add a subcommand only when it works. Module names
 # must not shadow top-level packages (`tokenizer`, `data_prep`): running cli/__main__.py as a script
@@ -26,6 +33,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("videoar_megatron.cli.tokenizer_cmd",
                   "train | eval | inflate the 3D causal multi-scale BSQ video tokenizer (DeepSpeed)"),
 }
+
+
+ACTION_SUBCOMMANDS = ("eval", "manifest", "shards", "tokenizer")
+"""Subcommands whose first argument is an action (``videoar eval fvd``); error lines name it."""
 
 
 def _top_level_parser() -> argparse.ArgumentParser:
@@ -60,7 +71,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"videoar: unknown command '{name}'; choose from: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest, prog=f"videoar {name}") or 0)
+    try:
+        return int(module.main(rest, prog=f"videoar {name}") or 0)
+    except (InputError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"{_label(name, rest)}: {_one_line(e)}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _label(name: str, rest: list[str]) -> str:
+    """``videoar tokenizer train`` for subcommands whose first argument picks an action."""
+    action = rest[0] if name in ACTION_SUBCOMMANDS and rest and not rest[0].startswith("-") else ""
+    return " ".join(filter(None, ("videoar", name, action)))
+
+
+def _one_line(error: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 if __name__ == "__main__":

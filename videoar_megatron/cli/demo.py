@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from videoar_megatron.demo import PRESETS, run_demo
+from videoar_common.exit_codes import InputError
+from videoar_megatron.demo import PRESETS, StageFailed, run_demo
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -25,7 +27,13 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str], prog: str = "videoar demo") -> int:
     args = build_parser(prog).parse_args(argv)
-    metrics = run_demo(args.out.resolve(), args.preset)
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out} is a file, not a directory")
+    try:
+        metrics = run_demo(args.out.resolve(), args.preset)
+    except StageFailed as e:  # the stage's own message and log tail are the report; no traceback
+        print(f"{prog}: {e}", file=sys.stderr)
+        return e.returncode
     print(f"tokenizer PSNR {metrics['tokenizer_psnr_db']:.2f} dB (untrained "
           f"{metrics['tokenizer_psnr_untrained_db']:.2f} dB); AR loss {metrics['ar_loss_start']:.3f} -> "
           f"{metrics['ar_loss_end']:.3f}, bit accuracy {metrics['ar_bit_accuracy_end']:.3f}; "

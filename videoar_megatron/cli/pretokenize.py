@@ -7,6 +7,7 @@ from pathlib import Path
 
 from videoar_megatron.cli._recipe_args import add_recipe_args, load_recipe
 from videoar_common.config import save_resolved_config
+from videoar_common.exit_codes import InputError
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -60,11 +61,9 @@ def main(argv: list[str], prog: str = "videoar pretokenize") -> int:
     from data_prep.pretokenize.pipeline import Pretokenizer, merge_only
     from data_prep.pretokenize.worker import worker_from_env
     from data_prep.pretokenize.writer import DecoderBroken
-    from data_prep.shards import ShardManifestMismatch, ShardsIncomplete
     from tokenizer import load_tokenizer
-    from tokenizer.checkpoint import TokenizerCheckpointError
     from videoar_common.run_logging import setup_console_logging
-    cfg = load_recipe(args, PretokenizeConfig, prog)
+    cfg = load_recipe(args, PretokenizeConfig)
     if args.print_config:
         from videoar_common.config import dump_config
         print(dump_config(cfg), end="")
@@ -88,9 +87,11 @@ def main(argv: list[str], prog: str = "videoar pretokenize") -> int:
             stats = pretok.run(progress)
         finally:
             progress.close()
-    except (ShardManifestMismatch, ShardsIncomplete, DecoderBroken, TokenizerCheckpointError, ValueError,
-            FileNotFoundError) as e:
-        raise SystemExit(f"{prog}: {e}")
+    except DecoderBroken as e:  # this machine's decoder (driver, DALI build), not the input: exit 1
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # shard, tokenizer and manifest refusals are InputErrors already
+        raise InputError(str(e)) from e
     for s in stats:
         if not s.skipped:
             log.info("%s: %d clips from %d videos, %d rejects, %.1f clips/s (decode %.1fs, waited %.1fs, "

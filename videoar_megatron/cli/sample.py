@@ -21,10 +21,11 @@ from videoar_common.atomic import atomic_write_json
 from videoar_megatron.cli._recipe_args import add_recipe_args, load_recipe
 from videoar_common.config import save_resolved_config
 from videoar_common.distributed import init_distributed, shutdown_distributed
+from videoar_common.exit_codes import InputError
 from videoar_megatron.evaluation.protocols import shard_bounds
 from videoar_megatron.sampling.config import SamplingConfig
 from videoar_megatron.sampling.extend import generate_videos
-from videoar_megatron.sampling.loading import LoadedSampler, SamplerLoadError, load_sampler
+from videoar_megatron.sampling.loading import LoadedSampler, load_sampler
 from videoar_megatron.sampling.sampler import Conditions
 from videoar_megatron.sampling.video_io import (read_image, read_video, to_uint8, write_frame_sheet,
                                                 write_gif_grid, write_mp4)
@@ -220,14 +221,14 @@ def run(args, cfg: SamplingConfig, loaded: LoadedSampler) -> int:
 
 def main(argv: list[str], prog: str = "videoar sample") -> int:
     args = build_parser(prog).parse_args(argv)
-    cfg = load_recipe(args, SamplingConfig, prog)
+    cfg = load_recipe(args, SamplingConfig)
     ctx = init_distributed(device=cfg.device)
     loaded = None
     try:
         loaded = load_sampler(args.ckpt, args.tokenizer, cfg, ctx)
         return run(args, cfg, loaded)
-    except (SamplerLoadError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"{prog}: {e}")
+    except ValueError as e:  # a condition or context argument (--class, --video, ...) that cannot be used
+        raise InputError(str(e)) from e
     finally:
         if loaded is not None:
             loaded.close()

@@ -36,13 +36,14 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from videoar_common.config import config_to_dict
 from videoar_common.distributed import DistContext
+from videoar_common.exit_codes import InputError
 from videoar_megatron.training import dist_ckpt
 
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 """Megatron distributed-optimizer checkpoint format that reshards over TP, PP and DP."""
 
 
-class ResumeError(RuntimeError):
+class ResumeError(InputError, RuntimeError):
     """A checkpoint cannot continue this run; the message says which knob differs and what to do."""
 
 
