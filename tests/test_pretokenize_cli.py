@@ -49,3 +49,30 @@ def test_cli_runs_the_tiny_recipe_and_inspects_it(tmp_path, capsys):
                    "'num_frames' is 9 in the shard manifest but 17")
     assert_refused(capsys, videoar(args + ["--set", "clip.height=64"]), "unknown key 'clip'")
     assert videoar(["shards", "merge", str(out)]) == 0
+
+
+def test_a_run_that_keeps_no_clip_exits_2_with_the_reject_summary(tmp_path, capsys):
+    """Every manifest row rejected (12-frame videos, 17-frame clips): exit 2 naming the reject kinds;
+    one missing row among good ones is a partly rejected run and stays exit 0."""
+    import csv
+    tok = make_tiny_tokenizer(tmp_path / "tok")
+    corpus = make_clean_corpus(tmp_path / "corpus", num=3)
+    rows = list(csv.DictReader(open(corpus)))
+    partly = tmp_path / "corpus" / "partly.csv"
+    with open(partly, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows([*rows, {**rows[0], "path": "videos/does_not_exist.webm"}])
+
+    def run(manifest, out, *sets):
+        sets = [f"tokenizer={tok}", f"input_manifest={manifest}", f"output_dir={out}", "progress_bar=false", *sets]
+        return videoar(["pretokenize", "--recipe", str(RECIPES / "tiny.yaml")] + [a for s in sets for a in ("--set", s)])
+
+    assert run(partly, tmp_path / "partly") == 0
+    assert json.loads((tmp_path / "partly" / "COMMITTED").read_text())["rejects"] == 1
+    capsys.readouterr()
+    line = assert_refused(capsys, run(corpus, tmp_path / "none", "clips.num_frames=17"),
+                          r"no clip was kept: every video of input_manifest=.* was rejected \(3 rejects: too_short 3")
+    assert "rejects.jsonl" in line and str(corpus) in line, line
+    # a rerun finds the (empty) shard set committed and still says so
+    assert_refused(capsys, run(corpus, tmp_path / "none", "clips.num_frames=17"), "too_short 3")

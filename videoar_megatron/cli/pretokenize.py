@@ -103,10 +103,21 @@ def main(argv: list[str], prog: str = "videoar pretokenize") -> int:
         return 0
     import json
     summary = json.loads(marker.read_text())
+    if summary["samples"] == 0:
+        raise InputError(_nothing_kept(cfg))
     log.info("done: all %d partitions merged: %d samples, %d rejects (see %s/rejects.jsonl, "
              "`videoar shards inspect %s`)", summary["partitions"], summary["samples"], summary["rejects"],
              cfg.output_dir, cfg.output_dir)
-    if summary["samples"] == 0:
-        log.warning("the shard set is EMPTY: every video was rejected; check rejects.jsonl (clip length, "
-                    "codecs, paths)")
     return 0
+
+
+def _nothing_kept(cfg) -> str:
+    """The refusal of a run in which every manifest row was rejected: the input (manifest, clip knobs) is
+    what to fix, so it is an exit-2 error with the rejects by kind, not a warning after a success."""
+    from data_prep.shard_inspect import summarize
+    s = summarize(cfg.output_dir)
+    kinds = ", ".join(f"{k} {v}" for k, v in s["rejects_by_kind"].items())
+    examples = "; ".join(f"e.g. {k}: {reason}" for k, reason in s["reject_examples"].items())
+    return (f"no clip was kept: every video of input_manifest={cfg.input_manifest} was rejected "
+            f"({s['rejects']} rejects: {kinds}; {examples}); the committed shard set {cfg.output_dir} is empty; every reason is in "
+            f"{cfg.output_dir}/rejects.jsonl (clip length: clips.num_frames, codecs: `videoar transcode`, paths)")
