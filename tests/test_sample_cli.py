@@ -89,6 +89,25 @@ def test_class_samples_files_index_and_grid(assets, tmp_path):
     assert not np.array_equal(decode(reseeded / "videos/sample_00000.mp4"), decode(out / "videos/sample_00000.mp4"))
 
 
+def test_frame_sheet_shows_every_sample_labelled_by_its_class(assets, tmp_path):
+    """frames.png has one row per sample (10 here, more than output.grid_columns = 8), each starting
+    with a label tile: the same class gives the same label, another class another one."""
+    out = tmp_path / "sheet"
+    assert sample(assets, out, "--class", "0,1,2,3,4", "--num", "2") == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["frame_sheet_rows"] == [f"class {c}" for c in range(5) for _ in range(2)]
+    sheet = np.asarray(Image.open(out / "frames.png").convert("RGB"))
+    tile, pad = 64, 2
+    assert sheet.shape[0] == 10 * (tile + pad) + pad
+    frames_wide = WINDOW * (tile + pad)
+    label_w = sheet.shape[1] - frames_wide - pad
+    assert label_w > 0
+    labels = [sheet[pad + r * (tile + pad):pad + r * (tile + pad) + tile, :label_w + pad] for r in range(10)]
+    assert all((lab < 128).any() for lab in labels)                   # dark text on every row
+    assert all(np.array_equal(labels[2 * c], labels[2 * c + 1]) for c in range(5))
+    assert len({labels[2 * c].tobytes() for c in range(5)}) == 5
+
+
 def test_class_names_long_videos_and_step_directories(assets, tmp_path):
     names = tmp_path / "classes.txt"
     names.write_text("Archery\nBowling\nDiving\nFencing\nSurfing\n")
