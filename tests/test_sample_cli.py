@@ -108,6 +108,22 @@ def test_frame_sheet_shows_every_sample_labelled_by_its_class(assets, tmp_path):
     assert len({labels[2 * c].tobytes() for c in range(5)}) == 5
 
 
+def test_the_console_shows_our_messages_and_no_library_warnings(assets, tmp_path):
+    """Issue 23: torch/Megatron FutureWarnings (with their source lines) came before sample's own output."""
+    import re
+    import subprocess
+    import sys
+    from subprocess_env import child_env
+    proc = subprocess.run([sys.executable, "-m", "videoar_megatron.cli", "sample", "--ckpt", str(assets / "run"),
+                           "--tokenizer", str(assets / "tokenizer"), "--recipe", str(TINY), "--class", "1",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, env=child_env(),
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wrote 1 videos" in proc.stdout
+    warnings = [line for line in proc.stderr.splitlines() if re.search(r"\w+Warning\b|warnings\.warn", line)]
+    assert not warnings, "\n".join(warnings)
+
+
 def test_class_names_long_videos_and_step_directories(assets, tmp_path):
     names = tmp_path / "classes.txt"
     names.write_text("Archery\nBowling\nDiving\nFencing\nSurfing\n")

@@ -56,6 +56,12 @@ def _quiet_dependency_noise() -> None:
     import warnings
     warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
     warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
+    # Megatron-core's dist_checkpointing (0.16) saves and loads through torch.distributed.checkpoint's
+    # ShardedTensor path and its deprecated load_state_dict; the warnings name lines inside those two
+    # libraries, and there is no call of ours to change.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"Please use DTensor instead and we are "
+                                                                      r"deprecating ShardedTensor")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`load_state_dict` is deprecated")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
