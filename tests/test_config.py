@@ -196,3 +196,18 @@ def test_config_changes_put_the_knob_set_before_what_follows_from_it(tmp_path):
     assert [c.derived for c in changes] == [False, False, True]
     assert changes[0].before == 64 and changes[0].after == 128
     assert changes[0].source == "--set hidden_size=128" and changes[2].source is None
+
+
+def test_warmup_longer_than_a_short_run_names_both_knobs_and_the_fix():
+    """Issue 23: `--set train.steps=5` on the demo's AR recipe (warmup 50) is refused: the message names
+    both values, where each was set, and the --set that makes the quick try run."""
+    from pathlib import Path
+    from videoar_megatron.training.config import TrainConfig
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "demo" / "ar.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, recipe, ["train.steps=5"])
+    msg = str(e.value)
+    assert "optim.warmup_steps=50" in msg and "train.steps=5" in msg, msg
+    assert f"optim.warmup_steps from {recipe}" in msg and "train.steps from --set train.steps=5" in msg, msg
+    assert "add --set optim.warmup_steps=0" in msg, msg
+    assert load_config(TrainConfig, recipe, ["train.steps=5", "optim.warmup_steps=0"]).train.steps == 5

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from videoar_common.exit_codes import InputError
-from videoar_megatron.demo import PRESETS, StageFailed, run_demo
+from videoar_megatron.demo import PRESETS, TIMING_DOC, StageFailed, run_demo
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -19,7 +19,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                     "sample_frames.png). Each stage runs the `videoar` command a user would run, with a recipe "
                     "from recipes/demo/; its full output goes to logs/<stage>.log. Re-running skips finished "
                     "stages.",
-        epilog="presets: full (about 6 min on 2 CPU cores), ci (the same code path, smaller; for tests)")
+        epilog=f"presets: full (the demo; how long it takes on CPU is measured in {TIMING_DOC}), ci (the same "
+               "code path, smaller; for tests). Training stages print their step, loss and ETA as they go.")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="full", help="sizes of the run (default full)")
     return p

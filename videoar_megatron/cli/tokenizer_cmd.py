@@ -106,7 +106,7 @@ def cmd_train(args) -> int:
     setup_console_logging(ctx.rank)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return run_with_init_stage(cfg, ctx, run_dir, recipe_dir)
+        return run_with_init_stage(cfg, ctx, run_dir, recipe_dir, recipe_name=args.recipe)
     except NumericsError as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return EXIT_NUMERICS

@@ -76,7 +76,11 @@ def _train(cfg, run_dir: Path, prog: str, seed_only: bool) -> int:
             if seed_only:
                 log.info("seed checkpoint written to %s", trainer.save_seed())
                 return 0
-            log.info("%s: %s", run_dir, trainer.restore())
+            what = trainer.restore()
+            every = cfg.checkpoint.save_every
+            log.info("%s: %s; training steps %d to %d (train.steps), %s, metrics in %s", run_dir, what,
+                     trainer.step + 1, cfg.train.steps, f"a checkpoint every {every}" if every else
+                     "checkpoint.save_every=0", run_dir / "metrics.jsonl")
         except ValueError as e:  # a recipe that cannot run at this world size / on these shards
             raise InputError(str(e)) from e
         code = trainer.train()
