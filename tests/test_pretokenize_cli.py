@@ -76,3 +76,32 @@ def test_a_run_that_keeps_no_clip_exits_2_with_the_reject_summary(tmp_path, caps
     assert "rejects.jsonl" in line and str(corpus) in line, line
     # a rerun finds the (empty) shard set committed and still says so
     assert_refused(capsys, run(corpus, tmp_path / "none", "clips.num_frames=17"), "too_short 3")
+
+
+def test_inspect_decodes_the_bits_and_checks_the_latent_against_them(tmp_path):
+    """Issue 23: the PNG's "from latent" row decoded the continuous latent, an input the decoder never
+    sees (it is trained on sums of binary codes; after all scales the residual still holds most of the
+    latent's norm), so colours came out wrong where the bits were right. The PNG shows the source and
+    the bits' decode; the latent is checked by re-quantizing it, as the AR trainer uses it."""
+    from data_prep import shard_inspect
+    from data_prep.reader import decode_sample
+    from data_prep.shards import read_shard_manifest
+    from tokenizer import load_tokenizer
+    tok_dir = make_tiny_tokenizer(tmp_path / "tok")
+    corpus = make_clean_corpus(tmp_path / "corpus", num=2)
+    out = tmp_path / "shards"
+    sets = [f"tokenizer={tok_dir}", f"input_manifest={corpus}", f"output_dir={out}", "progress_bar=false"]
+    assert videoar(["pretokenize", "--recipe", str(RECIPES / "tiny.yaml")] + [a for s in sets for a in ("--set", s)]) == 0
+    tok, manifest = load_tokenizer(tok_dir), read_shard_manifest(out)
+    q = tok.quantizer_for(manifest["scale_schedule"])
+    raw = shard_inspect._read_raw_samples(out, 1)[0]
+    s = decode_sample(raw, manifest)
+    rows = shard_inspect.sample_rows(s, raw, manifest, tok, q, corpus.parent)
+    assert [name for name, _ in rows] == ["source", "from bits"]
+    assert rows[0][1].shape == rows[1][1].shape == (9, 32, 32, 3)
+    assert shard_inspect.latent_bit_mismatches(s, q) == (0, s["bits"].numel())
+    # one token of the stored latent pushed far to the other side of its finest-scale bits: they all flip
+    H, W = s["latent"].shape[-2:]
+    finest = s["bits"][0, s["bits"].shape[1] - H * W]             # frame 0, last scale, token (0, 0)
+    s["latent"][0, :, 0, 0] = 1000.0 * (1 - 2 * finest.float())
+    assert shard_inspect.latent_bit_mismatches(s, q)[0] >= finest.numel()
