@@ -13,9 +13,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="action", required=True)
     i = sub.add_parser("inspect", help="counts, shapes, dtypes, reject summary; optional PNG of decoded samples",
                        description="Print what a shard directory holds (partitions, samples, shapes, dtypes, "
-                                   "rejects by kind, labels). With --tokenizer, also decode a few samples back "
-                                   "through the tokenizer (from the bits and from the continuous latent) next to "
-                                   "the source frames and save them as a PNG.")
+                                   "rejects by kind, labels). With --tokenizer, also decode a few samples' bits back "
+                                   "through the tokenizer under their source frames, check that each stored "
+                                   "latent re-quantizes to the stored bits, and save it as a PNG.")
     i.add_argument("dir", help="shard directory (output_dir of the pretokenize recipe)")
     i.add_argument("--tokenizer", default="", help="tokenizer directory to decode samples for the PNG "
                                                   "(must have the manifest's tokenizer_hash)")
