@@ -74,8 +74,12 @@ def test_a_run_that_keeps_no_clip_exits_2_with_the_reject_summary(tmp_path, caps
     line = assert_refused(capsys, run(corpus, tmp_path / "none", "clips.num_frames=17"),
                           r"no clip was kept: every video of input_manifest=.* was rejected \(3 rejects: too_short 3")
     assert "rejects.jsonl" in line and str(corpus) in line, line
-    # a rerun finds the (empty) shard set committed and still says so
+    # a rerun finds the (empty) shard set committed and still says so, as does the merge job of an array
     assert_refused(capsys, run(corpus, tmp_path / "none", "clips.num_frames=17"), "too_short 3")
+    sets = [f"tokenizer={tok}", f"input_manifest={corpus}", f"output_dir={tmp_path / 'none'}", "clips.num_frames=17"]
+    code = videoar(["pretokenize", "--recipe", str(RECIPES / "tiny.yaml"), "--merge-only"]
+                   + [a for s in sets for a in ("--set", s)])
+    assert_refused(capsys, code, "no clip was kept.*too_short 3")
 
 
 def test_inspect_decodes_the_bits_and_checks_the_latent_against_them(tmp_path):

@@ -74,6 +74,8 @@ def main(argv: list[str], prog: str = "videoar pretokenize") -> int:
     try:
         if args.merge_only:
             summary = merge_only(cfg)
+            if summary["samples"] == 0:
+                raise InputError(_nothing_kept(cfg))
             log.info("merged %s: %s", cfg.output_dir, summary)
             return 0
         pretok = Pretokenizer(cfg, worker, load_tokenizer)
