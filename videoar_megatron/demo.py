@@ -165,13 +165,18 @@ class _ProgressLine:
 def _run_command(cmd: list[str], log_file, progress: Progress | None, report, every: float) -> int:
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
     line = _ProgressLine(progress) if progress else None
-    while True:
-        try:
-            return proc.wait(timeout=every)
-        except subprocess.TimeoutExpired:
-            text = line.update() if line else None
-            if text:
-                report(text)
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=every)
+            except subprocess.TimeoutExpired:
+                text = line.update() if line else None
+                if text:
+                    report(text)
+    except BaseException:  # Ctrl-C: a trainer saves on SIGTERM (and exits 75); a rerun resumes the stage
+        proc.terminate()
+        proc.wait()
+        raise
 
 
 def run_stage(stage: Stage, out: Path, log=print, progress_every: float = 15.0) -> float:
