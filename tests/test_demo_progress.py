@@ -31,3 +31,23 @@ def test_a_training_stage_prints_step_loss_and_eta(tmp_path):
     assert len(steps) >= 2 and steps == sorted(set(steps)), console
     assert all(float(m.group(2)) == round(1.0 / int(m.group(1)), 3) for m in lines if m), console
     assert "demo stage" not in " ".join(console) and (tmp_path / "logs" / "ar.log").is_file()
+
+
+def test_an_interrupted_stage_stops_its_command(tmp_path):
+    """Ctrl-C while a stage runs: its command gets SIGTERM (the trainers save and exit 75) and is waited
+    for, not left running behind the demo."""
+    import os
+    import pytest
+    pid_file, metrics = tmp_path / "pid", tmp_path / "metrics.jsonl"
+    script = ("import json, os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\n"
+              "open(sys.argv[2], 'w').write(json.dumps({'step': 1, 'loss': 1.0}) + '\\n')\ntime.sleep(600)\n")
+    stage = Stage("ar", [[sys.executable, "-c", script, str(pid_file), str(metrics)]], [],
+                  Progress(metrics, 10, ("loss",)))
+
+    def interrupt(_text):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(stage, tmp_path, interrupt, progress_every=0.25)
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
