@@ -177,10 +177,10 @@ def test_unknown_recipe_key_is_an_error_naming_it(tmp_path):
 
 
 def test_cli_reports_a_bad_recipe_without_a_traceback(tmp_path, capsys):
-    from videoar_megatron.cli.train import main
-    assert main(["--recipe", str(TINY_RECIPE), "--set", "model.sise=L", "--print-config"]) == 2
+    from videoar_megatron.cli import main
+    assert main(["train", "--recipe", str(TINY_RECIPE), "--set", "model.sise=L", "--print-config"]) == 2
     assert "videoar train: unknown key 'model.sise'" in capsys.readouterr().err
-    assert main(["--recipe", str(TINY_RECIPE), "--print-config"]) == 0
+    assert main(["train", "--recipe", str(TINY_RECIPE), "--print-config"]) == 0
     assert "global_batch_size: 8" in capsys.readouterr().out
 
 

@@ -40,7 +40,7 @@ def test_layout_check_names_the_knobs():
         tiny("parallel.pipeline_parallel=3")
     with pytest.raises(ValueError, match="2 micro-batches per step < parallel.pipeline_parallel=4"):
         tiny("model.num_layers=4", "parallel.pipeline_parallel=4").check_layout(4)
-    with pytest.raises(ConfigError, match="warmup_steps=500 must be < the decay length 300"):
+    with pytest.raises(ConfigError, match=r"warmup_steps=500 must be below the LR schedule.s length, train.steps=300"):
         tiny("optim.warmup_steps=500")
     with pytest.raises(ConfigError, match="text_tokens needs caption token ids"):
         tiny("model.condition.kind=text_tokens")

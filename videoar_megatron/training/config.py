@@ -318,8 +318,12 @@ class TrainConfig:
             raise ValueError(f"model.ffn_hidden_size={self.model.ffn_hidden_size} is not divisible by "
                              f"parallel.tensor_parallel={p.tensor_parallel}")
         if self.optim.warmup_steps >= self.decay_steps:
-            raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be < the decay length "
-                             f"{self.decay_steps} (optim.decay_steps, or train.steps when it is 0)")
+            # refused rather than shortened: a warm-up silently cut would change a long run's schedule too
+            length = (f"optim.decay_steps={self.optim.decay_steps}" if self.optim.decay_steps
+                      else f"train.steps={self.train.steps} (optim.decay_steps is 0)")
+            raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be below the LR schedule's "
+                             f"length, {length}; for a short try add --set optim.warmup_steps=0 (or any "
+                             f"value below {self.decay_steps})")
 
     @property
     def decay_steps(self) -> int:
