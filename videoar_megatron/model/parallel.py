@@ -43,9 +43,13 @@ def init_model_parallel(ctx: DistContext, parallel: ParallelConfig, seed: int = 
                          f"x parallel.pipeline_parallel ({parallel.pipeline_parallel})")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    # The model has no experts, but Megatron (0.16.1) lays out an expert grid anyway, sized without CP,
+    # and with PP > 1 in an order not ending in pp it requires that grid's data-parallel size to equal
+    # the attention's. Folding CP into the (unused) expert-parallel dimension makes them equal.
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor_parallel,
                                              pipeline_model_parallel_size=parallel.pipeline_parallel,
                                              context_parallel_size=parallel.context_parallel,
+                                             expert_model_parallel_size=parallel.context_parallel,
                                              order=order)
     if ctx.device.type == "cuda":
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
