@@ -18,3 +18,18 @@ def test_train_step_benchmark_runs_with_and_without_split_attention(capsys):
     out = capsys.readouterr().out
     assert "attention_split_tokens=0" in out and "attention_split_tokens=16" in out
     assert out.count("=> VideoAR / GPT tokens/s") == 2
+
+
+def test_context_parallel_cost_benchmark_runs_both_paths(capsys):
+    from benchmarks.bench_ar_cp import main
+    assert main(["--device", "cpu", "--size", "tiny", "--layouts", "ucf", "--iters", "1", "--rounds", "1",
+                 "--latent-dim", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "plain  step" in out and "split  step" in out and "=> split / plain tokens/s" in out
+
+
+def test_context_parallel_balance_table_prints_every_split(capsys):
+    from benchmarks.cp_balance import main
+    assert main(["--frames", "3", "--cp", "2", "--windows", "0,1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert len(rows) == 2 and all(len(r) == 7 and float(r[4]) <= 1.1 for r in rows)

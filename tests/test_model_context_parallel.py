@@ -163,3 +163,64 @@ def test_a_split_loss_adds_up_to_the_unsplit_one_for_any_token_weights():
     torch.testing.assert_close(sum(p.bit_accuracy for p in parts), whole.bit_accuracy, rtol=1e-6, atol=0)
     torch.testing.assert_close(sum(p.per_scale_loss_K for p in parts), whole.per_scale_loss_K, rtol=1e-6, atol=0)
     torch.testing.assert_close(grads, grad_whole, rtol=1e-6, atol=1e-9)
+
+
+# --- GPU (FlexAttention): run with `pytest -m gpu` on a GPU host -------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+def test_flex_with_query_and_key_index_tables_equals_dense_sdpa_on_gpu(dtype, tol):
+    """A CP rank's compiled FlexAttention: its 128-token chunks of queries against keys in the gathered
+    (rank after rank) order, BlockMask from the tabled rule, equals SDPA under the same rows and columns
+    of the dense mask, in output and gradients; with a Random Frame Mask window and drop."""
+    from videoar_megatron.model.attention import FLEX_KERNEL_OPTIONS
+    from videoar_megatron.model.mask import block_mask, compiled_flex_attention
+    layout = TokenLayout.padded(8, ((1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (8, 8)), 5, multiple=2 * 128)
+    tables = layout.tables("cuda")
+    vis = draw_frame_visibility(2, layout.frames, window=3, p_mask=0.3, generator=torch.Generator().manual_seed(0),
+                                device="cuda")
+    text_len = torch.tensor([8, 3], device="cuda")
+    positions = [p.cuda() for p in rank_positions(layout, 2, 128, 3)]
+    q_pos, kv_pos = positions[1], torch.cat(positions)
+    gen = torch.Generator("cuda").manual_seed(0)
+    q = torch.randn(2, 4, len(q_pos), 64, device="cuda", generator=gen, dtype=dtype).requires_grad_()
+    k, v = (torch.randn(2, 4, layout.seq_len, 64, device="cuda", generator=gen, dtype=dtype).requires_grad_()
+            for _ in range(2))
+    grad_out = torch.randn_like(q)
+    bm = block_mask(tables, vis, text_len, q_positions=q_pos, kv_positions=kv_pos)
+    out = compiled_flex_attention()(q, k, v, block_mask=bm, kernel_options=FLEX_KERNEL_OPTIONS["triton"])
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=dense_mask(tables, vis, text_len, q_positions=q_pos, kv_positions=kv_pos))
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad_out), torch.autograd.grad(ref, (q, k, v), grad_out)):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+def test_the_one_rank_split_path_equals_the_plain_path_on_gpu():
+    """What benchmarks/bench_ar_cp.py times at CP=1: the split machinery (embeddings by position, tabled
+    BlockMask, gather no-op, head and loss on index lists) computes the plain path's logits and gradients."""
+    from tests.process_groups import single_process_groups
+    from tokenizer.quantizer import MultiScaleBSQ
+    from videoar_megatron.model.model import build_model
+    from videoar_megatron.model.sequence import build_batch
+    from videoar_megatron.training.engine import micro_batch_loss
+    cfg = build_dataclass(ModelConfig, {"size": "tiny", "latent_dim": 16, "attention_backend": "flex",
+                                        "mask": {"rfm_window": 2, "rfm_p_mask": 0.3}})
+    q = MultiScaleBSQ(dim=16, scales=((1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (8, 8)))
+    batch = build_batch(q, cfg, latent_BdTHW=torch.randn(2, 16, 5, 8, 8, device="cuda"), cond=torch.tensor([3, 4]),
+                        training=True, generator=torch.Generator("cuda").manual_seed(0))
+    with single_process_groups("cuda") as groups:
+        torch.manual_seed(0)
+        model = build_model(cfg, ParallelConfig(), groups, device="cuda")
+        results = []
+        for split in (False, True):
+            model.always_split = split
+            model.zero_grad()
+            out = micro_batch_loss(model, model(batch), batch, cfg.loss)
+            out.loss.backward()
+            results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain_loss, plain_grads), (split_loss, split_grads) = results
+    torch.testing.assert_close(split_loss, plain_loss, atol=1e-5, rtol=1e-5)
+    for name in plain_grads:
+        torch.testing.assert_close(split_grads[name], plain_grads[name], atol=1e-4, rtol=1e-3, msg=name)

@@ -99,7 +99,8 @@ class VideoARModel(MegatronModule):
         if self.cp_size == 1 and not self.always_split:
             return None
         cp = self.pg_collection.cp
-        return context_split(layout, cp.size(), cp.rank(), self.cp_chunk, self.cfg.mask.rfm_window, str(device))
+        chunk = self.cp_chunk if cp.size() > 1 else 1  # one rank holds every token: no padding needed
+        return context_split(layout, cp.size(), cp.rank(), chunk, self.cfg.mask.rfm_window, str(device))
 
     def video_index_n(self, layout: TokenLayout, device: torch.device) -> torch.Tensor | None:
         """Which video tokens this rank's logits are (:func:`~videoar_megatron.model.loss.bit_loss`'s
