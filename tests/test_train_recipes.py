@@ -145,3 +145,23 @@ def test_context_parallel_divides_activations_except_the_gathered_keys_and_value
     assert two.check_layout(32).dp == one.check_layout(32).dp // 2
     assert stages_memory(one, seq, one.check_layout(32))[0].optimizer_distributed == \
         stages_memory(two, seq, two.check_layout(32))[0].optimizer_distributed
+
+
+def test_the_context_parallel_table_in_the_training_docs_is_the_dry_runs():
+    """docs/training.md quotes dry-run estimates for L/XL/4B at 33/65/129 frames and CP=1..8: each cell
+    equals the dry run of recipes/ar/stage3.yaml with those knobs (so the table cannot go stale)."""
+    import re
+    docs = (RECIPES.parent / "docs" / "training.md").read_text()
+    rows = re.findall(r"^\| (L|XL|4B) \| (33|65|129) \| ([\d,]+) \| (.+) \|$", docs, flags=re.M)
+    assert len(rows) == 9, rows
+    for size, frames, tokens, cells in rows:
+        values = [float(c) for c in cells.split(" | ")]
+        base = [f"model.size={size}", f"data.num_frames={frames}"]
+        options = [[f"parallel.context_parallel={cp}", "parallel.recompute=none"] for cp in (1, 2, 4, 8)]
+        options.append(["parallel.context_parallel=1", "parallel.recompute=full"])
+        assert len(values) == len(options), (size, frames)
+        for value, sets in zip(values, options):
+            cfg = stage3(*base, *sets)
+            assert round(estimate_gib(cfg), 1) == value, (size, frames, sets)
+        layout = sequence_layouts(cfg)["video"][0]
+        assert layout.prefix_len + layout.video_len == int(tokens.replace(",", ""))

@@ -137,6 +137,11 @@ class ContextSplit:
     """Sequence positions of this rank's tokens, ascending: its embeddings, layers, queries."""
     gathered_S: torch.Tensor
     """Sequence position of each key/value after the all-gather (rank after rank)."""
+    mask_q_S: torch.Tensor
+    """``local_S`` as int32, the mask's query table: FlexAttention's FLASH backend does not compile int64
+    indices (see ``LayoutTables.frame_index_S``)."""
+    mask_kv_S: torch.Tensor
+    """``gathered_S`` as int32, the mask's key table."""
     video_rows_s: torch.Tensor
     """Rows of the local sequence that are video tokens (the head's inputs)."""
     video_index_n: torch.Tensor
@@ -149,7 +154,9 @@ def context_split(layout: TokenLayout, size: int, rank: int, chunk: int, window:
     positions = rank_positions(layout, size, chunk, window)
     local = positions[rank]
     video_rows = torch.nonzero(layout.tables().kind_S[local] == VIDEO).flatten()
-    return ContextSplit(size=size, rank=rank, local_S=local.to(device), gathered_S=torch.cat(positions).to(device),
+    gathered = torch.cat(positions)
+    return ContextSplit(size=size, rank=rank, local_S=local.to(device), gathered_S=gathered.to(device),
+                        mask_q_S=local.int().to(device), mask_kv_S=gathered.int().to(device),
                         video_rows_s=video_rows.to(device),
                         video_index_n=(local[video_rows] - layout.prefix_len).to(device))
 

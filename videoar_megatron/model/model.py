@@ -115,7 +115,7 @@ class VideoARModel(MegatronModule):
         text_len = batch.text_len_B.masked_fill(batch.cond_drop_B, batch.layout.prefix_len)
         full = mask_lib.is_full_context(batch.frame_visible_BTT)
         inputs = AttentionInputs(flex_kernel=self.cfg.flex_kernel, cp_group=self.pg_collection.cp)
-        tabled = {"full_context": full, "q_positions": split.local_S, "kv_positions": split.gathered_S}
+        tabled = {"full_context": full, "q_positions": split.mask_q_S, "kv_positions": split.mask_kv_S}
         if self.backend(device) == "flex":
             inputs.block_mask = mask_lib.block_mask(tables, batch.frame_visible_BTT, text_len, **tabled)
         else:
