@@ -239,8 +239,8 @@ def context_parallel_lines(cfg: TrainConfig, seq: TokenLayout) -> list[str]:
 def context_parallel_options(cfg: TrainConfig) -> list[tuple[int, float]]:
     """(CP, estimate in GiB) for every CP whose layout is valid at the target world size."""
     from dataclasses import replace
-    out = []
-    for cp in range(1, cfg.target.world_size // (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel) + 1):
+    out, ranks = [], cfg.target.world_size // (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
+    for cp in (d for d in range(1, ranks + 1) if ranks % d == 0):
         try:
             option = replace(cfg, parallel=replace(cfg.parallel, context_parallel=cp))
             option.check_layout(cfg.target.world_size)
