@@ -102,14 +102,32 @@ def check_divisible(layout: TokenLayout, size: int, chunk: int) -> None:
                          f"pad_to_multiple=context_parallel.sequence_multiple(parallel)")
 
 
+PTRR_MODULES = ("torch.distributed.tensor.experimental._context_parallel._load_balancer",
+                "torch.distributed.tensor.experimental._load_balancer")
+"""Where torch keeps its (private, prototype) context-parallel load balancers: the package it moved them
+into (2.14 here), then the module they were added in."""
+
+
+def ptrr_scheduler():
+    """torch's ``_PTRRLoadBalancer.ptrr_scheduling(process_time, group_size)``."""
+    import importlib
+    for name in PTRR_MODULES:
+        try:
+            return importlib.import_module(name)._PTRRLoadBalancer.ptrr_scheduling
+        except (ImportError, AttributeError):
+            continue
+    raise RuntimeError(f"parallel.context_parallel > 1 needs torch's context-parallel PTRR load balancer "
+                       f"(added to torch in October 2025; torch 2.14 has it), which torch {torch.__version__} "
+                       f"lacks: none of {PTRR_MODULES} defines it")
+
+
 @functools.lru_cache(maxsize=32)
 def balanced_chunks(layout: TokenLayout, size: int, chunk: int, window: int = 0) -> tuple[tuple[int, ...], ...]:
     """Chunk indices (ascending) of each of ``size`` ranks: equal counts, work balanced by torch's
     processing-time round-robin scheduler (see the module docstring)."""
-    from torch.distributed.tensor.experimental._context_parallel._load_balancer import _PTRRLoadBalancer
     check_divisible(layout, size, chunk)
     work_C = row_work(layout, window).view(-1, chunk).sum(-1)
-    groups = _PTRRLoadBalancer.ptrr_scheduling(work_C, size)  # (size, chunks / size), rows ascending
+    groups = ptrr_scheduler()(work_C, size)  # (size, chunks / size), rows ascending
     return tuple(tuple(int(c) for c in row) for row in groups)
 
 
