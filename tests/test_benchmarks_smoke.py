@@ -84,3 +84,18 @@ def test_per_pair_settings_look_up_size_and_layout_then_layout_then_size():
     assert per_pair(spec, "XL", "stage3", "none") == "full"
     assert per_pair(spec, "4B", "ucf", "full") == "none"
     assert per_pair("core_attn", "L", "ucf", "none") == "core_attn"
+
+
+def test_context_parallel_cost_benchmark_runs_both_paths(capsys):
+    from benchmarks.bench_ar_cp import main
+    assert main(["--device", "cpu", "--size", "tiny", "--layouts", "ucf", "--iters", "1", "--rounds", "1",
+                 "--latent-dim", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "plain  step" in out and "split  step" in out and "=> split / plain tokens/s" in out
+
+
+def test_context_parallel_balance_table_prints_every_split(capsys):
+    from benchmarks.cp_balance import main
+    assert main(["--frames", "3", "--cp", "2", "--windows", "0,1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert len(rows) == 2 and all(len(r) == 7 and float(r[4]) <= 1.1 for r in rows)

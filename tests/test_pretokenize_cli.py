@@ -22,6 +22,8 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "pretokenize"
     ("tiny.yaml", 9, (32, 32), (2, 2), None),
     ("ucf101_17x128.yaml", 17, (128, 128), (8, 8), 130),
     ("stage3_33x384x672.yaml", 33, (384, 672), (24, 42), None),
+    ("stage3_65x384x672.yaml", 65, (384, 672), (24, 42), None),
+    ("stage3_129x384x672.yaml", 129, (384, 672), (24, 42), None),
 ])
 def test_shipped_recipes_parse_and_fit_together(name, frames, hw, latent_hw, tokens):
     cfg = load_config(PretokenizeConfig, RECIPES / name)

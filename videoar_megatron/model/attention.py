@@ -50,6 +50,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
+from videoar_megatron.model.context_parallel import gather_sequence
 from videoar_megatron.model.layout import TokenLayout
 from videoar_megatron.model.mask import compiled_flex_attention
 
@@ -251,6 +252,9 @@ class AttentionInputs:
     """Valid prefix length per sample when some caption is padded (split path only; None: all |Ψ|)."""
     flex_kernel: FlexKernel = TRITON
     """Kernel of the flex path (chosen per layout from ``ModelConfig.flex_kernel``)."""
+    cp_group: Any = None
+    """Context parallelism: gather keys/values over this group before attending (the mask then carries
+    the query and key index tables; :mod:`.context_parallel`)."""
 
 
 class VideoARCoreAttention(MegatronModule):
@@ -260,8 +264,6 @@ class VideoARCoreAttention(MegatronModule):
                  attention_type: str = "self", cp_comm_type: str | None = None,
                  softmax_scale: float | None = None, pg_collection=None, **kwargs):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("VideoAR attention does not support context parallelism yet")
         tp = pg_collection.tp.size() if pg_collection is not None else 1
         self.layer_number = layer_number
         self.heads = divide(config.num_attention_heads, tp)
@@ -277,6 +279,8 @@ class VideoARCoreAttention(MegatronModule):
         if packed_seq_params is not None:
             raise ValueError("packed sequences are not supported by VideoAR attention")
         inputs = attention_bias
+        if inputs.cp_group is not None:  # local queries against every rank's keys/values
+            key, value = gather_sequence(key, inputs.cp_group), gather_sequence(value, inputs.cp_group)
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
         if inputs.kv_cache is not None:
             k, v = inputs.kv_cache.update(self.layer_number, k, v, inputs.q_start)

@@ -2,7 +2,7 @@
 
 Design decision: one ``ModelConfig`` holds every knob that changes the model's numerics (sizes,
 RoPE, mask, cross-frame error correction, conditioning, loss); ``ParallelConfig`` holds the knobs
-that must *not* change them (TP, PP, sequence parallel, recompute). A named ``size`` fills the
+that must *not* change them (TP, PP, CP, sequence parallel, recompute). A named ``size`` fills the
 transformer dimensions; explicit ``num_layers``/``hidden_size``/... override the preset, so a resolved
 config written to a run directory loads back equal.
 
@@ -262,9 +262,27 @@ class ParallelConfig:
     """Megatron sequence parallelism (needs tensor_parallel > 1): norms and residuals hold S/TP tokens."""
     recompute: Literal["none", "full", "core_attn"] = "none"
     """Activation recompute: 'full' recomputes every layer in backward, 'core_attn' only attention."""
+    context_parallel: int = 1
+    """Context-parallel size (long videos): every rank of a CP group holds 1/CP of the sequence's tokens
+    in embeddings, layers, head and loss; attention runs its queries against the keys/values gathered
+    over the group under the same mask rule; gradients are reduced over data x context parallel ranks
+    (Megatron-core's CP groups). Tokens are dealt to ranks in chunks balanced by attention work
+    (docs/training.md). Sampling always runs unsplit."""
+    context_parallel_chunk: int = 128
+    """Tokens per chunk dealt to context-parallel ranks (the sequence is padded to a multiple of CP x
+    chunk). 128 = FlexAttention's block: a chunk never splits a BlockMask block, so the mask keeps its
+    block sparsity; smaller chunks balance finer at short lengths (tests)."""
 
     def __post_init__(self):
         if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
             raise ValueError("parallel.tensor_parallel and parallel.pipeline_parallel must be >= 1")
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ValueError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
+        if self.context_parallel < 1 or self.context_parallel_chunk < 1:
+            raise ValueError(f"parallel.context_parallel ({self.context_parallel}) and "
+                             f"parallel.context_parallel_chunk ({self.context_parallel_chunk}) must be >= 1")
+
+    @property
+    def replica_size(self) -> int:
+        """Ranks of one model replica: TP x CP x PP (they read the same samples)."""
+        return self.tensor_parallel * self.context_parallel * self.pipeline_parallel

@@ -75,7 +75,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, *, device: to
         add_bias_linear=False, add_qkv_bias=False, hidden_dropout=0.0, attention_dropout=0.0,
         init_method_std=cfg.init_std,
         tensor_model_parallel_size=parallel.tensor_parallel, pipeline_model_parallel_size=parallel.pipeline_parallel,
-        sequence_parallel=parallel.sequence_parallel,
+        context_parallel_size=parallel.context_parallel, sequence_parallel=parallel.sequence_parallel,
         params_dtype=params_dtype, pipeline_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         # CPU: Megatron initialises full weights on the host and splits them; CUDA: on device.

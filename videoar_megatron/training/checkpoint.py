@@ -6,7 +6,7 @@ marker written last) holds, in Megatron ``dist_checkpointing`` format:
 - ``model.*``: the weights (``model_sharded_state_dict``; reshardable over TP/PP);
 - ``optimizer.*``: the optimizer state from the optimizer's own ``sharded_state_dict`` (Megatron's
   reshardable formats: per-parameter state for the CPU ``FP32Optimizer``; ``fully_reshardable`` for the
-  distributed optimizer), so it loads at another TP/PP/DP layout;
+  distributed optimizer), so it loads at another TP/CP/PP/DP layout;
 - ``rng_state``: every rank's RNG states (torch, CUDA, Megatron's tracker, numpy, random). They are
   restored when the layout is unchanged; at another layout they cannot be mapped to ranks and are
   re-seeded instead, which changes nothing in training: every random draw of the batches is derived
@@ -19,7 +19,7 @@ config (the AR checkpoint contract the sampler relies on; fields may be added, n
 Resume rules (each refusal names the knob): the model config must be unchanged, except the knobs
 that only pick kernels (``KERNEL_CHOICE_KEYS``); the optimizer state
 must come from the same optimizer kind (CPU fp32 vs GPU mixed precision / distributed); the data
-position needs the same global batch size and the same shards. At another TP/PP/DP layout everything
+position needs the same global batch size and the same shards. At another TP/CP/PP/DP layout everything
 else reshards: weights and optimizer through ``dist_checkpointing``, the data position through
 streaming's elastic determinism (same samples per step at any DP size).
 """
@@ -248,7 +248,8 @@ def load_initial_weights(path: Path, model, optimizer, cfg, manifest: dict, ctx:
 
 def same_layout(saved: dict, layout) -> bool:
     s = saved["layout"]
-    return (s["tp"], s["pp"], s["world_size"]) == (layout.tp, layout.pp, layout.world_size)
+    return (s["tp"], s.get("cp", 1), s["pp"], s["world_size"]) == (layout.tp, layout.cp, layout.pp,
+                                                                    layout.world_size)
 
 
 def resolve_weights_path(path: str | Path) -> Path:

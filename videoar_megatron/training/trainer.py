@@ -4,9 +4,9 @@
 
 One step, every rank in the same order (each numbered line is collective):
 
-1. read this replica's step batch, build its micro-batches (all TP/PP ranks of a replica build the
-   same ones; randomness from (seed, step, sample id));
-2. forward/backward over the micro-batches, gradients reduced over DP (and SP norms over TP) — the
+1. read this replica's step batch, build its micro-batches (all TP/CP/PP ranks of a replica build the
+   same ones; randomness from (seed, step, sample id); a CP rank's model keeps its share of each);
+2. forward/backward over the micro-batches, gradients reduced over DP x CP (and SP norms over TP) — the
    engine ``train.engine`` picks (:mod:`.engine`: Megatron DDP + schedules, the default on GPU; a
    plain loop on CPU);
 3. loss and per-scale metrics summed over all ranks, so every rank holds the same numbers;
@@ -37,6 +37,7 @@ from videoar_common.lr_schedule import schedule_changes
 from videoar_common.numerics import NumericsGuard
 from videoar_common.preemption import PreemptionWatcher, clear_requeue, request_requeue
 from videoar_common.run_logging import METRICS_FILE, RunLogger, get_logger, plot_metrics
+from videoar_megatron.model.context_parallel import sequence_multiple
 from videoar_megatron.model.model import build_model
 from videoar_megatron.model.parallel import REPLICA_CONSECUTIVE_ORDER, destroy_model_parallel, init_model_parallel
 from videoar_megatron.training import checkpoint as ckpt
@@ -96,7 +97,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.decay_steps)
         self.guard = NumericsGuard(cfg.numerics)
         self.data = TrainData(cfg.data, cfg.model, self.layout, seed=cfg.train.seed, device=ctx.device,
-                              sequence_parallel=cfg.parallel.sequence_parallel)
+                              pad_to_multiple=sequence_multiple(cfg.parallel))
         self.step = self.consumed_samples = self.skipped_steps = self.steps_this_job = 0
         self.last_saved = -1
         self._last_skipped = False
@@ -191,7 +192,8 @@ class Trainer:
         self.consumed_samples, self.skipped_steps = saved["consumed_samples"], saved["skipped_steps"]
         self.run_id = saved["logger_run_id"]
         s = saved["layout"]
-        moved = "" if same else f" (saved at tp={s['tp']} pp={s['pp']} dp={s['dp']}, resharded)"
+        cp = f" cp={s.get('cp', 1)}" if max(s.get("cp", 1), self.layout.cp) > 1 else ""
+        moved = "" if same else f" (saved at tp={s['tp']}{cp} pp={s['pp']} dp={s['dp']}, resharded)"
         return f"resumed from {path} at step {self.step}{moved}"
 
     def _open_run(self, resumed: bool) -> None:
@@ -246,11 +248,12 @@ class Trainer:
         vec = torch.zeros(3 + 2 * K, dtype=torch.float64, device=device)
         if outs and self.groups.tp.rank() == 0:  # last pipeline stage, one rank per TP group
             for o in outs:
+                # Context-parallel ranks hold shares of one micro-batch's values: summed, counted once.
                 vec[0] += o.loss.double().to(device)
                 vec[1] += o.bit_accuracy.double().to(device)
                 vec[2:2 + K] += o.per_scale_loss_K.double().to(device)
                 vec[2 + K:2 + 2 * K] += o.per_scale_acc_K.double().to(device)
-                vec[-1] += 1
+                vec[-1] += self.groups.cp.rank() == 0
         if dist.is_initialized() and self.ctx.world_size > 1:
             dist.all_reduce(vec)
         vec = (vec / vec[-1]).tolist()
@@ -274,20 +277,22 @@ class Trainer:
     def _check_replica_batch(self, sample_ids: list[str]) -> None:
         """Collective, once per job: every rank of a model replica read the same samples (the reader's
         replica-aware sharding is what TP/PP correctness rests on; fail loudly, not with garbage)."""
-        mp = self.groups.mp
-        if mp.size() == 1:
-            return
-        seen = [None] * mp.size()
-        dist.all_gather_object(seen, sample_ids, group=mp)
-        if any(s != seen[0] for s in seen):
-            raise RuntimeError(f"ranks of one model replica read different samples at step {self.step + 1}: "
-                               f"{[s[:2] for s in seen]}; the shard reader's replication must equal TP x PP")
+        for group in (self.groups.mp, self.groups.cp):  # TP x PP, then CP: together the whole replica
+            if group.size() == 1:
+                continue
+            seen = [None] * group.size()
+            dist.all_gather_object(seen, sample_ids, group=group)
+            if any(s != seen[0] for s in seen):
+                raise RuntimeError(f"ranks of one model replica read different samples at step {self.step + 1}: "
+                                   f"{[s[:2] for s in seen]}; the shard reader's replication must equal "
+                                   f"TP x CP x PP")
 
     def _audit(self, sample_ids: list[str], source: str) -> None:
         """Rank 0 appends every replica's sample ids of this step to ``sample_ids.jsonl``."""
         if not self.cfg.metrics.audit_sample_ids:
             return
-        mine = sample_ids if self.groups.tp.rank() == 0 and self.groups.pp.rank() == 0 else None
+        first = self.groups.tp.rank() == 0 and self.groups.cp.rank() == 0 and self.groups.pp.rank() == 0
+        mine = sample_ids if first else None  # one record per replica
         gathered = [None] * self.ctx.world_size if self.ctx.is_main else None
         if dist.is_initialized() and self.ctx.world_size > 1:
             dist.gather_object(mine, gathered, dst=0)
