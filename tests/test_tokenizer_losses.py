@@ -93,3 +93,14 @@ def test_generator_loss_leaves_discriminator_gradients_alone():
     d.backward()
     assert all(p.grad is not None for p in disc.parameters())
     assert {"d_hinge", "lecam", "logits_real", "logits_fake", "d_total"} <= set(dterms)
+
+
+def test_generator_total_weighs_commitment_and_entropy_as_documented():
+    """loss += commit_weight · L_commit + entropy_weight · L_entropy on the quantizer's values as given."""
+    x = clip(b=1, t=1)
+    recon = x + 0.1
+    loss = TokenizerLoss(LossConfig(rec="l1", commit_weight=0.25, entropy_weight=0.1, gan_weight=0.0))
+    total, terms = loss.generator_loss(x, recon, torch.tensor(0.4), torch.tensor(-0.03), None)
+    rec = (recon - x).abs().mean().item()
+    assert total.item() == pytest.approx(rec + 0.25 * 0.4 + 0.1 * -0.03, rel=1e-6)
+    assert terms["entropy"].item() == pytest.approx(-0.03)

@@ -53,9 +53,12 @@ class LossConfig:
     """Optional LPIPS linear-head weights (the ``vgg.pth`` of the lpips package); empty = equal weights
     over the five VGG layers on channel-normalised features."""
     commit_weight: float = 0.25
-    """λ_commit: pulls the encoder output towards its binary codes."""
+    """λ_commit on the mean over scales of mse(z, code): pulls the encoder output towards its binary
+    codes (Infinity's commitment_loss_weight 0.25)."""
     entropy_weight: float = 0.1
-    """λ_entropy: per-token bit entropy minus codebook entropy (encourages confident, balanced bits)."""
+    """λ_entropy on the mean over scales of (per-token bit entropy - codebook bit entropy) / tau, tau =
+    model.entropy_inv_temperature: Infinity's BSQ convention and default weight 0.1, i.e. 0.001 on the
+    raw entropy difference at tau = 100 (formula and source: docs/tokenizer.md#quantizer-losses)."""
     gan_weight: float = 0.1
     """λ_GAN of the generator's hinge loss (0 disables the GAN and the discriminator)."""
     disc_start_step: int = 2000
