@@ -236,8 +236,9 @@ class TokenizerLoss(nn.Module):
         self.perceptual = (VGGPerceptualLoss(cfg.perceptual_vgg_path, cfg.perceptual_lin_path)
                            if cfg.perceptual_weight > 0 else None)
         if self.perceptual is not None:
-            get_logger().info("perceptual loss: %s (VGG16 %s%s)", self.perceptual.variant, cfg.perceptual_vgg_path,
-                     f", heads {cfg.perceptual_lin_path}" if cfg.perceptual_lin_path else "")
+            heads = f", heads {cfg.perceptual_lin_path}" if cfg.perceptual_lin_path else ""
+            get_logger().info("perceptual loss: %s (VGG16 %s%s)", self.perceptual.variant,
+                              cfg.perceptual_vgg_path, heads)
         self.lecam = LeCAM(cfg.lecam_decay)
 
     def gan_active(self, step: int) -> bool:
