@@ -11,8 +11,9 @@ mean over its d bits (Infinity's ``bitloss_type == 'mean'``); tokens are average
 - ``infinitystar``: min(cap, (n_K / n_k)^(1/(1+r))), InfinityStar's (``infinity/trainer/sft_trainer.py``
   lines 194-198),
 
-times the optional explicit ``scale_weights``, normalised to sum to one per sample (both do it over
-the sequence); the batch loss is the mean over samples. Every frame has the same pyramid, so n_k is
+times the optional explicit ``scale_weights``, normalised to sum to one per sample (Infinity normalises
+over the sequence, InfinityStar over the packed batch: the same when all samples share one layout, as
+ours do); the batch loss is the mean over samples. Every frame has the same pyramid, so n_k is
 per frame (Infinity's (t, h, w) volume of an image scale).
 """
 from __future__ import annotations
