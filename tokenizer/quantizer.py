@@ -164,7 +164,7 @@ class MultiScaleBSQ(nn.Module):
     def _entropy_penalty(self, z_Ndhw: torch.Tensor) -> torch.Tensor:
         """Per-sample bit entropy (want confident) minus codebook bit entropy (want uniform usage),
         divided by the inverse temperature as Infinity's BSQ does: the gradient of the soft bits grows
-        with the inverse temperature, so the division keeps the term's scale independent of it."""
+        with the inverse temperature, so the division keeps the term's gradient independent of it."""
         p1 = torch.sigmoid(4 * self.inv_temperature * self.code_scale * z_Ndhw)
         probs = torch.stack([p1, 1 - p1], dim=-1)
         per_sample = -(probs * torch.log(probs + 1e-8)).sum(-1).sum(1).mean()
