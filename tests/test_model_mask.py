@@ -25,8 +25,9 @@ def reference_tokens(prefix_len, scales, frames, pad):
     return tokens + [("pad", None, None)] * pad
 
 
-def reference_mask(tokens, text_len, keep, window):
-    """Python loops over the rules: keep[t][t'] is query frame t's Bernoulli keep bit for frame t'."""
+def reference_mask(tokens, text_len, keep, window, anchor_first=False):
+    """Python loops over the rules: keep[t][t'] is query frame t's Bernoulli keep bit for frame t';
+    ``anchor_first``: frame 0 is in every later frame's context (no window, no drop)."""
     S = len(tokens)
     out = torch.zeros(S, S, dtype=torch.bool)
     for q, (kind_q, t_q, k_q) in enumerate(tokens):
@@ -41,6 +42,8 @@ def reference_mask(tokens, text_len, keep, window):
                 visible = False                                  # text never sees video
             elif t_k == t_q:
                 visible = k_k <= k_q                             # block-causal over scales
+            elif t_k < t_q and anchor_first and t_k == 0:
+                visible = True                                   # the anchor frame
             elif t_k < t_q:
                 in_window = window == 0 or t_q - window <= t_k
                 visible = in_window and bool(keep[t_q][t_k])     # Random Frame Mask
@@ -61,8 +64,9 @@ def random_case(rng: random.Random, batch: int = 2):
     return layout, torch.tensor(text_len)
 
 
-@pytest.mark.parametrize("rfm", [False, True], ids=["no_rfm", "rfm"])
-def test_dense_mask_equals_reference(rfm):
+@pytest.mark.parametrize("rfm,anchor", [(False, False), (True, False), (True, True)],
+                         ids=["no_rfm", "rfm", "rfm_anchor_first"])
+def test_dense_mask_equals_reference(rfm, anchor):
     rng = random.Random(0 if rfm else 1)
     for _ in range(25):
         layout, text_len = random_case(rng)
@@ -71,12 +75,12 @@ def test_dense_mask_equals_reference(rfm):
         keep = torch.rand(B, T, T, generator=torch.Generator().manual_seed(rng.randint(0, 999))) > 0.5 if rfm \
             else torch.ones(B, T, T, dtype=torch.bool)
         tables = layout.tables()
-        visible = frame_visibility(keep, window)
+        visible = frame_visibility(keep, window, anchor_first=anchor)
         got = dense_mask(tables, visible, text_len)
         assert got.shape == (B, 1, layout.seq_len, layout.seq_len)
         tokens = reference_tokens(layout.prefix_len, layout.scales, T, layout.pad)
         for b in range(B):
-            want = reference_mask(tokens, int(text_len[b]), keep[b].tolist(), window)
+            want = reference_mask(tokens, int(text_len[b]), keep[b].tolist(), window, anchor)
             assert torch.equal(got[b, 0], want), f"layout {layout}, window {window}, sample {b}"
         if is_full_context(visible):  # the cheaper rule GPU training takes without RFM drops
             assert torch.equal(dense_mask(tables, visible, text_len, full_context=True), got)
@@ -128,6 +132,31 @@ def test_frame_drop_rate_and_window():
     # Drawn independently per query frame: two query frames' bits for frame 0 are uncorrelated.
     a, b = vis[:, 1, 0].float(), vis[:, 2, 0].float()
     assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.06
+
+
+@pytest.mark.parametrize("anchor", [False, True], ids=["eq9", "anchor_first"])
+def test_frame_zero_is_windowed_and_dropped_unless_anchored(anchor):
+    """The decision: by default frame 0 is an earlier frame like any other (Eq. 9's set), so with
+    window w = 2 the queries of frames 3.. never see it and inside the window it is dropped at rate
+    p; with rfm_anchor_first every later frame sees it in every sample, and the other frames' bits are
+    the same draw either way."""
+    B, T, p = 4000, 6, 0.3
+    draw = lambda a: draw_frame_visibility(B, T, window=2, p_mask=p, anchor_first=a,
+                                           generator=torch.Generator().manual_seed(5))
+    vis, other = draw(anchor), draw(not anchor)
+    assert torch.equal(vis[:, :, 1:], other[:, :, 1:])             # frames 1..: untouched by the anchor
+    to_frame0 = vis[:, 1:, 0].float()                              # query frames 1..5 → key frame 0
+    if anchor:
+        assert to_frame0.all()
+    else:
+        assert not to_frame0[:, 2:].any()                          # frames 3, 4, 5: outside the window
+        kept = to_frame0[:, :2].mean().item()                      # frames 1, 2: inside, dropped at rate p
+        assert abs(kept - (1 - p)) < 4 * (p * (1 - p) / (2 * B)) ** 0.5
+    layout = TokenLayout(1, ((1, 1), (2, 2)), T)
+    m = dense_mask(layout.tables(), vis[:3], torch.ones(3, dtype=torch.long))[:, 0]
+    frame0 = slice(1, 1 + layout.tokens_per_frame)
+    last = slice(1 + 5 * layout.tokens_per_frame, 1 + 6 * layout.tokens_per_frame)
+    assert m[:, last, frame0].all() == anchor and m[:, last, frame0].any() == anchor
 
 
 def test_padded_caption_keys_are_invisible_and_rows_never_empty():

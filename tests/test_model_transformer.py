@@ -205,7 +205,7 @@ def test_model_config_yaml_round_trip(tmp_path):
     recipe = tmp_path / "model.yaml"
     recipe.write_text("size: L\nlatent_dim: 48\nrope: {axis_split: [22, 21, 21], grid: final}\n"
                       "condition: {kind: text_features, text_len: 32, feature_dim: 4096}\n"
-                      "loss: {scale_reweight: 4, scale_weights: [1, 1, 2]}\n")
+                      "loss: {scale_weighting: infinitystar, scale_reweight: 4, scale_weights: [1, 1, 2]}\n")
     cfg = load_config(ModelConfig, recipe)
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.ffn_hidden_size) == (24, 1536, 12, 6144)
     assert cfg.rope.axis_split == (22, 21, 21) and cfg.prefix_len == 32

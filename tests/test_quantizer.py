@@ -1,6 +1,8 @@
 """Multi-scale BSQ: exact bit round trips, shrinking residuals, self-correction semantics."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -98,3 +100,41 @@ def test_bad_schedules_are_refused(scales, match):
 def test_latent_grid_must_match_last_scale():
     with pytest.raises(ValueError, match="does not match the last scale"):
         make().latent_to_bits(torch.zeros(1, 16, 4, 4))
+
+
+def _infinity_entropy_by_hand(tokens, d, tau, gamma=1.0):
+    """Infinity's BSQ entropy term for one scale, in plain Python, from its definition
+    (InfinityStar multiscale_bsq_tp.py: soft_entropy_loss, and aux_loss = (gamma0·H_sample - gamma·H_cb)
+    / inv_temperature with gamma0 = zeta = 1): p is the soft probability of the -1 code."""
+    def h(p):
+        return -(p * math.log(p + 1e-8) + (1 - p) * math.log(1 - p + 1e-8))
+    unit = []
+    for v in tokens:
+        n = math.sqrt(sum(x * x for x in v))
+        unit.append([x / n for x in v])
+    probs = [[1 / (1 + math.exp(4 * z / math.sqrt(d) * tau)) for z in u] for u in unit]  # sigmoid(-4 z/√d τ)
+    per_sample = sum(sum(h(p) for p in row) for row in probs) / len(probs)
+    avg = [sum(row[i] for row in probs) / len(probs) for i in range(d)]
+    codebook = sum(h(p) for p in avg)
+    return (per_sample - gamma * codebook) / tau
+
+
+def test_entropy_loss_equals_infinitys_formula_by_hand():
+    """Two scales over a 1x2 grid of 2-bit tokens, near the decision boundary so that the soft bits are
+    not saturated at tau = 100; the second scale's residual is computed by hand too (area down to 1x1,
+    code sign(z)/sqrt(2), bilinear up to 1x2 = the same code at both tokens)."""
+    d, tau = 2, 100.0
+    a, b = [0.71, 0.7081], [0.705, -0.7061]   # mean (0.7075, 0.001); residual of b: (-0.0021, -1.4132)
+    q = MultiScaleBSQ(dim=d, scales=[(1, 1), (1, 2)], entropy_inv_temperature=tau)
+    x = torch.tensor([[a, b]], dtype=torch.float64).permute(0, 2, 1)[:, :, None, :].float()  # (1, 2, 1, 2)
+    mean = [(a[i] + b[i]) / 2 for i in range(d)]
+    code = [math.copysign(1 / math.sqrt(d), m) if m != 0 else -1 / math.sqrt(d) for m in mean]
+    res_a, res_b = [a[i] - code[i] for i in range(d)], [b[i] - code[i] for i in range(d)]
+    scale0 = _infinity_entropy_by_hand([mean], d, tau)
+    scale1 = _infinity_entropy_by_hand([res_a, res_b], d, tau)
+    want = (scale0 + scale1) / 2                                      # mean over scales (torch.mean(all_loss))
+    got = q(x).entropy_loss.item()
+    assert scale0 == 0 and abs(scale1) > 1e-3   # one token: H_sample = H_codebook; scale 1 is not saturated
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-7)
+    with pytest.raises(ValueError, match="entropy_inv_temperature"):
+        MultiScaleBSQ(dim=d, scales=[(1, 1)], entropy_inv_temperature=0.0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tokenizer.config import TokenizerModelConfig
 from tokenizer.discriminator import Discriminator3D, DiscriminatorConfig
@@ -51,6 +52,68 @@ def test_perceptual_loss_from_local_weights(vgg_file):
     d.backward()
     assert y.grad is not None and y.grad.abs().sum() > 0
     assert all(not p.requires_grad for p in loss.parameters())
+
+
+@pytest.fixture(scope="module")
+def lin_file(tmp_path_factory):
+    """Random non-negative LPIPS heads in the lpips package's layout (lin{i}.model.1 after a Dropout)."""
+    g = torch.Generator().manual_seed(1)
+    state = {f"lin{i}.model.1.weight": torch.rand(1, ch, 1, 1, generator=g)
+             for i, ch in enumerate((64, 128, 256, 512, 512))}
+    path = tmp_path_factory.mktemp("lpips") / "vgg.pth"
+    torch.save(state, path)
+    return path
+
+
+def lpips_by_definition(vgg_path, lin_path, x_NCHW, y_NCHW):
+    """LPIPS from its definition (Zhang et al. 2018; the lpips package's conventions), independent of
+    tokenizer.losses: ScalingLayer on [-1, 1] inputs, VGG16 split into its five relu stages, features
+    divided by (channel norm + 1e-10), squared difference through each head as a 1x1 convolution (all
+    ones = the lpips=False baseline), spatial mean, sum over stages; one value per image."""
+    from torchvision.models import vgg16
+    net = vgg16(weights=None)
+    missing, unexpected = net.load_state_dict(torch.load(vgg_path, weights_only=True), strict=False)
+    assert not unexpected and all(k.startswith("classifier.") for k in missing)  # every feature weight
+    stages = [net.features[a:b].eval() for a, b in ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))]
+    shift = torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([.458, .448, .450]).view(1, 3, 1, 1)
+    heads = torch.load(lin_path, weights_only=True) if lin_path else None
+    fx, fy = (x_NCHW - shift) / scale, (y_NCHW - shift) / scale
+    total = torch.zeros(x_NCHW.shape[0])
+    with torch.no_grad():
+        for i, stage in enumerate(stages):
+            fx, fy = stage(fx), stage(fy)
+            nx = fx / (fx.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            ny = fy / (fy.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            w = heads[f"lin{i}.model.1.weight"] if heads else torch.ones(1, fx.shape[1], 1, 1)
+            total += F.conv2d((nx - ny) ** 2, w).mean(dim=(1, 2, 3))
+    return total
+
+
+@pytest.mark.parametrize("with_heads", [True, False], ids=["lpips", "baseline"])
+def test_perceptual_loss_equals_lpips_by_definition(vgg_file, lin_file, with_heads):
+    """Random VGG16 and heads saved as local files (no network): the loss equals LPIPS computed from its
+    definition, averaged over the clip's frames."""
+    lin = str(lin_file) if with_heads else ""
+    loss = VGGPerceptualLoss(str(vgg_file), lin)
+    assert loss.variant.startswith("lpips-baseline") != with_heads
+    x = clip(b=2, t=2, s=32, seed=3)
+    y = (x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))).clamp(-1, 1)
+    frames = lambda v: v.transpose(1, 2).flatten(0, 1)
+    want = lpips_by_definition(vgg_file, lin, frames(x), frames(y)).mean()
+    with torch.no_grad():
+        got = loss(x, y)
+    assert want > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
+
+
+def test_lpips_heads_file_is_checked(tmp_path, vgg_file):
+    with pytest.raises(FileNotFoundError, match=r"loss.perceptual_lin_path.*weights/v0.1/vgg.pth"):
+        VGGPerceptualLoss(str(vgg_file), str(tmp_path / "missing.pth"))
+    bad = tmp_path / "bad.pth"
+    torch.save({"lin0.model.1.weight": torch.rand(1, 64, 1, 1)}, bad)
+    with pytest.raises(ValueError, match="lacks lin1.model.1.weight of 128 channels"):
+        VGGPerceptualLoss(str(vgg_file), str(bad))
 
 
 def test_hinge_and_lecam():
@@ -129,3 +192,14 @@ def test_generator_and_discriminator_totals_weight_each_term_as_configured(vgg_f
     assert dterms["d_hinge"].item() == pytest.approx(hinge.item(), rel=1e-6)
     assert dterms["lecam"].item() == pytest.approx(lecam.item(), rel=1e-5)
     assert d.item() == pytest.approx((hinge + 0.37 * lecam).item(), rel=1e-6) and 0.37 * lecam > 1e-3 * d
+
+
+def test_generator_total_weighs_commitment_and_entropy_as_documented():
+    """loss += commit_weight · L_commit + entropy_weight · L_entropy on the quantizer's values as given."""
+    x = clip(b=1, t=1)
+    recon = x + 0.1
+    loss = TokenizerLoss(TokenizerLossConfig(rec="l1", commit_weight=0.25, entropy_weight=0.1, gan_weight=0.0))
+    total, terms = loss.generator_loss(x, recon, torch.tensor(0.4), torch.tensor(-0.03), None)
+    rec = (recon - x).abs().mean().item()
+    assert total.item() == pytest.approx(rec + 0.25 * 0.4 + 0.1 * -0.03, rel=1e-6)
+    assert terms["entropy"].item() == pytest.approx(-0.03)

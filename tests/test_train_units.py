@@ -46,16 +46,18 @@ def test_layout_check_names_the_knobs():
         tiny("model.condition.kind=text_tokens")
 
 
-@pytest.mark.parametrize("prefix,window,p_mask", [(1, 0, 0.0), (5, 2, 0.0), (3, 0, 0.4)])
-def test_attended_pairs_equal_the_dense_mask(prefix, window, p_mask):
+@pytest.mark.parametrize("prefix,window,p_mask,anchor", [(1, 0, 0.0, False), (5, 2, 0.0, False),
+                                                         (3, 0, 0.4, False), (2, 2, 0.0, True),
+                                                         (2, 1, 0.4, True), (2, 0, 0.4, True)])
+def test_attended_pairs_equal_the_dense_mask(prefix, window, p_mask, anchor):
     layout = TokenLayout.padded(prefix, ((1, 1), (2, 2), (3, 4)), 4, multiple=8)
     draws = 200 if p_mask else 1
-    vis = draw_frame_visibility(draws, layout.frames, window=window, p_mask=p_mask,
+    vis = draw_frame_visibility(draws, layout.frames, window=window, p_mask=p_mask, anchor_first=anchor,
                                 generator=torch.Generator().manual_seed(0))
     mask = dense_mask(layout.tables(), vis, torch.full((draws,), prefix))
     pads = layout.pad * draws  # a pad sees itself only
     counted = (mask.sum().item() - pads) / draws
-    expected = attended_pairs(layout, window, p_mask)
+    expected = attended_pairs(layout, window, p_mask, anchor)
     assert math.isclose(counted, expected, rel_tol=0.02 if p_mask else 0.0), (counted, expected)
 
 

@@ -27,7 +27,8 @@ class TokenizerModelConfig:
     """Multi-scale schedule [[h, w], ...] of the quantizer; the last entry is the latent grid of the
     training resolution (e.g. 64x64 pixels / 16 = 4x4)."""
     entropy_inv_temperature: float = 100.0
-    """Inverse temperature of the soft bit probabilities in the entropy penalty."""
+    """Inverse temperature tau of the soft bit probabilities sigmoid(4·tau·z/sqrt(d)) in the entropy
+    penalty; the penalty is divided by it (Infinity's convention, docs/tokenizer.md#quantizer-losses)."""
 
     def __post_init__(self) -> None:
         if self.latent_dim < 1:
@@ -45,6 +46,8 @@ class TokenizerModelConfig:
             if c % self.norm_groups:
                 raise ValueError(f"norm_groups={self.norm_groups} must divide every level's channels {self.channels}")
         check_schedule(self.scale_schedule)
+        if self.entropy_inv_temperature <= 0:
+            raise ValueError(f"entropy_inv_temperature must be > 0, got {self.entropy_inv_temperature}")
 
     @property
     def channels(self) -> list[int]:

@@ -5,9 +5,12 @@
 plus, for the discriminator, the hinge loss with LeCAM regularisation (MAGVIT-v2's recipe).
 
 Design decisions:
-- Weights never come from the network: the perceptual loss loads VGG16 weights (torchvision layout,
-  optionally LPIPS linear heads) from a local path named in the recipe; a missing file is an error
-  naming the recipe key. It is off by default (``loss.perceptual_weight: 0``).
+- Weights never come from the network: the perceptual loss loads VGG16 weights (torchvision layout)
+  and, when ``loss.perceptual_lin_path`` names them, LPIPS's learned linear heads from local paths
+  named in the recipe; a missing file is an error naming the recipe key. With both files it is LPIPS
+  (Zhang et al. 2018, the lpips package's ``LPIPS(net='vgg')``); with the VGG file only, LPIPS's own
+  baseline variant (``lpips=False``: equal weights over channels and layers). It is off by default
+  (``loss.perceptual_weight: 0``). What runs in each case: docs/tokenizer.md#perceptual-loss.
 - The GAN terms start at ``loss.disc_start_step``; before that the discriminator is not even run.
 - The generator's GAN term goes through the discriminator with its parameters frozen, so the
   autoencoder's backward never touches the discriminator engine's gradients (with ZeRO-2 a stray
@@ -26,12 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from videoar_common.run_logging import get_logger
+
 
 # Indices into torchvision's vgg16().features after which LPIPS taps the activations
 # (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3).
 VGG16_TAPS = (3, 8, 15, 22, 29)
 VGG16_CHANNELS = (64, 128, 256, 512, 512)
 VGG16_FILE_HINT = "torchvision's vgg16 ImageNet state dict, e.g. vgg16-397923af.pth"
+LPIPS_FILE_HINT = "the lpips package's weights/v0.1/vgg.pth (keys lin0.model.1.weight ... lin4)"
+# On [0, 1] pixels; on [-1, 1] this is LPIPS's ScalingLayer (shift 2·mean - 1, scale 2·std).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -50,12 +57,16 @@ class TokenizerLossConfig:
     perceptual_vgg_path: str = ""
     """Local VGG16 weights (torchvision ``vgg16`` state dict, .pth or .safetensors). Never downloaded."""
     perceptual_lin_path: str = ""
-    """Optional LPIPS linear-head weights (the ``vgg.pth`` of the lpips package); empty = equal weights
-    over the five VGG layers on channel-normalised features."""
+    """LPIPS linear-head weights, a local file (the lpips package's ``weights/v0.1/vgg.pth``, or
+    taming-transformers' ``vgg.pth``): with it the perceptual loss is LPIPS; empty = LPIPS's baseline
+    variant (channel-normalised VGG features, equal weights). Never downloaded."""
     commit_weight: float = 0.25
-    """λ_commit: pulls the encoder output towards its binary codes."""
+    """λ_commit on the mean over scales of mse(z, code): pulls the encoder output towards its binary
+    codes (Infinity's commitment_loss_weight 0.25)."""
     entropy_weight: float = 0.1
-    """λ_entropy: per-token bit entropy minus codebook entropy (encourages confident, balanced bits)."""
+    """λ_entropy on the mean over scales of (per-token bit entropy - codebook bit entropy) / tau, tau =
+    model.entropy_inv_temperature: Infinity's BSQ convention and default weight 0.1, i.e. 0.001 on the
+    raw entropy difference at tau = 100 (formula and source: docs/tokenizer.md#quantizer-losses)."""
     gan_weight: float = 0.1
     """λ_GAN of the generator's hinge loss (0 disables the GAN and the discriminator)."""
     disc_start_step: int = 2000
@@ -95,7 +106,12 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 class VGGPerceptualLoss(nn.Module):
-    """LPIPS-style distance on frozen VGG16 features, per frame; weights from local files only."""
+    """LPIPS on frozen VGG16 features, per frame (mean over frames and clips); weights from local files.
+
+    Per frame: taps after relu1_2 ... relu5_3, each unit-normalised over channels, squared difference,
+    weighted over channels by the layer's linear head (all ones without a head file), averaged over
+    space, summed over the five layers.
+    """
 
     def __init__(self, vgg_path: str, lin_path: str = "", *, key: str = "loss.perceptual_vgg_path"):
         super().__init__()
@@ -117,19 +133,27 @@ class VGGPerceptualLoss(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
+    @property
+    def variant(self) -> str:
+        return "lpips" if self.lins is not None else "lpips-baseline (no linear heads)"
+
     @staticmethod
     def _load_lins(lin_path: str) -> list[torch.Tensor] | None:
         if not lin_path:
             return None
         path = Path(lin_path)
         if not path.is_file():
-            raise FileNotFoundError(f"loss.perceptual_lin_path: {path} not found (LPIPS vgg.pth linear heads)")
+            raise FileNotFoundError(f"loss.perceptual_lin_path: {path} not found; expected {LPIPS_FILE_HINT}. "
+                                    "Weights are never downloaded: copy the file there, or set "
+                                    "loss.perceptual_lin_path to '' for LPIPS's baseline without heads")
         state = load_state_file(path)
         lins = []
         for i, ch in enumerate(VGG16_CHANNELS):
-            w = state.get(f"lin{i}.model.1.weight")
+            # lin{i}.model = [Dropout, Conv2d(ch, 1, 1)] in the released files; [Conv2d] without dropout
+            w = state.get(f"lin{i}.model.1.weight", state.get(f"lin{i}.model.0.weight"))
             if w is None or w.numel() != ch:
-                raise ValueError(f"loss.perceptual_lin_path: {path} lacks lin{i}.model.1.weight of {ch} channels")
+                raise ValueError(f"loss.perceptual_lin_path: {path} lacks lin{i}.model.1.weight of {ch} "
+                                 f"channels; expected {LPIPS_FILE_HINT}")
             lins.append(w.reshape(ch).float())
         return lins
 
@@ -211,6 +235,10 @@ class TokenizerLoss(nn.Module):
         self.cfg = cfg
         self.perceptual = (VGGPerceptualLoss(cfg.perceptual_vgg_path, cfg.perceptual_lin_path)
                            if cfg.perceptual_weight > 0 else None)
+        if self.perceptual is not None:
+            heads = f", heads {cfg.perceptual_lin_path}" if cfg.perceptual_lin_path else ""
+            get_logger().info("perceptual loss: %s (VGG16 %s%s)", self.perceptual.variant,
+                              cfg.perceptual_vgg_path, heads)
         self.lecam = LeCAM(cfg.lecam_decay)
 
     def gan_active(self, step: int) -> bool:

@@ -8,6 +8,12 @@ area-downsampled to ``(h_k, w_k)``, normalised onto the unit sphere along the ch
 upsampled back to ``(H, W)`` and subtracted from the residual. The quantized latent is the sum of the
 upsampled codes.
 
+Auxiliary losses (Infinity's BSQ convention; formulas and sources in docs/tokenizer.md#quantizer-losses):
+commitment = mean over scales of ``mse(z, code)``; entropy = mean over scales of
+``(H_sample - gamma * H_codebook) / inv_temperature``, with bit probabilities
+``sigmoid(4 * inv_temperature * z / sqrt(d))``. Dividing by the inverse temperature is Infinity's
+(``aux_loss`` in its BSQ), so ``loss.entropy_weight`` means what Infinity's ``entropy_weight`` means.
+
 What the AR stack uses (one implementation, no copies):
 - :meth:`latent_to_bits` — clean bits per scale (the training targets).
 - :meth:`bits_to_codes`, :meth:`upsample`, :meth:`accumulate` — codes and accumulated features
@@ -67,7 +73,8 @@ class QuantizerOutput:
     """Per scale k: bool ``(N, h_k, w_k, d)``."""
     commitment_loss: torch.Tensor
     entropy_loss: torch.Tensor
-    """Per-sample entropy minus codebook entropy (BSQ's factorised, analytical form)."""
+    """Mean over scales of (per-sample entropy - gamma x codebook entropy) / inv_temperature (BSQ's
+    factorised, analytical form, scaled as in Infinity)."""
 
 
 @dataclass
@@ -88,6 +95,8 @@ class MultiScaleBSQ(nn.Module):
         super().__init__()
         if dim < 1:
             raise ValueError(f"latent dim must be >= 1, got {dim}")
+        if entropy_inv_temperature <= 0:
+            raise ValueError(f"entropy_inv_temperature must be > 0, got {entropy_inv_temperature}")
         self.dim = dim
         self.scales = check_schedule(scales)
         self.inv_temperature = entropy_inv_temperature
@@ -153,13 +162,15 @@ class MultiScaleBSQ(nn.Module):
                                commitment_loss=commit / k, entropy_loss=entropy / k)
 
     def _entropy_penalty(self, z_Ndhw: torch.Tensor) -> torch.Tensor:
-        """Per-sample bit entropy (want confident) minus codebook bit entropy (want uniform usage)."""
+        """Per-sample bit entropy (want confident) minus codebook bit entropy (want uniform usage),
+        divided by the inverse temperature as Infinity's BSQ does: the gradient of the soft bits grows
+        with the inverse temperature, so the division keeps the term's gradient independent of it."""
         p1 = torch.sigmoid(4 * self.inv_temperature * self.code_scale * z_Ndhw)
         probs = torch.stack([p1, 1 - p1], dim=-1)
         per_sample = -(probs * torch.log(probs + 1e-8)).sum(-1).sum(1).mean()
         avg = probs.mean(dim=(0, 2, 3))
         codebook = -(avg * torch.log(avg + 1e-8)).sum(-1).sum()
-        return per_sample - self.entropy_gamma * codebook
+        return (per_sample - self.entropy_gamma * codebook) / self.inv_temperature
 
     # --- AR stack -----------------------------------------------------------------------------
     @torch.no_grad()

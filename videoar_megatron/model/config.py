@@ -59,6 +59,10 @@ class MaskConfig:
     rfm_p_mask: float = 0.0
     """Probability of dropping each earlier frame inside the window (training only), drawn per sample
     and per query frame. 0 disables the random drop."""
+    rfm_anchor_first: bool = False
+    """Keep latent frame 0 in every later frame's context: outside the window and never dropped (an
+    anchor, like the first-frame condition of InfinityStar's interactive mode). False (default) is
+    Eq. 9 as written: frame 0 is windowed and dropped like any earlier frame."""
 
     def __post_init__(self):
         if self.rfm_window < 0:
@@ -130,22 +134,40 @@ class ConditionConfig:
 
 @dataclass(kw_only=True)
 class LossConfig:
-    scale_reweight: int = 0
-    """Per-scale loss reweighting as in InfinityStar: 0 = every token weighs the same; r > 0 = a token
-    of scale k weighs min(max_reweight, (n_K / n_k)^(1/(1+r))), n_k = h_k·w_k, so coarse scales
-    count more."""
-    max_reweight: float = 4.0
-    """Cap of the per-token weight when scale_reweight > 0."""
+    scale_weighting: Literal["none", "infinity", "infinitystar"] = "none"
+    """Weight of a token of scale k in the bitwise cross-entropy (the paper is silent), with
+    n_k = h_k·w_k tokens per frame and K the last scale: 'none' = 1 (the finest scale dominates);
+    'infinity' = sqrt(n_K / n_k), Infinity's --reweight_loss_by_scale 1 (its trainer.py), so scale k
+    carries sqrt(n_k) / sum_j sqrt(n_j) of the loss; 'infinitystar' = min(max_reweight,
+    (n_K / n_k)^(1/(1+scale_reweight))), InfinityStar's rule. Weights sum to one per sample
+    (docs/ar_model.md#bit-loss-and-per-scale-weights)."""
+    scale_reweight: int | None = None
+    """r of scale_weighting=infinitystar (InfinityStar's --reweight_loss_by_scale); None = 4, the value
+    of its 480p/720p training scripts. Refused with the other weightings."""
+    max_reweight: float | None = None
+    """Cap of the per-token weight for scale_weighting=infinitystar; None = 40 (InfinityStar's
+    max_reweight_value). Refused with the other weightings."""
     scale_weights: list[float] | None = None
     """Optional explicit per-scale multipliers (one per scale of the schedule), applied on top."""
 
     def __post_init__(self):
-        if self.scale_reweight < 0:
-            raise ValueError(f"loss.scale_reweight must be >= 0, got {self.scale_reweight}")
-        if self.max_reweight <= 0:
+        if self.scale_weighting != "infinitystar":
+            for name in ("scale_reweight", "max_reweight"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"loss.{name} applies to loss.scale_weighting=infinitystar only, "
+                                     f"not {self.scale_weighting!r}")
+        if self.scale_reweight is not None and self.scale_reweight < 1:
+            raise ValueError(f"loss.scale_reweight must be >= 1, got {self.scale_reweight}")
+        if self.max_reweight is not None and self.max_reweight <= 0:
             raise ValueError(f"loss.max_reweight must be > 0, got {self.max_reweight}")
         if self.scale_weights is not None and min(self.scale_weights) < 0:
             raise ValueError(f"loss.scale_weights must be non-negative, got {self.scale_weights}")
+
+    @property
+    def infinitystar_r_cap(self) -> tuple[int, float]:
+        """(r, cap) of the infinitystar weighting, defaults filled in."""
+        return (4 if self.scale_reweight is None else self.scale_reweight,
+                40.0 if self.max_reweight is None else self.max_reweight)
 
 
 @dataclass(kw_only=True)

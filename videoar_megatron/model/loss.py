@@ -2,11 +2,21 @@
 
 The head emits one logit per bit (d per token). Binary cross-entropy on logit z equals Infinity's
 2-class cross-entropy on logits (z0, z1) with z = z1 - z0, at half the head width. A token's loss is the
-mean over its d bits; tokens are averaged with weights (uniform by default, or InfinityStar's
-per-scale reweighting: a token of scale k weighs min(cap, (n_K/n_k)^(1/(1+r))), n_k = h_k·w_k),
-normalised to sum to one per sample; the batch loss is the mean over samples. A context-parallel rank
-computes its share of that (its tokens' weighted sum over the whole sequence's weight sum), so the
-shares add up to the unsplit loss (:func:`bit_loss`).
+mean over its d bits (Infinity's ``bitloss_type == 'mean'``); tokens are averaged with per-scale weights
+(``loss.scale_weighting``, n_k = h_k·w_k tokens of scale k in one frame, K the last scale):
+
+- ``none``: every token weighs the same;
+- ``infinity``: sqrt(n_K / n_k), Infinity's ``reweight_loss_by_scale`` (``trainer.py`` of
+  FoundationVision/Infinity, lines 205-215: ``sqrt(last area) / sqrt(this area)`` per token);
+- ``infinitystar``: min(cap, (n_K / n_k)^(1/(1+r))), InfinityStar's (``infinity/trainer/sft_trainer.py``
+  lines 194-198),
+
+times the optional explicit ``scale_weights``, normalised to sum to one per sample (Infinity normalises
+over the sequence, InfinityStar over the packed batch: the same when all samples share one layout, as
+ours do); the batch loss is the mean over samples. Every frame has the same pyramid, so n_k is
+per frame (Infinity's (t, h, w) volume of an image scale). A context-parallel rank computes its share
+of the loss (its tokens' weighted sum over the whole sequence's weight sum), so the shares add up to
+the unsplit loss (:func:`bit_loss`).
 """
 from __future__ import annotations
 
@@ -35,15 +45,27 @@ class LossOutput:
 def token_weights(layout: TokenLayout, cfg: LossConfig, device=None) -> torch.Tensor:
     """Per-token weights ``(N,)`` of the video tokens, summing to one."""
     weights = None if cfg.scale_weights is None else tuple(cfg.scale_weights)
-    return _token_weights(layout, cfg.scale_reweight, cfg.max_reweight, weights, str(device or "cpu"))
+    r, cap = cfg.infinitystar_r_cap
+    return _token_weights(layout, cfg.scale_weighting, r, cap, weights, str(device or "cpu"))
+
+
+def scale_multipliers(sizes_K: torch.Tensor, weighting: str, r: int = 4, cap: float = 40.0) -> torch.Tensor:
+    """Weight of one token of each scale ``(K,)`` before normalisation; ``sizes_K`` = n_k."""
+    ratio_K = sizes_K[-1] / sizes_K
+    if weighting == "none":
+        return torch.ones_like(sizes_K)
+    if weighting == "infinity":
+        return ratio_K.sqrt()
+    if weighting == "infinitystar":
+        return ratio_K.pow(1.0 / (1 + r)).clamp(max=cap)
+    raise ValueError(f"loss.scale_weighting must be none, infinity or infinitystar, got {weighting!r}")
 
 
 @functools.lru_cache(maxsize=32)
-def _token_weights(layout: TokenLayout, reweight: int, cap: float, scale_weights, device: str) -> torch.Tensor:
+def _token_weights(layout: TokenLayout, weighting: str, r: int, cap: float, scale_weights,
+                   device: str) -> torch.Tensor:
     sizes = torch.tensor([h * w for h, w in layout.scales], dtype=torch.float64)
-    per_scale = torch.ones_like(sizes)
-    if reweight > 0:
-        per_scale = (sizes[-1] / sizes).pow(1.0 / (1 + reweight)).clamp(max=cap)
+    per_scale = scale_multipliers(sizes, weighting, r, cap)
     if scale_weights is not None:
         if len(scale_weights) != len(sizes):
             raise ValueError(f"loss.scale_weights has {len(scale_weights)} entries, the schedule "

@@ -7,8 +7,11 @@ Rules (paper §4.2, Eq. 9; 0-based frames t and scales k):
 - video (t, k) → video (t', k'): visible iff t' = t and k' <= k (block-causal over scales,
   bidirectional inside a scale), or t' < t and frame t' is in query frame t's context.
 - Random Frame Mask: query frame t's context is {t' : t - w <= t' < t, m_{t,t'} = 1} with
-  m_{t,t'} ~ Bernoulli(1 - p_mask), drawn per sample and per query frame (training only; w = 0 means
-  unlimited). Its own frame t is always visible through the block-causal rule.
+  m_{t,t'} ~ Bernoulli(1 - p_mask), drawn per sample and per query frame (drops in training only; the
+  window w holds at inference too; w = 0 means unlimited). Its own frame t is always visible through
+  the block-causal rule. Frame 0 is an earlier frame like any other, as Eq. 9 writes the set
+  (t' in [max(1, t - w), t - 1], 1-based), unless ``mask.rfm_anchor_first``: then frame 0 is in every
+  later frame's context, outside the window and never dropped.
 - Pads (and any token with nothing else to see) see themselves, so no softmax row is empty.
 
 Design decision: the rule is written once, :func:`mask_rule`, as tensor arithmetic over per-token
@@ -31,28 +34,35 @@ DENSE_ROWS = 1024
 """Query rows per chunk when building the dense mask."""
 
 
-def frame_visibility(keep_BTT: torch.Tensor, window: int = 0) -> torch.Tensor:
+def frame_visibility(keep_BTT: torch.Tensor, window: int = 0, anchor_first: bool = False) -> torch.Tensor:
     """``frame_visible_BTT[b, t, t']``: earlier frame t' is in query frame t's context (Eq. 9):
-    t - w <= t' < t (w = 0: unlimited) and the keep bit ``keep_BTT[b, t, t']``."""
+    t - w <= t' < t (w = 0: unlimited) and the keep bit ``keep_BTT[b, t, t']``; with ``anchor_first``
+    frame 0 is in the context of every later frame whatever the window and its keep bit."""
     T = keep_BTT.shape[-1]
     t = torch.arange(T, device=keep_BTT.device)
-    context_TT = t[None, :] < t[:, None]
+    earlier_TT = t[None, :] < t[:, None]
+    context_TT = earlier_TT.clone()
     if window > 0:
         context_TT &= (t[:, None] - t[None, :]) <= window
-    return context_TT & keep_BTT.bool()
+    visible = context_TT & keep_BTT.bool()
+    if anchor_first:
+        visible = visible | (earlier_TT & (t[None, :] == 0))
+    return visible
 
 
 def draw_frame_visibility(batch: int, frames: int, *, window: int = 0, p_mask: float = 0.0,
-                          generator: Generators = None,
+                          anchor_first: bool = False, generator: Generators = None,
                           device: torch.device | str = "cpu") -> torch.Tensor:
     """Random Frame Mask draw: keep bits m_{t,t'} ~ Bernoulli(1 - p_mask) per sample and query frame.
 
-    ``p_mask = 0`` gives the deterministic (inference) table: every earlier frame inside the window.
+    ``p_mask = 0`` gives the deterministic (inference) table: every earlier frame inside the window
+    (and frame 0 with ``anchor_first``). The keep bits are drawn for every pair whatever the anchor,
+    so switching it does not shift the random stream.
     """
     keep = torch.ones(batch, frames, frames, dtype=torch.bool)
     if p_mask > 0:
         keep = (rand_rows((batch, frames, frames), generator) >= p_mask).cpu()
-    return frame_visibility(keep, window).to(device)
+    return frame_visibility(keep, window, anchor_first).to(device)
 
 
 def mask_rule(b, q_idx, kv_idx, tables: LayoutTables, frame_visible_BTT: torch.Tensor,

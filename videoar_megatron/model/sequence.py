@@ -210,7 +210,8 @@ def build_batch(quantizer: MultiScaleBSQ, cfg: ModelConfig, *, latent_BdTHW: tor
     layout = TokenLayout.padded(cfg.prefix_len, quantizer.scales, T, multiple)
     p_mask = cfg.mask.rfm_p_mask if training else 0.0
     frame_visible = draw_frame_visibility(B, T, window=cfg.mask.rfm_window, p_mask=p_mask,
-                                          generator=generator, device=device)
+                                          anchor_first=cfg.mask.rfm_anchor_first, generator=generator,
+                                          device=device)
     drop = _draw_cond_drop(B, cfg.condition.dropout if training and cfg.condition.kind != "none" else 0.0,
                            generator, device)
     return VideoARBatch(layout=layout, inputs_BNd=inputs, targets_BNd=targets, frame_visible_BTT=frame_visible,

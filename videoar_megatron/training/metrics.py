@@ -35,15 +35,18 @@ class MetricsConfig:
             raise ValueError(f"peak_tflops must be > 0, got {self.peak_tflops}")
 
 
-def attended_pairs(layout: TokenLayout, rfm_window: int = 0, rfm_p_mask: float = 0.0) -> float:
+def attended_pairs(layout: TokenLayout, rfm_window: int = 0, rfm_p_mask: float = 0.0,
+                   rfm_anchor_first: bool = False) -> float:
     """Expected (query, key) pairs one sample attends to (pads excluded; prefix fully valid)."""
     P, L, T = layout.prefix_len, layout.tokens_per_frame, layout.frames
     cumulative = layout.scale_offsets[1:]
     within = sum(h * w * c for (h, w), c in zip(layout.scales, cumulative))  # same frame, scales <= k
     total = float(P * P)
     for t in range(T):
-        earlier = min(t, rfm_window) if rfm_window > 0 else t
-        total += L * P + within + L * L * earlier * (1.0 - rfm_p_mask)
+        in_window = min(t, rfm_window) if rfm_window > 0 else t
+        anchored = 1 if rfm_anchor_first and t > 0 else 0  # frame 0: always visible
+        droppable = in_window - (1 if anchored and in_window == t else 0)  # frame 0 left to the anchor
+        total += L * P + within + L * L * (anchored + droppable * (1.0 - rfm_p_mask))
     return total
 
 
@@ -60,7 +63,7 @@ def step_flops_per_sample(cfg: ModelConfig, layout: TokenLayout) -> float:
     forward += 2.0 * 2 * h * d * layout.video_len  # input projection and bit head
     if cfg.condition.kind == "text_features":
         forward += 2.0 * cfg.condition.feature_dim * h * layout.prefix_len
-    pairs = attended_pairs(layout, cfg.mask.rfm_window, cfg.mask.rfm_p_mask)
+    pairs = attended_pairs(layout, cfg.mask.rfm_window, cfg.mask.rfm_p_mask, cfg.mask.rfm_anchor_first)
     forward += 4.0 * pairs * cfg.num_attention_heads * cfg.head_dim * cfg.num_layers
     return 3.0 * forward
 
