@@ -150,7 +150,7 @@ def test_a_split_loss_adds_up_to_the_unsplit_one_for_any_token_weights():
     explicit scale weights) the shares' losses, bit accuracies and per-scale terms sum to the unsplit ones,
     and their gradients sum to its gradient."""
     layout = TokenLayout(2, ((1, 1), (2, 2), (3, 3)), 3)
-    cfg = LossConfig(scale_reweight=1, max_reweight=5.0, scale_weights=[3.0, 1.0, 0.25])
+    cfg = LossConfig(scale_weighting="infinitystar", scale_reweight=1, max_reweight=5.0, scale_weights=[3.0, 1.0, 0.25])
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, layout.video_len, 4, generator=gen, requires_grad=True)
     targets = torch.rand(2, layout.video_len, 4, generator=gen) > 0.5

@@ -42,7 +42,7 @@ MODE_CONFIGS = {
                    "mask": {"rfm_window": 2, "rfm_p_mask": 0.3}},
     "text_weights": {"num_query_groups": 2,
                      "condition": {"kind": "text_features", "text_len": 5, "feature_dim": 12, "dropout": 0.3},
-                     "loss": {"scale_reweight": 2, "max_reweight": 3.0, "scale_weights": [0.5, 1.0, 2.0, 1.5]}},
+                     "loss": {"scale_weighting": "infinitystar", "scale_reweight": 2, "max_reweight": 3.0, "scale_weights": [0.5, 1.0, 2.0, 1.5]}},
 }
 
 
