@@ -90,6 +90,15 @@ def test_auto_picks_the_fastest_valid_kernel_and_says_why(setting, seq_len, head
         assert f"{seq_len} tokens < {FLASH_MIN_TOKENS}" in kernel.reason
 
 
+def test_auto_keeps_triton_under_context_parallelism_and_flash_stays_explicit():
+    """FLASH has not run with context parallelism's query/key index tables: auto stays on Triton there and
+    says so; an explicit flash is the user's to try."""
+    kernel = choose_flex_kernel("auto", STAGE3, 128, HOPPER, None, context_parallel=True)
+    assert kernel.name == "triton" and "context parallelism" in kernel.reason
+    assert choose_flex_kernel("flash", STAGE3, 128, HOPPER, None, context_parallel=True).name == "flash"
+    assert choose_flex_kernel("auto", STAGE3, 128, HOPPER, None, context_parallel=False).name == "flash"
+
+
 def test_model_hands_the_chosen_kernel_to_its_attention(monkeypatch):
     """The model's flex kernel per layout follows the probe of its device (here a Hopper with FA4, faked:
     the choice only reads the capability and the blocker) and reaches AttentionInputs."""
@@ -108,6 +117,9 @@ def test_model_hands_the_chosen_kernel_to_its_attention(monkeypatch):
         model.probe_kernels(torch.device("cuda"))
         assert model.flex_kernel_for(STAGE3) == choose_flex_kernel("auto", STAGE3, 16, HOPPER, None)
         assert model.flex_kernel_for(STAGE3).name == "flash"
+        model.always_split = True   # the one-rank context-parallel path
+        assert model.flex_kernel_for(STAGE3).name == "triton"
+        model.always_split = False
         assert model.attention_inputs(batch, whole, None).flex_kernel.name == "triton"   # a short layout
         model.cfg.flex_kernel = "flash"
         inputs = model.attention_inputs(batch, whole, None)

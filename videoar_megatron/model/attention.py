@@ -136,9 +136,12 @@ class FlexKernel:
 
 
 def choose_flex_kernel(setting: str, seq_len: int, head_dim: int, capability: tuple[int, int] | None,
-                       flash_blocker: str | None) -> FlexKernel:
+                       flash_blocker: str | None, context_parallel: bool = False) -> FlexKernel:
     """The flex kernel for ``model.flex_kernel=setting`` at ``seq_len`` tokens. ``flash_blocker`` says why
-    FLASH cannot run here (None: it can; an explicit ``flash`` was checked by :func:`check_flex_kernel`)."""
+    FLASH cannot run here (None: it can; an explicit ``flash`` was checked by :func:`check_flex_kernel`).
+    ``context_parallel``: the attention runs a rank's queries against gathered keys through index tables
+    (:mod:`.context_parallel`); ``auto`` keeps Triton there, since FLASH has not been run with those
+    tables on a GPU yet (its CuTe code generator refused int64 gathers before, docs/training.md)."""
     if setting == "triton":
         return FlexKernel("triton", None, "model.flex_kernel=triton")
     pad = flash_head_padding(capability, head_dim) if capability else None
@@ -147,6 +150,9 @@ def choose_flex_kernel(setting: str, seq_len: int, head_dim: int, capability: tu
         return FlexKernel("flash", pad, f"model.flex_kernel=flash{padded}")
     if flash_blocker:
         return FlexKernel("triton", None, f"auto: FLASH unavailable here ({flash_blocker})")
+    if context_parallel:
+        return FlexKernel("triton", None, "auto: FLASH not yet verified with context parallelism's index tables "
+                                          "(set model.flex_kernel=flash to try it)")
     if seq_len < FLASH_MIN_TOKENS:
         return FlexKernel("triton", None, f"auto: {seq_len} tokens < {FLASH_MIN_TOKENS}, where FLASH is not "
                                           "faster (docs/training.md#attention-kernels)")

@@ -102,7 +102,7 @@ class VideoARModel(MegatronModule):
     def flex_kernel_for(self, seq_len: int) -> FlexKernel:
         """The flex kernel of a ``seq_len``-token layout (``model.flex_kernel``; logged by the trainer)."""
         return choose_flex_kernel(self.cfg.flex_kernel, seq_len, self.cfg.head_dim, self._capability,
-                                  self._flash_blocker)
+                                  self._flash_blocker, context_parallel=self.cp_size > 1 or self.always_split)
 
     def rope(self, layout: TokenLayout, device: torch.device) -> torch.Tensor:
         r = self.cfg.rope
