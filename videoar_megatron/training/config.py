@@ -200,6 +200,14 @@ class CheckpointConfig:
     """Keep the newest this many committed checkpoints (0 = keep all)."""
     save_at_end: bool = True
     """Save after the last step."""
+    async_save: bool = True
+    """Write checkpoints in the background (Megatron dist_checkpointing's asynchronous save): the step
+    loop stalls only to plan the save and copy the state to host memory; a forked process per rank writes
+    the files while training goes on, and the commit marker is written once every rank's files are whole
+    (checked once per step). A stop (signal, time limit) and the end of the run wait for the commit; a
+    crash before it leaves the previous checkpoint the newest committed. Same files as a synchronous
+    save (false: the loop waits for the whole write). Needs the fork start method (Linux) and a launching
+    script guarded by if __name__ == "__main__" (videoar and python -m videoar_megatron.cli are)."""
     resume: bool = True
     """At start, resume from the newest committed checkpoint of the run directory if there is one. false
     = start fresh, refused in a run directory that already holds committed checkpoints (use a new one)."""
@@ -265,6 +273,16 @@ class DebugConfig:
     crash_in_save_at_step: int = 0
     """Kill the process (os._exit) after the checkpoint of this step is written but before it is
     committed (0 = off)."""
+    crash_in_async_save_at_step: int = 0
+    """With checkpoint.async_save: kill the job (the process and its background writer) at the end of
+    the step after this one while this step's checkpoint is still being written (uncommitted); 0 = off."""
+    slow_async_save_s: float = 0.0
+    """With checkpoint.async_save: the background writer waits this long before writing each checkpoint
+    (drills of a slow file system: training goes on meanwhile, a stop or the end of the run waits)."""
+
+    def __post_init__(self) -> None:
+        if self.slow_async_save_s < 0 or self.crash_in_async_save_at_step < 0:
+            raise ValueError("slow_async_save_s and crash_in_async_save_at_step must be >= 0")
 
 
 @dataclass(kw_only=True)

@@ -13,14 +13,20 @@ One step, every rank in the same order (each numbered line is collective):
 4. gradient norm → numerics guard verdict (any rank bad ⇒ all skip) → clip → update → LR schedule
    (:func:`.optim.guarded_step`); a bad step changes nothing and is never checkpointed;
 5. sample ids gathered on rank 0 (``sample_ids.jsonl``, the audit trail), metrics logged;
-6. stop decision (signal on any rank, wall-clock limit) all-reduced; save if due or stopping;
-   on a stop, write the requeue marker and return :data:`REQUEUE_EXIT_CODE`.
+6. a checkpoint written in the background is committed once every rank's writer is done (polled);
+7. stop decision (signal on any rank, wall-clock limit) all-reduced; save if due or stopping;
+   on a stop, wait for the save's commit, write the requeue marker and return :data:`REQUEUE_EXIT_CODE`.
+
+Saves (``checkpoint.async_save``, default on): the loop stalls while the save is planned and copied to
+host memory, a forked writer writes the files, and the commit marker follows once every rank's files
+are whole (:class:`.dist_ckpt.AsyncCheckpointer`); a stop and the end of the run wait for that commit.
 """
 from __future__ import annotations
 
 import datetime
 import gc
 import json
+import multiprocessing
 import os
 import signal
 import time
@@ -29,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from videoar_common.atomic import step_dir_name
 from videoar_common.config import config_to_dict, save_resolved_config
 from videoar_common.distributed import DistContext, init_distributed, shutdown_distributed
 from videoar_common.exit_codes import REQUEUE_EXIT_CODE
@@ -94,6 +101,8 @@ class Trainer:
                               sequence_parallel=cfg.parallel.sequence_parallel)
         self.step = self.consumed_samples = self.skipped_steps = self.steps_this_job = 0
         self.last_saved = -1
+        self.checkpointer = (dist_ckpt.AsyncCheckpointer(ctx, write_delay_s=cfg.debug.slow_async_save_s)
+                             if cfg.checkpoint.async_save else None)
         self._last_skipped = False
         self.run_id: str | None = None
         self.logger: RunLogger | None = None
@@ -289,14 +298,17 @@ class Trainer:
                 while self.step < cfg.train.steps:
                     record = self.train_step()
                     self._after_step(record, bar)
+                    self._poll_saves()
                     stop = watcher.should_stop(self.ctx)
                     if not record["skipped"] and (stop or self._save_due()):
                         self.save()
                     if stop:
+                        self._wait_saves()
                         return self._stop(watcher.local_reason() or "a signal or time limit on another rank",
                                           saved=not record["skipped"])
             if cfg.checkpoint.save_at_end and self.last_saved != self.step and not self._last_skipped:
                 self.save()
+            self._wait_saves()
         finally:
             if bar is not None:
                 bar.close()
@@ -332,7 +344,9 @@ class Trainer:
         return REQUEUE_EXIT_CODE
 
     def save(self) -> Path:
-        """Collective: write and commit the checkpoint of the current step."""
+        """Collective: write and commit the checkpoint of the current step (asynchronously: hand it to the
+        background writer, after the previous one's commit; :meth:`_poll_saves` commits it later)."""
+        self._wait_saves()
         t0 = time.perf_counter()
         state = ckpt.sharded_state(self.model, self.optimizer, self.ctx, is_loading=False)
         meta = ckpt.train_state(step=self.step, consumed_samples=self.consumed_samples, cfg=self.cfg,
@@ -341,11 +355,39 @@ class Trainer:
                                 run_id=self.run_id, scheduler=self.scheduler, guard=self.guard,
                                 optimizer=self.optimizer, skipped_steps=self.skipped_steps)
         hook = _crash_before_commit if self.cfg.debug.crash_in_save_at_step == self.step else None
-        path = dist_ckpt.save_checkpoint(self.checkpoint_root, self.step, state, meta, self.ctx,
-                                         keep_last=self.cfg.checkpoint.keep_last, before_commit=hook)
+        keep = self.cfg.checkpoint.keep_last
+        if self.checkpointer is None:
+            path = dist_ckpt.save_checkpoint(self.checkpoint_root, self.step, state, meta, self.ctx, keep_last=keep,
+                                             before_commit=hook)
+            self.log.info("saved %s in %.1fs", path, time.perf_counter() - t0)
+        else:
+            path = self.checkpointer.save(self.checkpoint_root, self.step, state, meta, keep_last=keep,
+                                          before_commit=hook)
+            self.log.info("checkpoint %s: the step loop stalled %.2fs (plan, copy to host); the files are written in "
+                          "the background and committed once every rank's are whole", path.name,
+                          time.perf_counter() - t0)
         self.last_saved = self.step
-        self.log.info("saved %s in %.1fs", path, time.perf_counter() - t0)
         return path
+
+    def _poll_saves(self) -> None:
+        """Collective, once per step: commit the background save if every rank's writer is done."""
+        if self.checkpointer is None:
+            return
+        crash_at = self.cfg.debug.crash_in_async_save_at_step
+        pending = self.checkpointer.in_flight
+        if crash_at and pending is not None and pending.name == step_dir_name(crash_at) and self.step > crash_at:
+            _kill_job(f"debug.crash_in_async_save_at_step: killing the job at step {self.step} while {pending} is "
+                      f"written in the background (not committed)")
+        self._log_commits(self.checkpointer.poll())
+
+    def _wait_saves(self) -> None:
+        """Collective: block until the background save (if any) is committed."""
+        if self.checkpointer is not None:
+            self._log_commits(self.checkpointer.wait())
+
+    def _log_commits(self, committed) -> None:
+        for path, seconds in committed:
+            self.log.info("committed %s (%.1fs after its save started)", path, seconds)
 
     def save_seed(self) -> Path:
         """Write the initial weights (model only) as ``<run_dir>/seed/step_00000000``: runs at other
@@ -403,7 +445,16 @@ class Trainer:
 
 
 def _crash_before_commit(path: Path) -> None:
-    get_logger().error("debug.crash_in_save_at_step: killing the process before %s is committed", path)
+    _kill_job(f"debug.crash_in_save_at_step: killing the job before {path} is committed")
+
+
+def _kill_job(reason: str) -> None:
+    """Fault injection: die at once, as a job killed by the scheduler does. Our child processes (a
+    background checkpoint writer, Megatron's results-queue manager) die with us, as they would in the
+    job's cgroup, rather than writing on as orphans."""
+    get_logger().error(reason)
+    for child in multiprocessing.active_children():
+        child.kill()
     os._exit(17)
 
 
