@@ -40,6 +40,7 @@ def init_model_parallel(ctx: DistContext, parallel: ParallelConfig, seed: int = 
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor_parallel,
                                              pipeline_model_parallel_size=parallel.pipeline_parallel,
+                                             virtual_pipeline_model_parallel_size=parallel.megatron_virtual_stages,
                                              order=order)
     if ctx.device.type == "cuda":
         tensor_parallel.model_parallel_cuda_manual_seed(seed)

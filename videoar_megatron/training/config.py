@@ -325,6 +325,10 @@ class TrainConfig:
         if self.model.num_layers % p.pipeline_parallel:
             raise ValueError(f"model.num_layers={self.model.num_layers} is not divisible by "
                              f"parallel.pipeline_parallel={p.pipeline_parallel}")
+        if self.model.num_layers % (p.pipeline_parallel * p.virtual_pipeline_stages):
+            raise ValueError(f"model.num_layers={self.model.num_layers} is not divisible by "
+                             f"parallel.pipeline_parallel={p.pipeline_parallel} x parallel.virtual_pipeline_stages="
+                             f"{p.virtual_pipeline_stages} (every virtual stage holds the same number of layers)")
         heads, groups = self.model.num_attention_heads, self.model.num_query_groups or self.model.num_attention_heads
         if heads % p.tensor_parallel or groups % p.tensor_parallel:
             raise ValueError(f"model.num_attention_heads={heads} and num_query_groups={groups} must be "
@@ -369,6 +373,13 @@ class TrainConfig:
             raise ValueError(f"{accum} micro-batches per step{at} < parallel.pipeline_parallel="
                              f"{self.parallel.pipeline_parallel}: raise train.global_batch_size or lower "
                              f"train.micro_batch_size (the pipeline would be mostly idle)")
+        if self.parallel.virtual_pipeline_stages > 1 and accum % self.parallel.pipeline_parallel:
+            # Megatron's interleaved schedule runs micro-batches in groups of PP per virtual stage; a
+            # smaller last group would stall the pipeline, and Megatron refuses it.
+            raise ValueError(f"{accum} micro-batches per step{at} is not a multiple of parallel.pipeline_parallel="
+                             f"{self.parallel.pipeline_parallel}, which parallel.virtual_pipeline_stages="
+                             f"{self.parallel.virtual_pipeline_stages} needs: change train.global_batch_size or "
+                             f"train.micro_batch_size")
         return BatchLayout(world_size=world_size, tp=self.parallel.tensor_parallel,
                            pp=self.parallel.pipeline_parallel, dp=dp,
                            micro_batch_size=self.train.micro_batch_size, accumulation=accum,

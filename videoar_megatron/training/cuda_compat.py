@@ -20,10 +20,11 @@ The redirects, who opens them, and the Megatron calls that need them:
   result), ``clip_grad_by_total_norm_fp32`` (overflow flag; asserts ``grad.type() ==
   'torch.cuda.FloatTensor'``).
 - :func:`host_async_checkpointing`: ``torch.cuda.current_device()`` returns ``"cpu"`` and
-  ``torch.cuda.synchronize`` does nothing. Opened by ``dist_ckpt.AsyncCheckpointer`` on a host
-  without CUDA (the local engine; production CPU runs) around Megatron's asynchronous-save calls:
-  ``TemporalAsyncCaller.schedule_async_call`` and ``FileSystemWriterAsync.preload_tensors`` wait for
-  the (here nonexistent) device copies with ``torch.cuda.synchronize()``; ``sync_all_async_calls`` and
+  ``torch.cuda.synchronize`` does nothing. Opened by ``dist_ckpt.AsyncCheckpointer`` when the run's
+  device is the CPU (the local engine, and the emulated Megatron engine) around Megatron's
+  asynchronous-save calls: ``TemporalAsyncCaller.schedule_async_call`` and
+  ``FileSystemWriterAsync.preload_tensors`` wait for the (here nonexistent) device copies with
+  ``torch.cuda.synchronize()``; ``sync_all_async_calls`` and
   ``AsyncCallsQueue.maybe_finalize_async_calls`` all-reduce their done flags and call counters in
   tensors made on ``torch.cuda.current_device()`` (gloo needs them on the host).
 - :func:`emulated_cuda`: the first two above, ``Tensor.cuda()`` returns the tensor itself and

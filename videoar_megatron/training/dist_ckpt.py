@@ -136,7 +136,8 @@ class AsyncCheckpointer:
 
     def poll(self) -> list[tuple[Path, float]]:
         """Commit the save in flight if every rank's writer is done (one small all-reduce while a save
-        is in flight, none otherwise); returns what was committed now, with the seconds since its start."""
+        is in flight, none otherwise); returns what was committed now, with the seconds since it was handed
+        to the writer."""
         return self._finalize(blocking=False)
 
     def wait(self) -> list[tuple[Path, float]]:
@@ -193,29 +194,50 @@ MODEL_KEY = "model"
 OPTIMIZER_KEY = "optimizer"
 
 
+def model_chunks(model) -> list:
+    """``model`` as a list of chunks (a model, or the chunks of an interleaved pipeline)."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def chunk_key(index: int) -> str:
+    """Top-level key of virtual-pipeline chunk ``index`` in a state dict (more than one chunk only)."""
+    return f"{MODEL_KEY}{index}"
+
+
 def model_sharded_state_dict(model, ctx: DistContext) -> dict:
-    """The model's Megatron sharded state dict under the checkpoint's ``model.`` prefix."""
+    """The model's Megatron sharded state dict under the checkpoint's ``model.`` prefix. The chunks of an
+    interleaved pipeline go under ``model0``, ``model1``, ... (their module paths repeat: each has its own
+    ``decoder.layers.0``), but their sharded keys are global (``model.decoder.layers`` stacked at each
+    layer's global index), so the checkpoint is the same as at PP = 1 and reshards to any layout."""
     from megatron.core import parallel_state
     metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
-    return model.sharded_state_dict(prefix=f"{MODEL_KEY}.", metadata=metadata)
+    chunks = model_chunks(model)
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict(prefix=f"{MODEL_KEY}.", metadata=metadata)
+    return {chunk_key(i): c.sharded_state_dict(prefix=f"{MODEL_KEY}.", metadata=metadata) for i, c in enumerate(chunks)}
 
 
 def load_model_weights(path: str | Path, model, ctx: DistContext) -> dict:
-    """Load only the model weights of a committed checkpoint into ``model`` (any TP/PP layout);
-    returns the checkpoint's train_state (which holds the resolved config)."""
+    """Load only the model weights of a committed checkpoint into ``model`` (a model or its chunks, any
+    TP/PP layout); returns the checkpoint's train_state (which holds the resolved config)."""
     state, train_state = load_checkpoint(path, model_sharded_state_dict(model, ctx))
     apply_model_state(model, state, path)
     return train_state
 
 
 def apply_model_state(model, state: dict, path: str | Path = "checkpoint") -> None:
-    """Copy the ``model.``-prefixed entries of a loaded state dict into ``model`` (strict)."""
-    model_state = {k: v for k, v in state.items() if k.startswith(f"{MODEL_KEY}.")}
-    missing, unexpected = model.load_state_dict(_strip_prefix(model_state, f"{MODEL_KEY}."), strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise RuntimeError(f"{path}: checkpoint does not fit the model: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+    """Copy the ``model.``-prefixed entries of a loaded state dict into ``model`` (strict; each chunk
+    its own ``model<i>`` entry when there are several)."""
+    chunks = model_chunks(model)
+    for i, chunk in enumerate(chunks):
+        loaded = state if len(chunks) == 1 else state[chunk_key(i)]
+        model_state = {k: v for k, v in loaded.items() if k.startswith(f"{MODEL_KEY}.")}
+        missing, unexpected = chunk.load_state_dict(_strip_prefix(model_state, f"{MODEL_KEY}."), strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            where = "" if len(chunks) == 1 else f" (virtual pipeline chunk {i})"
+            raise RuntimeError(f"{path}: checkpoint does not fit the model{where}: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
 
 
 def _strip_prefix(state: dict, prefix: str) -> dict:

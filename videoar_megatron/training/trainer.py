@@ -40,10 +40,10 @@ from videoar_common.config import config_to_dict, save_resolved_config
 from videoar_common.distributed import DistContext, init_distributed, shutdown_distributed
 from videoar_common.exit_codes import REQUEUE_EXIT_CODE
 from videoar_common.lr_schedule import schedule_changes
-from videoar_common.numerics import NumericsGuard
+from videoar_common.numerics import NumericsError, NumericsGuard
 from videoar_common.preemption import PreemptionWatcher, clear_requeue, request_requeue
 from videoar_common.run_logging import METRICS_FILE, RunLogger, get_logger, plot_metrics
-from videoar_megatron.model.model import build_model
+from videoar_megatron.model.model import build_model_chunks
 from videoar_megatron.model.parallel import REPLICA_CONSECUTIVE_ORDER, destroy_model_parallel, init_model_parallel
 from videoar_megatron.training import checkpoint as ckpt
 from videoar_megatron.training import dist_ckpt
@@ -93,7 +93,7 @@ class Trainer:
         self.engine_name = select_engine(cfg.train.engine, ctx.device, cfg.parallel)
         self.groups = init_model_parallel(ctx, cfg.parallel, seed=cfg.train.seed, order=REPLICA_CONSECUTIVE_ORDER)
         check_replicas_are_consecutive(self.groups)
-        self.model = self._build_model()
+        self.model_chunks = self._build_model()
         self.engine, self.optimizer = self._build_engine()
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.decay_steps)
         self.guard = NumericsGuard(cfg.numerics)
@@ -117,17 +117,23 @@ class Trainer:
     def dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32
 
-    def _build_model(self):
+    def _build_model(self) -> list:
         # Same seed on every rank: replicated weights agree across TP/DP ranks; TP-split weights come
         # from Megatron's per-TP-rank CUDA streams (GPU) or from full host weights split (CPU).
         torch.manual_seed(self.cfg.train.seed)
-        return build_model(self.cfg.model, self.cfg.parallel, self.groups, device=self.ctx.device,
-                           params_dtype=self.dtype)
+        return build_model_chunks(self.cfg.model, self.cfg.parallel, self.groups, device=self.ctx.device,
+                                  params_dtype=self.dtype)
+
+    @property
+    def model(self):
+        """This rank's model: the one chunk, or the list of virtual-pipeline chunks."""
+        return self.model_chunks[0] if len(self.model_chunks) == 1 else self.model_chunks
 
     def _build_engine(self):
         cfg = self.cfg
         if self.engine_name == "megatron":
-            engine = MegatronEngine(self.model, cfg.model.loss, distributed_optimizer=cfg.optim.distributed_optimizer)
+            engine = MegatronEngine(self.model_chunks, cfg.model.loss,
+                                    distributed_optimizer=cfg.optim.distributed_optimizer)
             optimizer = build_megatron_optimizer(engine.model_chunks, cfg.optim, bf16=cfg.train.precision == "bf16")
             engine.attach_optimizer(optimizer)
             return engine, optimizer
@@ -303,12 +309,17 @@ class Trainer:
                     if not record["skipped"] and (stop or self._save_due()):
                         self.save()
                     if stop:
-                        self._wait_saves()
+                        self.wait_for_saves()
                         return self._stop(watcher.local_reason() or "a signal or time limit on another rank",
                                           saved=not record["skipped"])
             if cfg.checkpoint.save_at_end and self.last_saved != self.step and not self._last_skipped:
                 self.save()
-            self._wait_saves()
+            self.wait_for_saves()
+        except NumericsError:
+            # Every rank gives up at the same step (the guard's verdict is collective): commit the save
+            # of the last good step that is still being written, as a synchronous save would have.
+            self.wait_for_saves()
+            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -344,9 +355,10 @@ class Trainer:
         return REQUEUE_EXIT_CODE
 
     def save(self) -> Path:
-        """Collective: write and commit the checkpoint of the current step (asynchronously: hand it to the
-        background writer, after the previous one's commit; :meth:`_poll_saves` commits it later)."""
-        self._wait_saves()
+        """Collective: write and commit the checkpoint of the current step. Asynchronously: hand it to the
+        background writer (after the previous one's commit); the loop's :meth:`_poll_saves` or
+        :meth:`wait_for_saves` commits it."""
+        self.wait_for_saves()
         t0 = time.perf_counter()
         state = ckpt.sharded_state(self.model, self.optimizer, self.ctx, is_loading=False)
         meta = ckpt.train_state(step=self.step, consumed_samples=self.consumed_samples, cfg=self.cfg,
@@ -380,14 +392,15 @@ class Trainer:
                       f"written in the background (not committed)")
         self._log_commits(self.checkpointer.poll())
 
-    def _wait_saves(self) -> None:
-        """Collective: block until the background save (if any) is committed."""
+    def wait_for_saves(self) -> None:
+        """Collective: block until the background save (if any) is committed (the loop does this before
+        a requeue exit and at the end; a caller of :meth:`save` outside :meth:`train` does it itself)."""
         if self.checkpointer is not None:
             self._log_commits(self.checkpointer.wait())
 
     def _log_commits(self, committed) -> None:
         for path, seconds in committed:
-            self.log.info("committed %s (%.1fs after its save started)", path, seconds)
+            self.log.info("committed %s (%.1fs after it went to the background writer)", path, seconds)
 
     def save_seed(self) -> Path:
         """Write the initial weights (model only) as ``<run_dir>/seed/step_00000000``: runs at other
@@ -435,6 +448,10 @@ class Trainer:
             plot_metrics(path, self.run_dir / LOSS_CURVES_FILE, keys=keys, title=f"{self.run_dir.name}")
 
     def close(self) -> None:
+        """Not collective: a background save still in flight (an exception other than the numerics guard's
+        collective stop ended the loop) is left uncommitted, the previous checkpoint stays the newest."""
+        if self.checkpointer is not None and self.checkpointer.in_flight is not None:
+            self.log.warning("%s was still being written and is not committed", self.checkpointer.in_flight)
         if self.logger is not None:
             self.logger.close()
             self.logger = None
