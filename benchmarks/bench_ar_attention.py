@@ -1,6 +1,7 @@
 """Attention forward+backward under the VideoAR mask: FlexAttention vs dense-mask SDPA vs causal SDPA.
 
-One run, two lengths (UCF-101: 650 video tokens + prefix; stage III: ~13.8k tokens). Every figure is
+One run, the recipes' lengths (benchmarks/ar_common.py: ucf 651 tokens, stage1 2,669, stage2 12,839, stage3
+23,059, stage3_65f 43,499; default ucf and stage3). Every figure is
 printed next to the baseline measured in the same run (causal SDPA, i.e. flash attention on a plain
 causal mask of the same length) with the ratio; FlexAttention is also compared with dense-mask SDPA
 (the CPU path's kernel), and the per-step cost of building the BlockMask is reported (the Random
@@ -8,7 +9,8 @@ Frame Mask is drawn per sample, so the block mask is rebuilt every step, once fo
 "split >= N" is the model's split attention (``ModelConfig.attention_split_tokens = N``): blocks of at
 least N tokens as unmasked SDPA calls, the other queries through Flex (only without a Random Frame Mask).
 "FLASH (FA4)" is FlexAttention's FlashAttention-4 backend (``ModelConfig.flex_kernel = flash``), timed
-when flash-attn-4 is installed.
+when flash-attn-4 is installed, through the model's attention path (heads zero-padded to 128 where
+Hopper needs it: ``--heads 32 --head-dim 80`` is VideoAR-4B).
 
     python benchmarks/bench_ar_attention.py [--layouts ucf,stage3] [--p-mask 0.0] [--window 0]
 """
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.ar_common import LAYOUTS, attended_pairs, attention_flops, cuda_time_ms, row  # noqa: E402
 from videoar_megatron.model.attention import (FLEX_KERNEL_OPTIONS, AttentionInputs, check_flex_kernel,  # noqa: E402
-                                              split_plan, videoar_attention)
+                                              choose_flex_kernel, split_plan, videoar_attention)
 from videoar_megatron.model.mask import (block_mask, compiled_flex_attention, dense_mask,  # noqa: E402
                                          draw_frame_visibility, is_full_context)
 
@@ -84,10 +86,13 @@ def bench_layout(name: str, batch: int, args) -> None:
         "dense-mask SDPA, VideoAR mask": fwd_bwd(
             lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=dense), q, k, v, grad),
     }
-    if args.flash:
-        times["FlexAttention FLASH (FA4), VideoAR mask"] = fwd_bwd(
-            lambda a, b, c: flex(a, b, c, block_mask=bm, kernel_options=FLEX_KERNEL_OPTIONS["flash"]), q, k, v, grad)
     scale = D ** -0.5
+    if args.flash:
+        kernel = choose_flex_kernel("flash", S, D, torch.cuda.get_device_capability(), None)
+        flash = AttentionInputs(block_mask=bm, flex_kernel=kernel)
+        padded = f", heads padded to {kernel.pad_head_dim}" if kernel.pad_head_dim else ""
+        times[f"FlexAttention FLASH (FA4){padded}, VideoAR mask"] = fwd_bwd(
+            lambda a, b, c: videoar_attention(a, b, c, flash, scale), q, k, v, grad)
     split_build = {}
     for n in (int(x) for x in args.split_tokens.split(",") if x) if is_full_context(vis) else ():
         plan = split_plan(layout, n, "cuda")

@@ -3,6 +3,7 @@ next to the encoder alone on resident frames, measured in the same run, per pres
 
     python benchmarks/bench_pretokenize.py --preset all                   # GPU host: the three presets
     python benchmarks/bench_pretokenize.py --preset 17x128 --encoder-micro-batch 0,4 --profile-encoder
+    python benchmarks/bench_pretokenize.py --preset 17x128 --beside-decode thread,process --decode-process both
     python benchmarks/bench_pretokenize.py --preset tiny --device cpu --clips 16   # CPU smoke run
 
 Presets: ``17x128`` (320x240 sources of 40 frames, one clip each), ``ucf101`` (the sampling of
@@ -17,12 +18,16 @@ What it measures, in order:
     encoder setup of the grid --encoder-micro-batch x --encoder-compile, and at --encoder-batch-sizes;
  2. decode alone: DALI (NVDEC on a GPU host) per --decode-pipelines count (the smallest count within 5%
     of the fastest is chosen; with several clips per video also every clip on its own);
- 3. decode alone while the encoder runs back to back on another thread, per overlap setup (the grid
-    above x --decode-stream-priority): do the two stages overlap on this device or take turns?
-    (--no-beside skips it);
+ 3. decode beside a busy encoder: the production decoder lanes (the chosen pipeline count) decode alone,
+    then while the encoder runs back to back on another thread, per overlap setup (the grid above x
+    --decode-stream-priority) x --beside-decode (lanes as threads of this process, or in a decode process
+    with its own CUDA context) x --beside-encoder-stream (the encoder's launches on the legacy default
+    stream, or on a non-blocking one): do the two stages overlap on this device or take turns, and does
+    a separate context or stream change that? (--no-beside skips it);
  4. full runs through the production code (`data_prep.pretokenize.pipeline.Pretokenizer`, shards
     written unless --no-write): DALI with the chosen pipeline count (--full each: every count) once per
-    overlap setup; each --cpu-mix of DALI CPU pipelines and PyAV decoders (frames decoded on the host,
+    overlap setup and --decode-process setting (the decoders in this process or in a decode process);
+    each --cpu-mix of DALI CPU pipelines and PyAV decoders (frames decoded on the host,
     the route that leaves the GPU to the encoder; DALI's CPU decoder needs --source-codec vp9); and the
     PyAV baseline (--cpu-workers PyAV decoders);
  5. with --profile-encoder, where the encoder's GPU time goes (torch.profiler over eager batches: conv /
@@ -47,6 +52,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -139,8 +145,9 @@ class EncoderSetup:
         return (f"{self.micro_batch}-clip launches" if self.micro_batch else "whole-batch launches") + \
             (", compiled" if self.compile else "")
 
-    def knobs(self) -> dict:
-        return {"encoder_micro_batch": self.micro_batch, "encoder_compile": self.compile}
+    def knobs(self, batch_size: int) -> dict:
+        # 0 is the whole batch, set explicitly: the knob's auto is 4-clip launches with NVDEC decode
+        return {"encoder_micro_batch": self.micro_batch or batch_size, "encoder_compile": self.compile}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +159,7 @@ class Route:
     pyav_decoders: int = 0
     encoder: EncoderSetup = EncoderSetup()
     priority: int = 0                   # decode_stream_priority (NVDEC)
+    decode_process: bool = False        # the decoders in a process of their own
 
     def label(self) -> str:
         parts = []
@@ -159,14 +167,15 @@ class Route:
             parts.append(f"DALI {self.decode_device} x{self.pipelines}")
         if self.pyav_decoders:
             parts.append(f"PyAV x{self.pyav_decoders}")
-        text = " + ".join(parts) + f", {self.encoder.label()}"
+        text = " + ".join(parts) + (" in a decode process" if self.decode_process else "") + f", {self.encoder.label()}"
         return text + (f", decode priority {self.priority}" if self.priority else "")
 
-    def knobs(self) -> dict:
+    def knobs(self, batch_size: int) -> dict:
         dali = self.pipelines > 0
         return {"decoder": "dali" if dali else "pyav", "decode_device": self.decode_device,
                 "decode_pipelines": self.pipelines if dali else 0, "pyav_decoders": self.pyav_decoders,
-                "decode_stream_priority": self.priority, **self.encoder.knobs()}
+                "decode_stream_priority": self.priority, "decode_process": self.decode_process,
+                **self.encoder.knobs(batch_size)}
 
 
 class NullWriter:
@@ -192,9 +201,18 @@ def release_memory() -> None:
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process so far, every thread (DALI's and PyAV's decode threads are in-process)."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    """CPU time of this process so far, every thread (DALI's and PyAV's decode threads when in-process),
+    plus that of its children that have exited (a decode process, once closed)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def child_cpu_seconds(pid: int | None) -> float:
+    """CPU time so far of a running child (Linux /proc), every thread; 0 without one."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def run_pipeline(args, preset: Preset, tok: Path, manifest: Path, work: Path, route: Route, memory_format: str) -> dict:
@@ -210,14 +228,18 @@ def run_pipeline(args, preset: Preset, tok: Path, manifest: Path, work: Path, ro
         out = work / f"run-{attempt}"
         shutil.rmtree(out, ignore_errors=True)
         threads = args.decode_threads if route.pipelines else 1
+        bs = args.batch_size or preset.batch_size
         cfg = PretokenizeConfig(
             tokenizer=str(tok), input_manifest=str(manifest if attempt == "measured" else args._warm_manifest),
-            output_dir=str(out), clips=preset.sampling(), batch_size=args.batch_size or preset.batch_size,
+            output_dir=str(out), clips=preset.sampling(), batch_size=bs,
             device=args.device, decode_threads=threads, encoder_memory_format=memory_format,
             probe_workers=args.probe_workers, num_partitions=1, latent_dtype="bfloat16",
-            deterministic=args.deterministic, progress_bar=False, **route.knobs())
+            deterministic=args.deterministic, progress_bar=False, **route.knobs(bs))
         pretok = Pretokenizer(cfg, Worker(0, 1), load_tokenizer)
-        cpu0, t0 = cpu_seconds(), time.perf_counter()
+        pretok.stream.lanes()  # a decode process starts (imports torch and DALI) before the clock, as threads do
+        child = pretok.stream.decode_process
+        # the decode process's CPU counts from here: it joins RUSAGE_CHILDREN whole when it exits in run()
+        cpu0, t0 = cpu_seconds() + child_cpu_seconds(child and child.pid), time.perf_counter()
         stats = pretok.run()[0]
         wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
         del pretok
@@ -277,7 +299,7 @@ def make_encoder(args, preset: Preset, tok: Path, memory_format: str, setup: Enc
     bs = batch_size or args.batch_size or preset.batch_size
     cfg = PretokenizeConfig(tokenizer=str(tok), input_manifest="-", output_dir="-", latent_dtype="bfloat16",
                             clips=preset.sampling(), batch_size=bs, deterministic=args.deterministic,
-                            encoder_memory_format=memory_format, encoder_cuda_graph=cuda_graph, **setup.knobs())
+                            encoder_memory_format=memory_format, encoder_cuda_graph=cuda_graph, **setup.knobs(bs))
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = args.deterministic
@@ -306,22 +328,93 @@ def encoder_only(args, preset: Preset, tok: Path, memory_format: str, setup: Enc
     return rate
 
 
+@dataclasses.dataclass(frozen=True)
+class BesideSetup:
+    """One run of decode beside a busy encoder: how the encoder runs, where decode runs, on which stream
+    the encoder's launches are queued."""
+
+    encoder: EncoderSetup = EncoderSetup()
+    priority: int = 0                   # decode_stream_priority
+    decode_in: str = "thread"           # thread: decoder lanes in this process; process: a decode process
+    encoder_stream: str = "default"     # default: the legacy default stream; side: a non-blocking stream
+
+    def label(self) -> str:
+        text = self.encoder.label() + (f", decode priority {self.priority}" if self.priority else "")
+        text += ", decode in a separate process" if self.decode_in == "process" else ""
+        return text + (", encoder on a non-blocking stream" if self.encoder_stream == "side" else "")
+
+
+def clip_jobs(preset: Preset, manifest: Path, device: str) -> tuple[list, list[str]]:
+    """The ClipPlans of ``manifest`` and each one's codec (which decoder lanes take it)."""
+    from data_prep.manifest import read_manifest
+    from data_prep.video import plan_clips, probe_video
+    plans, codecs = [], []
+    for r in read_manifest(manifest):
+        info = probe_video(r.path, device)
+        for plan in plan_clips(info, preset.sampling()):
+            plans.append(plan)
+            codecs.append(info.codec)
+    return plans, codecs
+
+
+def lanes_decode_rate(lanes, plans: list, codecs: list[str], batch_size: int, depth: int = 2) -> float:
+    """Clips/s of decoder lanes (threads or a decode process) over ``plans``, ``depth`` batches in flight,
+    as the clip stream keeps them; every clip must decode."""
+    def finish(ticket) -> None:
+        results, _ = lanes.result(ticket)
+        failed = [r for r in results if not isinstance(r, torch.Tensor)]
+        if failed:
+            raise RuntimeError(f"{len(failed)} clips failed to decode, first: {failed[0].reason}")
+
+    stream = getattr(lanes, "stream", None)  # a decode process's receiving stream (see DecodeProcess.stream)
+    t0 = time.perf_counter()
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        in_flight: deque = deque()
+        for i in range(0, len(plans), batch_size):
+            in_flight.append(lanes.submit(plans[i:i + batch_size], codecs[i:i + batch_size]))
+            if len(in_flight) >= depth:
+                finish(in_flight.popleft())
+        while in_flight:
+            finish(in_flight.popleft())
+    return len(plans) / (time.perf_counter() - t0)
+
+
+def start_lanes(args, preset: Preset, device: str, pipelines: int, beside: BesideSetup):
+    """The production decoder lanes (NVDEC pipelines as in a full run), as threads or in a decode process."""
+    from data_prep.pretokenize.clip_stream import decoder_lanes
+    from data_prep.pretokenize.config import PretokenizeConfig
+    from data_prep.pretokenize.decode_process import DecodeProcess
+    from data_prep.pretokenize.decoders import DecoderLanes
+    cfg = PretokenizeConfig(tokenizer="-", input_manifest="-", output_dir="-", clips=preset.sampling(),
+                            batch_size=args.batch_size or preset.batch_size, decode_device=device,
+                            decode_pipelines=pipelines, decode_threads=args.decode_threads,
+                            decode_stream_priority=beside.priority, decode_process=beside.decode_in == "process")
+    specs = decoder_lanes(cfg, device, 0)
+    return DecodeProcess(cfg, device, 0, specs) if cfg.decode_process else DecoderLanes(specs)
+
+
 def decode_beside_encoder(args, preset: Preset, tok: Path, manifest: Path, device: str, pipelines: int,
-                          memory_format: str, setup: EncoderSetup, priority: int) -> dict[str, float]:
-    """Decode only while the encoder (as ``setup`` says) encodes resident frames back to back on another
-    thread: both rates. Next to decode-only and encoder-only this says whether the two stages overlap on
-    this device or take turns (session 6, H200: NVDEC decode fell from 195 to about 20 clips/s)."""
+                          memory_format: str, beside: BesideSetup) -> dict[str, float]:
+    """Decode alone, then decode while the encoder encodes resident frames back to back on another thread:
+    the decode rates and the encoder's meanwhile. Next to encoder-only this says whether the two stages
+    overlap on this device or take turns (session 7, H100: NVDEC decode fell from 96 to 6 clips/s beside
+    the whole-batch encoder), and whether a decode process (its own CUDA context) or the encoder on a
+    non-blocking stream (no legacy-default-stream syncs) changes that."""
     import threading
-    enc, frames = make_encoder(args, preset, tok, memory_format, setup)
-    plans, warm = clip_plans(preset, manifest, device), clip_plans(preset, args._warm_manifest, device)
-    plans = plans[:args.beside_clips or len(plans)]
+    bs = args.batch_size or preset.batch_size
+    enc, frames = make_encoder(args, preset, tok, memory_format, beside.encoder)
+    plans, codecs = clip_jobs(preset, manifest, device)
+    plans, codecs = plans[:args.beside_clips or len(plans)], codecs[:args.beside_clips or len(plans)]
+    lanes = start_lanes(args, preset, device, pipelines, beside)
     stop, batches, failure = threading.Event(), [0], []
 
     def encode_forever(encoder, batch):
         try:
+            side = None
             if encoder.device.type == "cuda":
                 torch.cuda.set_device(encoder.device.index or 0)
-            with torch.no_grad():
+                side = torch.cuda.Stream() if beside.encoder_stream == "side" else None  # cudaStreamNonBlocking
+            with torch.no_grad(), torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                 while True:  # at least one batch; the rate's clock stops when the last one has ended
                     encoder.encode(batch, ["x"] * len(batch))  # ends in a host copy: synchronised per batch
                     batches[0] += 1
@@ -330,20 +423,27 @@ def decode_beside_encoder(args, preset: Preset, tok: Path, manifest: Path, devic
         except BaseException as e:  # noqa: BLE001 - re-raised below: a dead encoder is no measurement
             failure.append(e)
 
-    thread = threading.Thread(target=encode_forever, args=(enc, frames), daemon=True, name="bench-encoder")
-    t0 = time.perf_counter()
-    thread.start()
     try:
-        decode = decode_only(args, preset, plans, warm, device, pipelines, priority=priority)
+        warm_plans, warm_codecs = clip_jobs(preset, args._warm_manifest, device)
+        lanes_decode_rate(lanes, warm_plans, warm_codecs, bs)  # builds every lane's DALI pipeline
+        alone = lanes_decode_rate(lanes, plans, codecs, bs)
+        thread = threading.Thread(target=encode_forever, args=(enc, frames), daemon=True, name="bench-encoder")
+        t0 = time.perf_counter()
+        thread.start()
+        try:
+            decode = lanes_decode_rate(lanes, plans, codecs, bs)
+        finally:
+            stop.set()
+            thread.join()
+        encode = batches[0] * len(frames) / (time.perf_counter() - t0)
     finally:
-        stop.set()
-        thread.join()
+        lanes.close()
     if failure:
         raise RuntimeError("the busy encoder beside decode failed") from failure[0]
-    encode = batches[0] * len(frames) / (time.perf_counter() - t0)
     del enc, frames
     release_memory()
-    return {"decode_clips_per_s": round(decode, 2), "encoder_clips_per_s": round(encode, 2)}
+    return {"decode_alone_clips_per_s": round(alone, 2), "decode_clips_per_s": round(decode, 2),
+            "encoder_clips_per_s": round(encode, 2)}
 
 
 # -- where the encoder's time goes -------------------------------------------------------------------
@@ -505,15 +605,20 @@ def pick_pipelines(rates: dict[int, float]) -> int:
 def sweep_beside(args, preset: Preset, tok: Path, manifest: Path, device: str, pipelines: int, fmt: str) -> dict:
     out = {}
     for setup, priority in args.overlap_setups:
-        label = setup.label() + (f", decode priority {priority}" if priority else "")
-        out[label] = decode_beside_encoder(args, preset, tok, manifest, device, pipelines, fmt, setup, priority)
-        print(f"  decode only beside a busy encoder ({label}), {pipelines} pipeline(s): {out[label]}", flush=True)
+        for decode_in in args.beside_decode:
+            for stream in args.beside_encoder_stream:
+                beside = BesideSetup(setup, priority, decode_in, stream)
+                label = beside.label()
+                out[label] = decode_beside_encoder(args, preset, tok, manifest, device, pipelines, fmt, beside)
+                print(f"  decode beside a busy encoder ({label}), {pipelines} pipeline(s): {out[label]}", flush=True)
     return out
 
 
 def routes(args, device: str, pipelines: list[int]) -> list[Route]:
-    """The full runs: DALI per pipeline count x overlap setup, each CPU mix, and the PyAV baseline last."""
-    out = [Route(device, n, encoder=setup, priority=prio) for n in pipelines for setup, prio in args.overlap_setups]
+    """The full runs: DALI per pipeline count x overlap setup x decode in a thread / in a process, each CPU
+    mix, and the PyAV baseline last."""
+    out = [Route(device, n, encoder=setup, priority=prio, decode_process=dp) for n in pipelines
+           for setup, prio in args.overlap_setups for dp in args.decode_processes]
     out += [Route("cpu", dali, pyav) for dali, pyav in args.cpu_mix]
     out.append(Route("cpu", 0, args.cpu_workers))  # the baseline: PyAV decoders on every core
     return out
@@ -555,8 +660,9 @@ def summary_lines(r: dict) -> list[str]:
     if r.get("decode_only_clip_by_clip_clips_per_s"):
         lines.append(f"  decode only, every clip on its own: {r['decode_only_clip_by_clip_clips_per_s']:.2f} clips/s")
     for label, x in (r.get("decode_beside_busy_encoder") or {}).items():
-        lines.append(f"  decode beside a busy encoder ({label}): decode {x['decode_clips_per_s']:.2f}, "
-                     f"encoder meanwhile {x['encoder_clips_per_s']:.2f} clips/s")
+        lines.append(f"  decode beside a busy encoder ({label}): decode {x['decode_clips_per_s']:.2f} "
+                     f"(alone {x['decode_alone_clips_per_s']:.2f}), encoder meanwhile {x['encoder_clips_per_s']:.2f} "
+                     f"clips/s")
     if r.get("encoder_profile"):
         lines += breakdown_lines(r["encoder_profile"])
     return lines
@@ -598,6 +704,13 @@ def int_list(text: str, least: int = 1, what: str = "pipeline counts") -> list[i
     if values and min(values) < least:
         raise argparse.ArgumentTypeError(f"{what} must be >= {least}, got {text!r}")
     return list(dict.fromkeys(values))
+
+
+def choice_list(text: str, choices: tuple[str, ...]) -> list[str]:
+    values = list(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    if not values or any(v not in choices for v in values):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(choices)}, got {text!r}")
+    return values
 
 
 def priority_list(text: str) -> list[int]:
@@ -669,6 +782,15 @@ def parse_args(argv=None):
                    help="allow cuDNN autotuned (non-deterministic) kernels; the shipped recipes are deterministic")
     p.add_argument("--no-beside", dest="beside", action="store_false",
                    help="skip the decode-beside-a-busy-encoder runs (do the two stages overlap on this device?)")
+    p.add_argument("--beside-decode", type=lambda t: choice_list(t, ("thread", "process")), default=["thread"],
+                   help="where decode runs beside the busy encoder, comma-separated: thread (decoder lanes in this "
+                        "process, the default) and/or process (a decode process: its own CUDA context)")
+    p.add_argument("--beside-encoder-stream", type=lambda t: choice_list(t, ("default", "side")), default=["default"],
+                   help="the busy encoder's CUDA stream, comma-separated: default (the legacy default stream, as "
+                        "in a full run) and/or side (a non-blocking stream: no implicit syncs with other streams)")
+    p.add_argument("--decode-process", choices=["off", "on", "both"], default="off",
+                   help="full NVDEC runs with the decoders in a decode process (decode_process): off (default), "
+                        "on, or both")
     p.add_argument("--beside-clips", type=int, default=0,
                    help="clips decoded beside the busy encoder (default 0: all of the preset's)")
     p.add_argument("--no-write", action="store_true", help="skip MDS writing (if mosaicml-streaming is missing)")
@@ -679,6 +801,10 @@ def parse_args(argv=None):
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.encoder_compile]
     args.encoder_setups = [EncoderSetup(mb, c) for mb in args.encoder_micro_batch for c in compiles]
     args.overlap_setups = [(s, prio) for s in args.encoder_setups for prio in args.decode_stream_priority]
+    args.decode_processes = {"off": [False], "on": [True], "both": [False, True]}[args.decode_process]
+    if (args.device == "cpu" or not torch.cuda.is_available()) and "side" in args.beside_encoder_stream:
+        print("note: no CUDA, so no encoder stream to choose; --beside-encoder-stream default")
+        args.beside_encoder_stream = ["default"]
     if args.device == "cpu" and args.source_codec != "vp9":
         print("note: DALI on CPU decodes only vp8/vp9/mjpeg; using --source-codec vp9")
         args.source_codec = "vp9"

@@ -30,12 +30,13 @@ import torch.nn.functional as F
 from data_prep.manifest import VideoRecord, read_manifest
 from data_prep.video import (ClipPlan, ClipSamplingConfig, DaliClipDecoder, VideoInfo, VideoUnusable, clip_range,
                              frames_to_model_input, probe_video)
+from videoar_common.exit_codes import InputError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 REJECTS_FILE = "rejects.jsonl"
 
 
-class NoUsableData(RuntimeError):
+class NoUsableData(InputError, RuntimeError):
     """Every source of a stream's shard was rejected."""
 
 

@@ -13,10 +13,12 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from videoar_common.exit_codes import InputError
+
 COLUMNS = ("path", "caption", "label", "start", "end", "fps")
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError, ValueError):
     """A manifest row is malformed; the message names the file, the line and the column."""
 
 

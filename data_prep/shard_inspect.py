@@ -1,10 +1,17 @@
 """What a token shard directory holds, and a picture of a few samples decoded back to pixels.
 
 The PNG shows, per sample, the source clip (decoded again from the source file with PyAV, when it is
-reachable), the tokenizer's reconstruction from the continuous latent, and the reconstruction from
-the stored bits (what the AR model learns to predict). It is the quickest check that crops, frame
-selection, the scale schedule and the bit layout are right. The tokenizer is handed in by the caller
-(``videoar shards inspect`` loads it): ``data_prep`` does not import ``tokenizer``.
+reachable) over the tokenizer's reconstruction from the stored bits (what the AR model learns to
+predict). It is the quickest check that crops, frame selection, the scale schedule and the bit layout
+are right. The tokenizer is handed in by the caller (``videoar shards inspect`` loads it): ``data_prep``
+does not import ``tokenizer``.
+
+Design decision: the stored continuous latent is not decoded into a picture. The decoder is trained on
+quantized latents only (sums of the scales' binary codes, unit norm each), and after all scales the
+residual still holds most of the latent's norm, so decoding the raw latent feeds the decoder an input
+it never saw (colours and shapes come out wrong where the bits are right). What the AR trainer does
+with the latent is re-quantize it (self-correction); the title of each sample says whether that gives
+the stored bits back.
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ import numpy as np
 import torch
 
 from data_prep import shards
-from data_prep.tokenizer_api import DecodingTokenizer, require
+from data_prep.tokenizer_api import BitQuantizer, DecodingTokenizer, require
 from videoar_common.atomic import is_committed
 
 
@@ -92,7 +99,6 @@ def render_samples(directory: str | Path, tok: DecodingTokenizer, *, png: str | 
     import matplotlib.pyplot as plt
 
     from data_prep.reader import decode_sample
-    from data_prep.video import PyAVClipDecoder
 
     require(tok, DecodingTokenizer, "shards inspect")
     directory = shards.require_complete(directory)
@@ -101,24 +107,20 @@ def render_samples(directory: str | Path, tok: DecodingTokenizer, *, png: str | 
     q = tok.quantizer_for(manifest["scale_schedule"])
     root = Path(source_root) if source_root else _source_root(directory)
     raw = _read_raw_samples(directory, num)
-    h, w = manifest["resolution"]
+    h = manifest["resolution"][0]
     fig, axes = plt.subplots(len(raw), 1, figsize=(min(18, 1.2 * 9 * 3), 3.4 * len(raw)), squeeze=False)
     for ax, r in zip(axes[:, 0], raw):
         s = decode_sample(r, manifest)
-        latent_1dTHW = s["latent"].permute(1, 0, 2, 3).unsqueeze(0)
-        rows = []
-        src = root / s["source"] if root is not None else None
-        if src is not None and src.is_file():
-            frames = PyAVClipDecoder(height=h, width=w, num_threads=1).decode([_source_clip(src, s, r, manifest)])[0]
-            if isinstance(frames, torch.Tensor):
-                rows.append(("source", frames.numpy()))
-        rows.append(("from latent", _to_uint8_frames(tok.decode(latent_1dTHW))))
-        rows.append(("from bits", _to_uint8_frames(tok.decode_bits(q.unflatten_bits(s["bits"]), batch=1, quantizer=q))))
+        rows = sample_rows(s, r, manifest, tok, q, root)
         ax.imshow(np.concatenate([_strip(f) for _, f in rows], axis=0))
         ax.set_yticks([(i + 0.5) * h for i in range(len(rows))], [name for name, _ in rows], fontsize=8)
         ax.set_xticks([])
         label = f" label {int(s['label'])}" if int(s["label"]) >= 0 else ""
-        ax.set_title(f"{s['source']} @ frame {int(s['clip_start'])}{label}: {s['caption'][:80]}", fontsize=9)
+        differ, total = latent_bit_mismatches(s, q)
+        check = (f"latent re-quantizes to {differ} of {total} bits differently" if differ
+                 else "latent re-quantizes to these bits")
+        ax.set_title(f"{s['source']} @ frame {int(s['clip_start'])}{label}: {s['caption'][:60]} ({check})",
+                     fontsize=9)
     fig.tight_layout()
     png = Path(png) if png else directory / shards.LOG_DIR / "inspect.png"
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +139,30 @@ def _source_clip(src: Path, sample: dict, raw: dict, manifest: dict):
     h, w = manifest["resolution"]
     sampling = ClipSamplingConfig(num_frames=frames, target_fps=float(manifest["target_fps"]), height=h, width=w)
     return clip_at(probe_video(src, any_codec=True), sampling, start, stride)
+
+
+def sample_rows(s: dict, raw: dict, manifest: dict, tok: DecodingTokenizer, q: BitQuantizer, root: Path | None
+                ) -> list[tuple[str, np.ndarray]]:
+    """The PNG rows of one decoded sample ``s``: the source clip (when its file is reachable) and the
+    decode of the stored bits, as uint8 frames ``(F, H, W, 3)``."""
+    from data_prep.video import PyAVClipDecoder
+    h, w = manifest["resolution"]
+    rows = []
+    src = root / s["source"] if root is not None else None
+    if src is not None and src.is_file():
+        clip = _source_clip(src, s, raw, manifest)
+        frames = PyAVClipDecoder(height=h, width=w, num_threads=1).decode([clip])[0]
+        if isinstance(frames, torch.Tensor):
+            rows.append(("source", frames.numpy()))
+    bits = q.unflatten_bits(s["bits"])
+    rows.append(("from bits", _to_uint8_frames(tok.decode_bits(bits, batch=1, quantizer=q))))
+    return rows
+
+
+def latent_bit_mismatches(s: dict, q: BitQuantizer) -> tuple[int, int]:
+    """(bits that re-quantizing the stored latent gives differently from the stored bits, all bits)."""
+    again = q.flatten_bits(q.latent_to_bits(s["latent"].float()))
+    return int((again != s["bits"]).sum()), s["bits"].numel()
 
 
 def _read_raw_samples(directory: Path, num: int) -> list[dict]:

@@ -32,6 +32,7 @@ import torch
 
 from videoar_common.atomic import (atomic_write_json, atomic_write_text, is_committed,
                                             mark_committed)
+from videoar_common.exit_codes import InputError
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -51,15 +52,15 @@ RERUN_FIELDS = ("format_version", "tokenizer_hash", "latent_dim", "resolution", 
 _PART_RE = re.compile(r"^part-(\d{5})-of-(\d{5})$")
 
 
-class ShardManifestMismatch(ValueError):
+class ShardManifestMismatch(InputError, ValueError):
     """Shards were made with other settings than expected; the message names the field."""
 
 
-class ShardsIncomplete(RuntimeError):
+class ShardsIncomplete(InputError, RuntimeError):
     """The shard directory is not (yet) a complete, merged shard set."""
 
 
-class ShardContentError(ValueError):
+class ShardContentError(InputError, ValueError):
     """A sample cannot be used as the run is configured (e.g. no class label for a class-conditional
     model); the message names the sample and the knob."""
 

@@ -78,9 +78,6 @@ class DecodingTokenizer(Protocol):
 
     def quantizer_for(self, scales: Sequence[Sequence[int]]) -> BitQuantizer: ...
 
-    def decode(self, latent_BdTHW: torch.Tensor) -> torch.Tensor:
-        """Continuous latent → video ``(B, 3, 1+T, H, W)`` in about [-1, 1]."""
-
     def decode_bits(self, bits: list[torch.Tensor], batch: int, quantizer: BitQuantizer) -> torch.Tensor:
         """Per-scale bits ``(B*T, h, w, d)`` → video, through ``quantizer``'s schedule."""
 

@@ -80,6 +80,24 @@ def pretokenizer(cfg: PretokenizeConfig, worker: Worker = Worker(0, 1)) -> Preto
     return Pretokenizer(cfg, worker, load_tokenizer)
 
 
+COMPILED_FACTOR = 1.25
+"""How much farther from a higher-precision encode of the same clips the compiled encoder
+(``encoder_compile``) may be than the eager one. Distance to the eager encoder is no yardstick: the two
+round at different points (Inductor keeps fused intermediates in fp32 where eager bf16 rounds each op),
+so they differ by about as much as either differs from fp32 (on an H100 compiled vs eager bf16 was 0.031;
+on CPU under bf16 autocast, eager and compiled were 0.0207 and 0.0206 from fp64 and 0.023 from each
+other). Both round the same weights and conv inputs to bf16 (autocast casts before Inductor sees the
+graph), so an equally good compile lands at about the eager encoder's distance (the ratio was 0.99 in
+bf16 and 1.04 in fp32 on CPU); 1.25 leaves room for the spread of that estimate over a test's few hundred
+latent values, and still fails a compile that rounds more than eager does."""
+
+
+def relative_distance(got: torch.Tensor, reference: torch.Tensor) -> float:
+    """||got - reference|| / ||reference|| over all elements, in float64."""
+    got, reference = got.double(), reference.double()
+    return float((got - reference).norm() / reference.norm())
+
+
 def tree_bytes(root: Path, exclude=("logs",)) -> dict[str, bytes]:
     """Every file under ``root`` (relative path → bytes), except run logs."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))

@@ -132,3 +132,82 @@ def test_field_docs_are_read_from_source():
     assert docs["model"] == "Model section."
     keys = {k: doc for k, _, _, doc in iter_fields(RunCfg)}
     assert keys["optim.lr"] == "Peak learning rate." and keys["model.norm"] == "Normalisation."
+
+
+@dataclass(kw_only=True)
+class ParCfg:
+    tensor: int = 1
+    """Tensor-parallel size."""
+    sequence: bool = False
+    """Sequence parallelism (needs tensor > 1)."""
+    recompute: bool = False
+    """Activation recompute."""
+
+    def __post_init__(self):
+        if self.sequence and self.tensor == 1:
+            raise ValueError("par.sequence needs par.tensor > 1")
+
+
+@dataclass(kw_only=True)
+class ParRunCfg:
+    par: ParCfg = field(default_factory=ParCfg)
+    """Parallel layout."""
+
+
+def test_post_init_error_names_the_source_of_each_named_value(tmp_path):
+    """The section first appears in base.yaml (sequence: false there); stage.yaml turns sequence on and
+    --set turns tensor down: the error names those two sources, not where the section began."""
+    write(tmp_path / "base.yaml", "par: {tensor: 1, sequence: false, recompute: false}\n")
+    write(tmp_path / "mid.yaml", "base: base.yaml\npar: {tensor: 2, sequence: true}\n")
+    stage = write(tmp_path / "stage.yaml", "base: mid.yaml\npar: {recompute: true}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(ParRunCfg, stage, ["par.tensor=1"])
+    msg = str(e.value)
+    assert f"par.sequence from {tmp_path / 'mid.yaml'}" in msg, msg
+    assert "par.tensor from --set par.tensor=1" in msg, msg
+    assert str(tmp_path / "base.yaml") not in msg and "recompute" not in msg, msg
+    # a named value nobody set is the default
+    with pytest.raises(ConfigError, match=r"par.sequence from --set par.sequence=true.*par.tensor: default"):
+        load_config(ParRunCfg, None, ["par.sequence=true"])
+
+
+def test_stage3_sequence_parallel_error_names_the_stage_recipes():
+    """Issue 23: `recipes/ar/stage3.yaml --set parallel.tensor_parallel=1` blamed base.yaml."""
+    from pathlib import Path
+    from videoar_megatron.training.config import TrainConfig
+    recipes = Path(__file__).resolve().parents[1] / "recipes" / "ar"
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, recipes / "stage3.yaml", ["parallel.tensor_parallel=1"])
+    msg = str(e.value)
+    assert f"parallel.sequence_parallel from {recipes / 'stage3.yaml'}" in msg, msg
+    assert "parallel.tensor_parallel from --set parallel.tensor_parallel=1" in msg, msg
+    assert "base.yaml" not in msg, msg
+
+
+def test_config_changes_put_the_knob_set_before_what_follows_from_it(tmp_path):
+    """A resume check compares a saved config with this run's: the knob the user changed comes first,
+    fields that the config derives from it (ffn_hidden_size = 4 x hidden_size when unset) after."""
+    from videoar_common.config import config_changes, config_to_dict
+    from videoar_megatron.model.config import ModelConfig
+    saved = config_to_dict(load_config(ModelConfig, None, ["size=tiny"]))
+    now = load_config(ModelConfig, None, ["size=tiny", "hidden_size=128", "norm_eps=1e-5"])
+    changes = config_changes(saved, now, prefix="model.")
+    assert [c.path for c in changes] == ["model.hidden_size", "model.norm_eps", "model.ffn_hidden_size"]
+    assert [c.derived for c in changes] == [False, False, True]
+    assert changes[0].before == 64 and changes[0].after == 128
+    assert changes[0].source == "--set hidden_size=128" and changes[2].source is None
+
+
+def test_warmup_longer_than_a_short_run_names_both_knobs_and_the_fix():
+    """Issue 23: `--set train.steps=5` on the demo's AR recipe (warmup 50) is refused: the message names
+    both values, where each was set, and the --set that makes the quick try run."""
+    from pathlib import Path
+    from videoar_megatron.training.config import TrainConfig
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "demo" / "ar.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, recipe, ["train.steps=5"])
+    msg = str(e.value)
+    assert "optim.warmup_steps=50" in msg and "train.steps=5" in msg, msg
+    assert f"optim.warmup_steps from {recipe}" in msg and "train.steps from --set train.steps=5" in msg, msg
+    assert "add --set optim.warmup_steps=0" in msg, msg
+    assert load_config(TrainConfig, recipe, ["train.steps=5", "optim.warmup_steps=0"]).train.steps == 5

@@ -74,3 +74,26 @@ def test_demo_recipes_name_the_stage_they_fill():
     roots = {p.name: recipe_docs.root_folder(p) for p in recipe_docs.stage_recipes(demo)}
     assert roots["ar.yaml"] == "ar" and roots["tokenizer_image.yaml"] == "tokenizer"
     assert set(roots.values()) <= {s.folder for s in CONFIG_STAGES}
+
+
+def test_the_demo_duration_is_stated_in_one_place():
+    """Issue 23: the README, `videoar demo --help` and demo.py each gave their own minutes. The figure
+    lives in docs/BENCHMARKS.md's CPU section; the others point there."""
+    import re
+    import subprocess
+    import sys
+    from videoar_megatron import demo
+    doc, anchor = demo.TIMING_DOC.split("#")
+    benchmarks = (REPO / doc).read_text()
+    heading = next(line for line in benchmarks.splitlines() if line.startswith("## CPU"))
+    assert re.sub(r"[^a-z0-9 -]", "", heading[3:].lower()).replace(" ", "-") == anchor
+    section = benchmarks[benchmarks.index(heading):]
+    assert re.search(r"`make demo` .*\d+ min", section, re.S), "the measured duration is missing"
+    help_text = subprocess.run([sys.executable, "-m", "videoar_megatron.cli", "demo", "--help"], capture_output=True,
+                               text=True, cwd=REPO, check=True).stdout
+    sources = {"README.md": (REPO / "README.md").read_text(), "videoar demo --help": help_text,
+               "videoar_megatron/demo.py": (REPO / "videoar_megatron" / "demo.py").read_text(),
+               "videoar_megatron/cli/demo.py": (REPO / "videoar_megatron" / "cli" / "demo.py").read_text()}
+    for name, text in sources.items():
+        assert not re.search(r"\d+\s*min", text.split("## Benchmarks")[0] if name == "README.md" else text), name
+    assert demo.TIMING_DOC in sources["README.md"] and demo.TIMING_DOC in help_text

@@ -15,6 +15,7 @@ from sample_helpers import TRAINED_STEPS
 from test_eval_i3d import random_i3d
 from videoar_megatron.cli.eval import main
 from videoar_common.distributed import DistContext
+from videoar_common.exit_codes import InputError
 from videoar_megatron.evaluation.clips import ManifestClipSource
 from videoar_megatron.evaluation.fvd import FeatureStats, RealStatsCache
 from videoar_megatron.evaluation.i3d import FeatureExtractorConfig, load_feature_extractor
@@ -104,14 +105,14 @@ def test_fvd_of_an_ar_checkpoint_runs_end_to_end(corpus, ar_checkpoint, tmp_path
 
 
 def test_fvd_refuses_a_checkpoint_of_another_resolution(corpus, ar_checkpoint, tmp_path):
-    with pytest.raises(SystemExit, match=r"makes \(64, 64\) videos but protocol.resolution=128"):
+    with pytest.raises(InputError, match=r"makes \(64, 64\) videos but protocol.resolution=128"):
         main([*fvd_args(ar_checkpoint, tmp_path / "out"), *overrides(corpus, tmp_path / "cache"),
               "--set", "protocol.resolution=128"])
 
 
 def test_missing_i3d_weights_stop_the_command_with_the_expected_file(corpus, tmp_path):
     args = overrides(corpus, tmp_path / "cache") + ["--set", f"extractor.weights={tmp_path / 'i3d_torchscript.pt'}"]
-    with pytest.raises(SystemExit, match="I3D weights not found.*i3d_torchscript.pt.*rgb_imagenet.pt"):
+    with pytest.raises(InputError, match="I3D weights not found.*i3d_torchscript.pt.*rgb_imagenet.pt"):
         main(["real-stats", "--recipe", str(TINY), *args])
 
 

@@ -1,5 +1,6 @@
 """GPU promises (run with `make test-gpu`): FlexAttention equals the dense SDPA path (Triton kernels, and
-the FlashAttention-4 backend of ``model.flex_kernel=flash`` where flash-attn-4 is installed); PP=2 equals
+the FlashAttention-4 backend of ``model.flex_kernel=flash`` where flash-attn-4 is installed, with heads
+below 97 zero-padded on Hopper); ``model.flex_kernel=auto`` picks what this GPU can run; PP=2 equals
 PP=1.
 
 On a CPU host these are skipped. The FlexAttention mask itself is checked against the brute-force
@@ -18,7 +19,9 @@ import torch.nn.functional as F
 
 from tokenizer.quantizer import MultiScaleBSQ
 from videoar_common.config import build_dataclass
-from videoar_megatron.model.attention import FLEX_KERNEL_OPTIONS, check_flex_kernel, flash_unsupported
+from videoar_megatron.model.attention import (FLASH_MIN_TOKENS, FLEX_KERNEL_OPTIONS, AttentionInputs,
+                                              check_flex_kernel, choose_flex_kernel, flash_head_padding,
+                                              flash_installed, flash_unsupported, videoar_attention)
 from videoar_megatron.model.config import ModelConfig, ParallelConfig
 from videoar_megatron.model.layout import TokenLayout
 from videoar_megatron.model.loss import bit_loss
@@ -81,25 +84,38 @@ def test_flex_attention_output_and_grads_equal_dense_sdpa(dtype, tol, rfm):
 
 @pytest.mark.parametrize("rfm", [True, False], ids=["rfm", "full-context"])
 @pytest.mark.parametrize("head_dim", [64, 80, 128])  # 80: VideoAR-4B; 128: L and XL
-def test_flash_kernel_equals_dense_sdpa_where_accepted_and_fails_where_refused(head_dim, rfm):
-    """model.flex_kernel=flash (FA4, bf16 only): where check_flex_kernel accepts the head dim, output and
-    gradients equal dense SDPA; where it refuses, FA4 really cannot run it (the refusal is not a guess)."""
+def test_flash_kernel_equals_dense_sdpa_with_heads_padded_where_needed(head_dim, rfm):
+    """model.flex_kernel=flash (FA4, bf16 only) through the model's attention path: output and gradients
+    equal dense SDPA at every head dim the model sizes use; on Hopper 64 and 80 run zero-padded to 128
+    with their own softmax scale (the reference is unpadded SDPA at 1/sqrt(head_dim))."""
     skip_without_flash()
+    capability = torch.cuda.get_device_capability()
+    if flash_unsupported(capability, head_dim):
+        pytest.skip(flash_unsupported(capability, head_dim))
     layout, tables, vis, text_len = ucf_case(rfm=rfm)
-    bm = block_mask(tables, vis, text_len)
+    kernel = choose_flex_kernel("flash", layout.seq_len, head_dim, capability, None)
+    assert kernel.name == "flash" and kernel.pad_head_dim == flash_head_padding(capability, head_dim)
+    if capability[0] == 9:
+        assert (kernel.pad_head_dim == 128) == (head_dim < 97)
+    inputs = AttentionInputs(block_mask=block_mask(tables, vis, text_len), flex_kernel=kernel)
+    assert_equals_dense_sdpa(lambda q, k, v: videoar_attention(q, k, v, inputs, scale=head_dim ** -0.5),
+                             tables, vis, text_len, torch.bfloat16, 2e-2, head_dim=head_dim)
 
-    def attend(q, k, v):
-        return compiled_flex_attention()(q, k, v, block_mask=bm, kernel_options=FLEX_KERNEL_OPTIONS["flash"])
-    refusal = flash_unsupported(torch.cuda.get_device_capability(), head_dim)
-    if refusal is None:
-        assert_equals_dense_sdpa(attend, tables, vis, text_len, torch.bfloat16, 2e-2, head_dim=head_dim)
-        return
-    # Refused: FA4 itself must fail for the reason the refusal gives (its block-size tiling), in the
-    # kernel call, with no comparison inside the raises (a wrong result is not a refusal).
+
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_unpadded_fa4_fails_where_heads_are_padded(head_dim):
+    """Where the model pads heads for FA4 (Hopper, head_dim < 97), FA4 without the padding really fails
+    for the reason given (its block-size tiling), in the kernel call: the padding is not a guess."""
+    skip_without_flash()
+    if flash_head_padding(torch.cuda.get_device_capability(), head_dim) is None:
+        pytest.skip("this GPU trains the head dim unpadded")
+    layout, tables, vis, text_len = ucf_case(rfm=False)
+    bm = block_mask(tables, vis, text_len)
     q, k, v, grad_out = attention_inputs(vis.shape[0], tables.kind_S.shape[0], torch.bfloat16, head_dim=head_dim)
     torch._dynamo.reset()  # the failed compile must not be cached for the next case
     with pytest.raises(Exception, match=FA4_BLOCK_SIZE_ERROR):
-        torch.autograd.grad(attend(q, k, v), (q, k, v), grad_out)
+        out = compiled_flex_attention()(q, k, v, block_mask=bm, kernel_options=FLEX_KERNEL_OPTIONS["flash"])
+        torch.autograd.grad(out, (q, k, v), grad_out)
     torch._dynamo.reset()
 
 
@@ -148,6 +164,58 @@ def test_model_with_flex_equals_model_with_sdpa(groups):
     torch.testing.assert_close(flex_logits, sdpa_logits, atol=1e-4, rtol=1e-4)
     for name in flex_grads:
         torch.testing.assert_close(flex_grads[name], sdpa_grads[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_auto_kernel_choice_follows_this_gpu(groups):
+    """model.flex_kernel=auto (the default) on this GPU: FLASH at stage-III length exactly where FA4 is
+    installed and can train the head dim (padded or not), Triton at UCF-101 length and without FA4."""
+    from videoar_megatron.model.model import build_model
+    for size, head_dim in (("tiny", 16), ("custom", 80)):
+        dims = {} if size == "tiny" else {"num_layers": 1, "hidden_size": 320, "num_attention_heads": 4}
+        cfg = build_dataclass(ModelConfig, {"size": size, **dims, "latent_dim": 16})
+        assert cfg.flex_kernel == "auto" and cfg.head_dim == head_dim
+        model = build_model(cfg, ParallelConfig(), groups, device="cuda")
+        can_flash = flash_installed() and flash_unsupported(torch.cuda.get_device_capability(), head_dim) is None
+        long, short = model.flex_kernel_for(23059), model.flex_kernel_for(651)
+        print(f"head_dim {head_dim}: 23,059 tokens -> {long}; 651 -> {short}")
+        assert long.name == ("flash" if can_flash else "triton") and short.name == "triton", (long, short)
+        assert (long.pad_head_dim is not None) == (can_flash and torch.cuda.get_device_capability()[0] == 9
+                                                   and head_dim < 97)
+        assert str(FLASH_MIN_TOKENS) in short.reason or "unavailable" in short.reason
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_4b_heads_through_the_model_flash_equals_sdpa(groups):
+    """VideoAR-4B's head dim (80) through the whole model, bf16: model.flex_kernel=flash (padded heads on
+    Hopper) against the dense SDPA path, logits and every gradient within bf16 rounding (relative L2;
+    a wrong softmax scale moves them by tens of percent)."""
+    skip_without_flash()
+    from videoar_megatron.model.model import build_model
+    from videoar_megatron.model.sequence import build_batch
+    cfg = build_dataclass(ModelConfig, {"size": "custom", "num_layers": 2, "hidden_size": 320,
+                                        "num_attention_heads": 4, "latent_dim": 16, "flex_kernel": "flash",
+                                        "attention_backend": "flex", "mask": {"rfm_window": 2, "rfm_p_mask": 0.3}})
+    q = MultiScaleBSQ(dim=16, scales=UCF_SCALES)
+    batch = build_batch(q, cfg, latent_BdTHW=torch.randn(2, 16, 5, 8, 8, device="cuda"), cond=torch.tensor([3, 4]),
+                        training=True, generator=torch.Generator("cuda").manual_seed(0))
+    torch.manual_seed(0)
+    model = build_model(cfg, ParallelConfig(), groups, device="cuda", params_dtype=torch.bfloat16)
+    kernel = model.flex_kernel_for(batch.layout.seq_len)
+    assert kernel.name == "flash" and kernel.pad_head_dim == flash_head_padding(torch.cuda.get_device_capability(), 80)
+    results = []
+    for backend in ("flex", "sdpa"):
+        model.cfg = dataclasses.replace(cfg, attention_backend=backend)
+        model.zero_grad()
+        logits = model(batch)
+        bit_loss(logits.float(), batch.targets_BNd, batch.layout, cfg.loss).loss.backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (flash_logits, flash_grads), (sdpa_logits, sdpa_grads) = results
+    assert rel_l2(flash_logits, sdpa_logits) < 1e-2
+    for name in flash_grads:
+        assert rel_l2(flash_grads[name], sdpa_grads[name]) < 3e-2, name
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

@@ -148,3 +148,27 @@ def test_row_chunks_and_row_ranges_agree_with_the_whole_mask(monkeypatch):
     monkeypatch.setattr(mask_lib, "DENSE_ROWS", 5)
     assert torch.equal(dense_mask(layout.tables(), vis, text_len), whole)
     assert torch.equal(dense_mask(layout.tables(), vis, text_len, 9, 23), whole[:, :, 9:23, :23])
+
+
+def test_index_tables_let_the_rule_see_sequence_positions_in_any_token_order():
+    """Context parallelism holds queries and keys in another order than the sequence (a rank's chunks;
+    keys as gathered from the ranks): with query and key index tables, the dense mask and FlexAttention's
+    mask_mod are the whole mask's rows and columns at those positions, in that order."""
+    from torch.nn.attention.flex_attention import create_mask
+    rng = random.Random(5)
+    for _ in range(10):
+        layout, text_len = random_case(rng)
+        B, S = 2, layout.seq_len
+        vis = draw_frame_visibility(B, layout.frames, window=rng.choice([0, 1]), p_mask=0.4,
+                                    generator=torch.Generator().manual_seed(rng.randint(0, 99)))
+        tables = layout.tables()
+        whole = dense_mask(tables, vis, text_len)
+        gen = torch.Generator().manual_seed(rng.randint(0, 99))
+        q_pos = torch.randperm(S, generator=gen)[:max(1, S // 2)].sort().values
+        kv_pos = torch.randperm(S, generator=gen)
+        want = whole[:, :, q_pos][:, :, :, kv_pos]
+        got = dense_mask(tables, vis, text_len, q_positions=q_pos, kv_positions=kv_pos)
+        assert torch.equal(got, want), layout
+        rule = mask_mod(tables, vis, text_len, q_positions=q_pos, kv_positions=kv_pos)
+        assert torch.equal(create_mask(rule, B, 1, len(q_pos), S, device="cpu"), want)
+        assert torch.equal(dense_mask(tables, vis, text_len, kv_positions=kv_pos), whole[:, :, :, kv_pos])

@@ -1,12 +1,15 @@
 """Several decoders feeding one encoder: DALI pipelines and PyAV decoders pulling clips from one queue.
 Which decoder took a clip must not change a byte of the shards, so PyAV decodes the same pixels as
 DALI's CPU decoder (its colour conversion and its resize), codecs DALI cannot decode go to PyAV only,
-and NVDEC, whose pixels differ, is never mixed with the CPU decoders."""
+and NVDEC, whose pixels differ, is never mixed with the CPU decoders. The decoders may run in a process of
+their own (decode_process): the same bytes, and a crash there fails the partition loudly."""
 from __future__ import annotations
 
 import csv
 import dataclasses
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,8 @@ import torch
 from data_prep import shards
 from data_prep.manifest import read_manifest
 from data_prep.pretokenize import clip_stream
-from data_prep.pretokenize.config import PretokenizeConfig
+from data_prep.pretokenize.config import PretokenizeConfig, encoder_micro_batch
+from data_prep.pretokenize.decode_process import DecodeProcess, DecodeProcessFailed
 from data_prep.synth import make_corpus
 from data_prep.video import ClipPlan, DaliClipDecoder, PyAVClipDecoder
 from tests.pretok_helpers import make_tiny_tokenizer, pretok_config, pretokenizer, tree_bytes
@@ -168,8 +172,75 @@ def test_a_decoder_that_crashes_stops_the_run_instead_of_hanging(tmp_path, tok, 
 
 
 def test_config_knobs_of_the_overlap_name_themselves(tok, corpus, tmp_path):
-    with pytest.raises(ValueError, match=r"encoder_micro_batch must be >= 0 \(0 = auto: the whole batch\), got -1"):
+    with pytest.raises(ValueError, match=r"encoder_micro_batch must be >= 0 \(0 = auto: 4 with NVDEC decode, else "
+                                         r"the whole batch\), got -1"):
         pretok_config(tok, corpus, tmp_path, encoder_micro_batch=-1)
     with pytest.raises(ValueError, match=r"decode_stream_priority must be <= 0 .*got 2"):
         pretok_config(tok, corpus, tmp_path, decode_stream_priority=2)
     assert isinstance(pretok_config(tok, corpus, tmp_path, decode_stream_priority=-5), PretokenizeConfig)
+
+
+def test_encoder_micro_batch_auto_is_4_with_nvdec_and_the_whole_batch_otherwise(tok, corpus, tmp_path):
+    """auto: 4-clip launches where NVDEC decodes on the encoder's GPU (they won there, session 7), the
+    whole batch where the host decodes; an explicit value is kept; never more than batch_size; the
+    decode process does not change it (its shards must be the in-process bytes)."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU
+
+    def micro(device, **knobs):
+        return encoder_micro_batch(pretok_config(tok, corpus, tmp_path, **{"batch_size": 32, **knobs}), device)
+    assert micro(cuda, decode_device="auto") == micro(cuda, decode_device="gpu") == 4
+    assert micro(cuda, decode_device="gpu", decode_process=True) == 4
+    assert micro(cuda, decode_device="cpu") == micro(cuda, decode_device="auto", pyav_decoders=2) == 32
+    assert micro(cpu, decode_device="auto") == 32
+    assert micro(cuda, decode_device="gpu", encoder_micro_batch=8) == 8
+    assert micro(cuda, decode_device="gpu", batch_size=3) == 3
+
+
+def test_decoders_in_a_process_of_their_own_write_the_same_bytes(tmp_path, tok, corpus):
+    """decode_process: the same lanes (a DALI CPU pipeline and a PyAV decoder) in a spawned child, frames
+    back over shared memory: the shards of in-process decoding, byte for byte; the log counts the child's
+    lanes."""
+    knobs = {"clips": {"target_fps": 8.0}, "pyav_decoders": 1}
+    here, there = tmp_path / "here", tmp_path / "there"
+    pretokenizer(pretok_config(tok, corpus, here, **knobs)).run()
+    pretok = pretokenizer(pretok_config(tok, corpus, there, decode_process=True, **knobs))
+    pretok.run()
+    assert pretok.stream.decode_process is None  # closed with the run
+    assert shard_files(there) == shard_files(here) and len(shard_files(here)) > 4
+    lanes = decoded_by(there)
+    assert sum(lanes.values()) == 12 and set(lanes) == {"dali-cpu-0", "pyav-0"}
+    logs = [json.loads(f.read_text()) for f in (there / shards.LOG_DIR).glob("part-*.json")]
+    assert logs and all(log["decode_process"] for log in logs)
+
+
+def test_a_killed_decode_process_fails_the_partition_and_a_rerun_redoes_it(tmp_path, tok):
+    """The child dies mid-partition (SIGKILL, as the out-of-memory killer does): the run raises naming the
+    decode process and its exit code, nothing is committed, and a rerun writes the bytes of a run that
+    was never interrupted."""
+    corpus = make_corpus(tmp_path / "c", num=8, classes=2, codec="vp9", frames=12, size=(48, 64), fps=8, seed=4)
+    knobs = {"num_partitions": 1, "prefetch_batches": 1}  # 16 clips, 6 batches: most not yet submitted
+    clean, out = tmp_path / "clean", tmp_path / "out"
+    pretokenizer(pretok_config(tok, corpus, clean, **knobs)).run()
+    pretok = pretokenizer(pretok_config(tok, corpus, out, decode_process=True, **knobs))
+    killed = []
+
+    def kill_once(stats):
+        if not killed:
+            killed.append(pretok.stream.decode_process.pid)
+            os.kill(killed[0], signal.SIGKILL)
+    with pytest.raises(DecodeProcessFailed, match=r"decode process \(decode_process: true, pid \d+\) died with "
+                                                  r"exit code -9 .*nothing of the partition was committed"):
+        pretok.run(progress=kill_once)
+    assert killed and shards.committed_partitions(out, 1) == []
+    pretokenizer(pretok_config(tok, corpus, out, decode_process=True, **knobs)).run()
+    assert tree_bytes(out) == tree_bytes(clean)
+
+
+def test_an_error_in_the_decode_process_comes_back_with_the_childs_traceback(tmp_path, tok, corpus):
+    """A child that cannot set up its decoders (NVDEC on GPU 99: no such device here or anywhere) fails
+    at start with its own exception and traceback, instead of leaving the parent waiting."""
+    cfg = pretok_config(tok, corpus, tmp_path, decode_device="cpu")
+    lanes = clip_stream.decoder_lanes(cfg, "gpu", 99)
+    with pytest.raises(DecodeProcessFailed, match=r"(?s)decode process \(decode_process: true, pid \d+\) failed: "
+                                                  r".*child traceback.*set_device"):
+        DecodeProcess(cfg, "gpu", 99, lanes)

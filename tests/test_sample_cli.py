@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli_helpers import assert_refused
 from sample_helpers import LATENT_FRAMES, TRAINED_STEPS, model_config, write_ar_checkpoint, write_tokenizer
 from videoar_megatron.cli import main as videoar
 from videoar_common.distributed import init_distributed
@@ -91,6 +92,41 @@ def test_class_samples_files_index_and_grid(assets, tmp_path):
     assert not np.array_equal(decode(reseeded / "videos/sample_00000.mp4"), decode(out / "videos/sample_00000.mp4"))
 
 
+def test_frame_sheet_shows_every_sample_labelled_by_its_class(assets, tmp_path):
+    """frames.png has one row per sample (10 here, more than output.grid_columns = 8), each starting
+    with a label tile: the same class gives the same label, another class another one."""
+    out = tmp_path / "sheet"
+    assert sample(assets, out, "--class", "0,1,2,3,4", "--num", "2") == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["frame_sheet_rows"] == [f"class {c}" for c in range(5) for _ in range(2)]
+    sheet = np.asarray(Image.open(out / "frames.png").convert("RGB"))
+    tile, pad = 64, 2
+    assert sheet.shape[0] == 10 * (tile + pad) + pad
+    frames_wide = WINDOW * (tile + pad)
+    label_w = sheet.shape[1] - frames_wide - pad
+    assert label_w > 0
+    labels = [sheet[pad + r * (tile + pad):pad + r * (tile + pad) + tile, :label_w + pad] for r in range(10)]
+    assert all((lab < 128).any() for lab in labels)                   # dark text on every row
+    assert all(np.array_equal(labels[2 * c], labels[2 * c + 1]) for c in range(5))
+    assert len({labels[2 * c].tobytes() for c in range(5)}) == 5
+
+
+def test_the_console_shows_our_messages_and_no_library_warnings(assets, tmp_path):
+    """Issue 23: torch/Megatron FutureWarnings (with their source lines) came before sample's own output."""
+    import re
+    import subprocess
+    import sys
+    from subprocess_env import child_env
+    proc = subprocess.run([sys.executable, "-m", "videoar_megatron.cli", "sample", "--ckpt", str(assets / "run"),
+                           "--tokenizer", str(assets / "tokenizer"), "--recipe", str(TINY), "--class", "1",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, env=child_env(),
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wrote 1 videos" in proc.stdout
+    warnings = [line for line in proc.stderr.splitlines() if re.search(r"\w+Warning\b|warnings\.warn", line)]
+    assert not warnings, "\n".join(warnings)
+
+
 def test_class_names_long_videos_and_step_directories(assets, tmp_path):
     names = tmp_path / "classes.txt"
     names.write_text("Archery\nBowling\nDiving\nFencing\nSurfing\n")
@@ -115,13 +151,13 @@ def test_run_directory_is_accepted_as_ckpt(assets, tmp_path):
         resolve_checkpoint(tmp_path / "runs")
 
 
-def test_checkpoint_of_a_newer_format_is_refused_by_name(assets, tmp_path):
+def test_checkpoint_of_a_newer_format_is_refused_by_name(assets, tmp_path, capsys):
     step = shutil.copytree(assets / "run" / NEWEST, tmp_path / NEWEST)
     state = json.loads((step / "train_state.json").read_text())
     (step / "train_state.json").write_text(json.dumps({**state, "format_version": 2}))
-    with pytest.raises(SystemExit, match="checkpoint format_version 2; this videoar-megatron reads format 1"):
-        videoar(["sample", "--ckpt", str(step), "--tokenizer", str(assets / "tokenizer"), "--recipe", str(TINY),
-                 "--out", str(tmp_path / "out"), "--class", "1"])
+    code = videoar(["sample", "--ckpt", str(step), "--tokenizer", str(assets / "tokenizer"), "--recipe", str(TINY),
+                    "--out", str(tmp_path / "out"), "--class", "1"])
+    assert_refused(capsys, code, "checkpoint format_version 2; this videoar-megatron reads format 1")
 
 
 def test_video_to_video_and_image_to_video(assets, tmp_path):
@@ -139,25 +175,22 @@ def test_video_to_video_and_image_to_video(assets, tmp_path):
     assert decode(out / "videos/sample_00000.mp4").shape[0] == WINDOW
 
 
-def test_refusals_name_the_problem(assets, tmp_path):
+def test_refusals_name_the_problem(assets, tmp_path, capsys):
     hashes = [json.loads((assets / d / "meta.json").read_text())["content_hash"]
               for d in ("other_tokenizer", "tokenizer")]
-    with pytest.raises(SystemExit, match=f"tokenizer mismatch.*other_tokenizer.*{hashes[0]}.*{hashes[1]}"):
-        videoar(["sample", "--ckpt", str(assets / "run"), "--tokenizer", str(assets / "other_tokenizer"),
-                 "--recipe", str(TINY), "--out", str(tmp_path / "x"), "--class", "1"])
-    with pytest.raises(SystemExit, match="class-conditional: give --class"):
-        sample(assets, tmp_path / "y", "--prompt", "a cat")
-    with pytest.raises(SystemExit, match=r"--class ids \[9\] outside \[0, 5\)"):
-        sample(assets, tmp_path / "z", "--class", "9")
-    with pytest.raises(SystemExit, match="no COMMITTED marker"):
-        (assets / "run" / UNCOMMITTED / "train_state.json").write_text("{}")
-        videoar(["sample", "--ckpt", str(assets / "run" / UNCOMMITTED), "--tokenizer",
-                 str(assets / "tokenizer"), "--out", str(tmp_path / "w"), "--class", "1"])
-    with pytest.raises(SystemExit, match="top_p"):
-        sample(assets, tmp_path / "v", "--class", "1", "--set", "top_p=2")
+    code = videoar(["sample", "--ckpt", str(assets / "run"), "--tokenizer", str(assets / "other_tokenizer"),
+                    "--recipe", str(TINY), "--out", str(tmp_path / "x"), "--class", "1"])
+    assert_refused(capsys, code, f"tokenizer mismatch.*other_tokenizer.*{hashes[0]}.*{hashes[1]}")
+    assert_refused(capsys, sample(assets, tmp_path / "y", "--prompt", "a cat"), "class-conditional: give --class")
+    assert_refused(capsys, sample(assets, tmp_path / "z", "--class", "9"), r"--class ids \[9\] outside \[0, 5\)")
+    (assets / "run" / UNCOMMITTED / "train_state.json").write_text("{}")
+    code = videoar(["sample", "--ckpt", str(assets / "run" / UNCOMMITTED), "--tokenizer",
+                    str(assets / "tokenizer"), "--out", str(tmp_path / "w"), "--class", "1"])
+    assert_refused(capsys, code, "no COMMITTED marker")
+    assert_refused(capsys, sample(assets, tmp_path / "v", "--class", "1", "--set", "top_p=2"), "top_p")
 
 
-def test_prompts_through_a_local_text_tokenizer(assets, tmp_path):
+def test_prompts_through_a_local_text_tokenizer(assets, tmp_path, capsys):
     """kind text_tokens: prompts are tokenized by the local Hugging Face tokenizer the shards used. The
     trainer refuses text_tokens (no shards carry caption ids yet), so this checkpoint is hand-made."""
     from tokenizers import Tokenizer
@@ -184,7 +217,6 @@ def test_prompts_through_a_local_text_tokenizer(assets, tmp_path):
     index = json.loads((out / "index.json").read_text())
     assert [s["condition"]["prompt"] for s in index["samples"]] == ["a cat runs"] * 2 + ["the dog on the beach"] * 2
     assert decode(out / "videos/sample_00003.mp4").shape[0] == WINDOW
-    with pytest.raises(SystemExit, match="--prompt needs --text-encoder"):
-        videoar([*args, "--out", str(tmp_path / "x"), "--prompt", "a cat"])
-    with pytest.raises(SystemExit, match="text-conditioned"):
-        videoar([*args, "--out", str(tmp_path / "y"), "--class", "1"])
+    assert_refused(capsys, videoar([*args, "--out", str(tmp_path / "x"), "--prompt", "a cat"]),
+                   "--prompt needs --text-encoder")
+    assert_refused(capsys, videoar([*args, "--out", str(tmp_path / "y"), "--class", "1"]), "text-conditioned")

@@ -114,3 +114,20 @@ def test_eval_command_compares_with_an_untrained_tokenizer(tmp_path, capsys):
     for sub in ("trained", "untrained"):
         assert (tmp_path / "ev" / sub / "recon_grid.png").is_file()
         assert json.loads((tmp_path / "ev" / sub / "eval.json").read_text())["clips"] == 2
+
+
+def test_the_init_stage_is_announced_with_its_steps_before_anything_runs(tmp_path, capfd):
+    """Issue 23: `--set steps=1` on tiny.yaml first trained its 400-step image stage without saying so.
+    The plan (both stages, their step counts and directories) comes first; here the image stage then
+    stops on its missing manifest, so the test does not train."""
+    image = tmp_path / "image.yaml"
+    image.write_text(f"base: {RECIPES / 'tiny_image.yaml'}\nsteps: 7\n"
+                     f"data:\n  synth: {{enabled: false}}\n  manifest: {tmp_path / 'missing.csv'}\n")
+    run = tmp_path / "run"
+    code = videoar(["tokenizer", "train", "--recipe", str(RECIPES / "tiny.yaml"), "--run-dir", str(run),
+                    "--set", f"init.from_recipe={image}", "--set", "steps=1"])
+    err = capfd.readouterr().err
+    assert code == 2 and "missing.csv" in err.strip().splitlines()[-1], err[-3000:]
+    plan = err[:err.index("missing.csv")]
+    assert f"stage 1 of 2: init.from_recipe={image}: 7 steps in {run / 'init' / 'image'}" in plan, plan
+    assert f"stage 2 of 2: {RECIPES / 'tiny.yaml'}: 1 step in {run}" in plan, plan

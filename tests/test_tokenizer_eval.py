@@ -52,3 +52,32 @@ def test_evaluate_writes_metrics_and_grid(tmp_path):
     # 2 clips x (original + 3 scales) rows of 96-px cells (16 px zoomed x6), 3 frame columns
     assert w == 120 + 3 * (96 + 2) and h >= 2 * 4 * 96
     assert model.training  # restored
+
+
+def test_eval_reports_psnr_per_frame_with_frame0_apart():
+    """Frame 0 goes through the causal tokenizer alone (its own latent frame): the report gives PSNR per
+    frame, frame 0 per number of scales, and the later frames together, next to the clip average."""
+    import numpy as np
+    from tokenizer.evaluate import reconstruct_by_scales
+    torch.manual_seed(0)
+    cfg = TokenizerModelConfig(base_channels=8, channel_mult=[1, 1, 2], temporal_down_levels=[0, 1], norm_groups=4,
+                               latent_dim=8, scale_schedule=[[1, 1], [2, 2], [4, 4]])
+    model = VideoTokenizer(cfg).eval()
+    batches = [ClipBatch(torch.rand(2, 3, 5, 16, 16) * 2 - 1, ["a@0", "b@0"]) for _ in range(2)]
+    m = evaluate_tokenizer(model, batches)
+
+    def psnr(real, recon):  # numpy, in [0, 1] units, per clip
+        a = (np.clip(real.numpy(), -1, 1) + 1) / 2
+        b = (np.clip(recon.numpy(), -1, 1) + 1) / 2
+        return -10 * np.log10(((a - b) ** 2).reshape(len(a), -1).mean(1))
+
+    videos = [b.video_BCTHW for b in batches]
+    recons = [reconstruct_by_scales(model, v)[0] for v in videos]
+    for t in range(5):
+        expected = np.concatenate([psnr(v[:, :, t], r[-1][:, :, t]) for v, r in zip(videos, recons)]).mean()
+        assert m[f"psnr_f{t}"] == pytest.approx(expected, abs=1e-6), t
+    for k in range(3):
+        expected = np.concatenate([psnr(v[:, :, 0], r[k][:, :, 0]) for v, r in zip(videos, recons)]).mean()
+        assert m[f"psnr_k{k + 1}_frame0"] == pytest.approx(expected, abs=1e-6), k
+    rest = np.concatenate([psnr(v[:, :, 1:], r[-1][:, :, 1:]) for v, r in zip(videos, recons)]).mean()
+    assert m["psnr_frame0"] == m["psnr_f0"] and m["psnr_after_frame0"] == pytest.approx(rest, abs=1e-6)

@@ -112,8 +112,8 @@ def test_loading_weights_into_another_model_is_refused_naming_the_knob(host_refe
     seed, _ = host_reference
     proc = run_train(1, tmp_path / "run", tiny_shards, *SETS, "model.condition.tokens_per_class=2",
                      args=("--load", str(seed)), expect_rc=2)
-    assert "the weights do not fit this model (model.condition.tokens_per_class: 1 in the checkpoint, 2 now)" \
-        in proc.stderr
+    assert ("the weights do not fit this model (model.condition.tokens_per_class: 1 in the checkpoint, 2 now "
+            "(from --set model.condition.tokens_per_class=2))") in proc.stderr
 
 
 def test_the_megatron_engine_on_cpu_outside_the_emulation_is_refused_naming_the_knob(tiny_shards, tmp_path):

@@ -202,6 +202,22 @@ def test_resume_may_switch_kernels_but_not_the_model(reference, tiny_shards, tmp
     assert "step_00000060 at step 60" in proc.stderr and max(losses(run)) == 61
 
 
+def test_start_log_names_the_compile_cache_each_sources_attention_and_the_time_to_first_step(
+        tiny_shards, tiny_image_shards, tmp_path):
+    """What a job prints at start (docs/training.md): where compiled kernels are cached (the run directory
+    by default, created before anything compiles), the attention path of each data source's sequence,
+    and the time to the first step."""
+    run = tmp_path / "run"
+    proc = run_train(1, run, tiny_shards, "train.steps=2", "optim.warmup_steps=1", "data.name=video",
+                     f"data.mix=[{{name: image, path: {tiny_image_shards}, num_frames: 1}}]")
+    cache = (run / "compile_cache").absolute()
+    assert f"compile cache {cache} (from the run directory; empty: " in proc.stderr and cache.is_dir()
+    # tiny recipe: 1 class token + 3 latent frames x (1 + 4) tokens; the images are one frame
+    assert "attention for data source video (16 tokens): dense-mask SDPA" in proc.stderr
+    assert "attention for data source image (6 tokens): dense-mask SDPA" in proc.stderr
+    assert re.search(r"time to the first step: \d+\.\d s from start \(the step itself \d+\.\d s", proc.stderr)
+
+
 def test_unknown_recipe_key_is_an_error_naming_it(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'optim\.lr_max'.*--set optim.lr_max=1"):
         load_config(TrainConfig, TINY_RECIPE, ["optim.lr_max=1"])
@@ -212,10 +228,10 @@ def test_unknown_recipe_key_is_an_error_naming_it(tmp_path):
 
 
 def test_cli_reports_a_bad_recipe_without_a_traceback(tmp_path, capsys):
-    from videoar_megatron.cli.train import main
-    assert main(["--recipe", str(TINY_RECIPE), "--set", "model.sise=L", "--print-config"]) == 2
+    from videoar_megatron.cli import main
+    assert main(["train", "--recipe", str(TINY_RECIPE), "--set", "model.sise=L", "--print-config"]) == 2
     assert "videoar train: unknown key 'model.sise'" in capsys.readouterr().err
-    assert main(["--recipe", str(TINY_RECIPE), "--print-config"]) == 0
+    assert main(["train", "--recipe", str(TINY_RECIPE), "--print-config"]) == 0
     assert "global_batch_size: 8" in capsys.readouterr().out
 
 

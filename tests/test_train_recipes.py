@@ -23,7 +23,7 @@ PRETOKENIZE = {load_config(PretokenizeConfig, p).output_dir: load_config(Pretoke
 def test_the_recipe_set_is_complete():
     names = {p.stem for p in AR}
     assert {"base", "tiny", "ucf101_L_1k", "ucf101_L", "ucf101_XL", "stage1", "stage2", "stage3",
-            "videoar_4b"} <= names
+            "stage3_65f", "stage3_129f", "videoar_4b"} <= names
 
 
 @pytest.mark.parametrize("recipe", AR, ids=[p.stem for p in AR])
@@ -139,3 +139,63 @@ def test_activations_in_flight_follow_megatrons_schedule(pp, v, m):
                                virtual_pipeline_model_parallel_size=v if v > 1 else None)
         total, _, warmup, _ = get_pp_rank_microbatches(m, v, pp, p2p_communicator=comm)
         assert in_flight_layers(cfg, stage, m) == min(warmup + 1, total) * 48 / (pp * v), (stage, warmup)
+
+
+def stage3(*sets: str) -> TrainConfig:
+    return load_config(TrainConfig, RECIPES / "ar/stage3.yaml", ["data.path=runs/shards/unreadable", *sets])
+
+
+def test_dry_run_proposes_the_smallest_context_parallel_that_fits():
+    """129 frames without recompute at CP=1 does not fit; the report prints every CP's estimate and
+    proposes the smallest that fits (the shipped 129-frame recipe's CP)."""
+    cfg = load_config(TrainConfig, RECIPES / "ar/stage3_129f.yaml", ["parallel.context_parallel=1"])
+    fits, report = dry_run(cfg)
+    assert not fits and "DOES NOT FIT" in report
+    shipped = load_config(TrainConfig, RECIPES / "ar/stage3_129f.yaml")
+    by_cp = {cp: estimate_gib(load_config(TrainConfig, RECIPES / "ar/stage3_129f.yaml",
+                                          [f"parallel.context_parallel={cp}"])) for cp in (2, 4)}
+    assert by_cp[2] > 80 >= by_cp[4]
+    assert f"CP=2: {by_cp[2]:.1f}; CP=4: {by_cp[4]:.1f}" in report
+    assert f"smallest context_parallel that fits: {shipped.parallel.context_parallel}" in report
+
+
+def test_the_dry_run_prints_attended_pairs_per_context_parallel_rank():
+    _, report = dry_run(load_config(TrainConfig, RECIPES / "ar/stage3_65f.yaml"))
+    line = next(x for x in report.splitlines() if x.startswith("context parallel: CP=2"))
+    ratio = float(line.rsplit("max/min ", 1)[1].rstrip(")"))
+    assert 1.0 <= ratio <= 1.1, line
+
+
+def test_context_parallel_divides_activations_except_the_gathered_keys_and_values():
+    from videoar_megatron.training.dry_run import layer_activation_bytes, longest, stages_memory
+    one, two = stage3("parallel.recompute=none"), stage3("parallel.recompute=none", "parallel.context_parallel=2")
+    seq = longest(two)  # one sequence for both (CP=2 pads to a multiple of 2 x 128)
+    (full1, input1), (full2, input2) = layer_activation_bytes(one, seq), layer_activation_bytes(two, seq)
+    m = one.model
+    gathered_kv = 2 * seq.seq_len * 2 * m.num_attention_heads * m.head_dim / one.parallel.tensor_parallel  # bf16 k, v
+    assert input2 == input1 / 2
+    assert full2 == pytest.approx(full1 / 2 + gathered_kv / 2, rel=1e-12)
+    # The distributed optimizer shards over DP x CP: same share at the same world size.
+    assert two.check_layout(32).dp == one.check_layout(32).dp // 2
+    assert stages_memory(one, seq, one.check_layout(32))[0].optimizer_distributed == \
+        stages_memory(two, seq, two.check_layout(32))[0].optimizer_distributed
+
+
+def test_the_context_parallel_table_in_the_training_docs_is_the_dry_runs():
+    """docs/training.md quotes dry-run estimates for L/XL/4B at 33/65/129 frames and CP=1..8: each cell
+    equals the dry run of recipes/ar/stage3.yaml with those knobs (so the table cannot go stale)."""
+    import re
+    docs = (RECIPES.parent / "docs" / "training.md").read_text()
+    rows = re.findall(r"^\| (L|XL|4B) \| (33|65|129) \| ([\d,]+) \| (.+) \|$", docs, flags=re.M)
+    assert len(rows) == 9, rows
+    for size, frames, tokens, cells in rows:
+        values = [float(c) for c in cells.split(" | ")]
+        base = [f"model.size={size}", f"data.num_frames={frames}"]
+        options = [[f"parallel.context_parallel={cp}", "parallel.recompute=none"] for cp in (1, 2, 4, 8)]
+        options.append(["parallel.context_parallel=1", "parallel.recompute=full"])
+        assert len(values) == len(options), (size, frames)
+        for value, sets in zip(values, options):
+            cfg = stage3(*base, *sets)
+            assert round(estimate_gib(cfg), 1) == value, (size, frames, sets)
+        layout = sequence_layouts(cfg)["video"][0]
+        assert layout.prefix_len + layout.video_len == int(tokens.replace(",", ""))

@@ -24,6 +24,7 @@ from tokenizer.config import TokenizerModelConfig
 from tokenizer.model import VideoTokenizer
 from videoar_common.atomic import atomic_write_json, is_committed, mark_committed
 from videoar_common.config import ConfigError, dump_config, load_config
+from videoar_common.exit_codes import InputError
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -33,7 +34,7 @@ TOKENIZER_EXPORT_DIR = "tokenizer"
 """Where ``videoar tokenizer train`` exports the tokenizer inside its run directory."""
 
 
-class TokenizerCheckpointError(RuntimeError):
+class TokenizerCheckpointError(InputError, RuntimeError):
     """A tokenizer directory is missing, incomplete or inconsistent; the message names the file."""
 
 

@@ -7,6 +7,11 @@ tokenizer's numbers are those of ``videoar eval rfvd``.
 
 Reconstruction from k scales decodes the accumulated codes of scales 1..k
 (``MultiScaleBSQ.accumulate``): it shows what the AR model's coarse-to-fine prefix looks like.
+
+PSNR is also reported per frame (``psnr_f<t>``), for frame 0 per number of scales
+(``psnr_k<k>_frame0``) and for the frames after it together (``psnr_after_frame0``): frame 0 is the
+causal tokenizer's image path (a latent frame of its own, the only frame the image pre-training stage
+saw), so it can be better or worse than the rest for its own reasons (docs/tokenizer.md).
 """
 from __future__ import annotations
 
@@ -85,7 +90,9 @@ def evaluate_tokenizer(model: VideoTokenizer, batches: Iterable, *, device: torc
             usage.add(bits)
             for k, r in enumerate(recons):
                 sums[f"psnr_k{k + 1}"] += psnr_per_clip(video, r).sum().item()
+                sums[f"psnr_k{k + 1}_frame0"] += psnr_per_clip(video[:, :, :1], r[:, :, :1]).sum().item()
             sums["psnr"] += psnr_per_clip(video, recons[-1]).sum().item()
+            _add_per_frame(sums, video, recons[-1])
             sums["ssim"] += ssim_per_clip(video, recons[-1]).sum().item()
             n += video.shape[0]
             if grid is None:
@@ -104,6 +111,15 @@ def evaluate_tokenizer(model: VideoTokenizer, batches: Iterable, *, device: torc
             save_recon_grid(out_dir / "recon_grid.png", grid[0], grid[1], model.quantizer.scales,
                             frames=grid_frames, title=title)
     return metrics
+
+
+def _add_per_frame(sums: dict[str, float], video_BCTHW: torch.Tensor, recon_BCTHW: torch.Tensor) -> None:
+    """Summed per-clip PSNR of every frame, of frame 0 and of the frames after it."""
+    for t in range(video_BCTHW.shape[2]):
+        sums[f"psnr_f{t}"] += psnr_per_clip(video_BCTHW[:, :, t:t + 1], recon_BCTHW[:, :, t:t + 1]).sum().item()
+    sums["psnr_frame0"] += psnr_per_clip(video_BCTHW[:, :, :1], recon_BCTHW[:, :, :1]).sum().item()
+    if video_BCTHW.shape[2] > 1:
+        sums["psnr_after_frame0"] += psnr_per_clip(video_BCTHW[:, :, 1:], recon_BCTHW[:, :, 1:]).sum().item()
 
 
 def _frame_image(x_CHW: torch.Tensor) -> np.ndarray:

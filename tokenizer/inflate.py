@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from tokenizer.losses import load_state_file
+from videoar_common.exit_codes import InputError
 
 
-class InflationError(ValueError):
+class InflationError(InputError, ValueError):
     """The 2-D state dict does not fit the 3-D model; the message lists the offending keys."""
 
 

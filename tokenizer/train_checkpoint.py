@@ -33,8 +33,10 @@ import torch.distributed as dist
 from tokenizer.train_config import TokenizerTrainConfig
 from tokenizer.train_engines import Engines
 from videoar_common.atomic import atomic_write_bytes, atomic_write_json, latest_committed, save_committed_step
-from videoar_common.config import config_to_dict, load_config, save_resolved_config
+from videoar_common.config import (config_changes, config_to_dict, describe_changes, load_config,
+                                   save_resolved_config)
 from videoar_common.distributed import DistContext
+from videoar_common.exit_codes import InputError
 from videoar_common.lr_schedule import schedule_changes
 from videoar_common.run_logging import get_logger
 
@@ -42,7 +44,7 @@ CHECKPOINT_DIR = "checkpoints"
 TRAINER_STATE_FILE = "trainer_state.json"
 
 
-class ResumeRefused(RuntimeError):
+class ResumeRefused(InputError, RuntimeError):
     """The run directory's checkpoint cannot continue under this job (world size, recipe, data sources,
     or an init source that does not fit): nothing was trained or written."""
 
@@ -102,12 +104,11 @@ class TrainCheckpoints:
             raise ResumeRefused(f"{ckpt} was written by {state['world_size']} ranks, this job has "
                                 f"{self.ctx.world_size}: ZeRO partitions and data positions cannot be resharded")
         saved = config_to_dict(load_config(type(self.cfg), ckpt / "config.yaml"))
-        now = config_to_dict(self.cfg)
         for section in ("model", "discriminator"):
-            diff = sorted(k for k in now[section] if now[section][k] != saved[section].get(k))
-            if diff:
-                raise ResumeRefused(f"{ckpt}: recipe changed {section}.{diff[0]} (and {len(diff) - 1} more) since "
-                                    "the checkpoint was written; start a new run directory")
+            changes = config_changes(saved[section], getattr(self.cfg, section), f"{section}.", sources=self.cfg)
+            if changes:  # the knob the recipe changed first, then what follows from it
+                raise ResumeRefused(f"{ckpt}: recipe changed since the checkpoint was written "
+                                    f"({describe_changes(changes)}); start a new run directory")
 
     def load(self, ckpt: Path, engines: Engines) -> dict:
         """Load both engines (weights, ZeRO partitions, schedules) and return this rank's trainer state."""

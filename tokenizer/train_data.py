@@ -16,13 +16,15 @@ from pathlib import Path
 
 from data_prep.clip_dataset import (ClipStream, RejectLog, VideoSource, eval_batches, read_sources,
                                     source_for)
+from data_prep.manifest import ManifestError
 from tokenizer.train_config import TokenizerTrainConfig
 from videoar_common.atomic import is_committed, mark_committed
 from videoar_common.distributed import DistContext
+from videoar_common.exit_codes import InputError
 from videoar_common.run_logging import get_logger
 
 
-class DataSourcesChanged(RuntimeError):
+class DataSourcesChanged(InputError, RuntimeError):
     """A checkpoint's data positions belong to other streams (video and/or image) than this recipe's."""
 
 
@@ -34,8 +36,13 @@ class DataPaths:
 
 
 def prepare_data(cfg: TokenizerTrainConfig, run_dir: Path, ctx: DistContext) -> DataPaths:
-    """Manifests to train and evaluate on; writes the synthetic corpus first when the recipe asks."""
+    """Manifests to train and evaluate on; writes the synthetic corpus first when the recipe asks. A
+    manifest that is not there is refused here, naming its knob, before any engine is built."""
     if not cfg.data.synth.enabled:
+        for knob, path in (("data.manifest", cfg.data.manifest), ("data.image_manifest", cfg.data.image_manifest),
+                           ("eval.manifest", cfg.eval.manifest)):
+            if path and not Path(path).is_file():
+                raise ManifestError(f"{knob}={path}: manifest not found")
         return DataPaths(cfg.data.manifest, cfg.data.image_manifest, cfg.eval.manifest)
     s, clip = cfg.data.synth, cfg.data.clip
     out = {}

@@ -333,18 +333,22 @@ def _append_jsonl(path: Path, record: dict) -> None:
         os.close(fd)
 
 
-def run_with_init_stage(cfg: TokenizerTrainConfig, ctx: DistContext, run_dir: Path, recipe_dir: Path) -> int:
+def run_with_init_stage(cfg: TokenizerTrainConfig, ctx: DistContext, run_dir: Path, recipe_dir: Path,
+                        recipe_name: str = "the recipe") -> int:
     """Train ``cfg`` in ``run_dir``; when init.from_recipe is set and the run has no checkpoint yet, first
     train that recipe in ``run_dir/init/<name>`` (resumable, skipped once exported) and start from its
-    export. Returns the exit code (a stopped or preempted first stage returns its code)."""
+    export. Says the plan (stages, steps, directories) before anything is built. Returns the exit code (a
+    stopped or preempted first stage returns its code)."""
     from videoar_common.config import load_config
     if cfg.init.from_recipe and latest_committed(run_dir / CHECKPOINT_DIR) is None:
         recipe = Path(cfg.init.from_recipe)
         recipe = recipe if recipe.is_absolute() else recipe_dir / recipe
         stage_dir = run_dir / "init" / recipe.stem
-        if not is_committed(stage_dir / TOKENIZER_EXPORT_DIR):
-            get_logger().info("init.from_recipe: training %s in %s first", recipe, stage_dir)
-            code = _train_once(load_config(TokenizerTrainConfig, recipe), ctx, stage_dir)
+        first = load_config(TokenizerTrainConfig, recipe)
+        done = is_committed(stage_dir / TOKENIZER_EXPORT_DIR)
+        _announce_stages(first, recipe, stage_dir, done, cfg, recipe_name, run_dir)
+        if not done:
+            code = _train_once(first, ctx, stage_dir)
             if code:
                 return code
         ctx.barrier()
@@ -353,6 +357,25 @@ def run_with_init_stage(cfg: TokenizerTrainConfig, ctx: DistContext, run_dir: Pa
     elif cfg.init.from_recipe:  # resuming: the checkpoint holds the weights
         cfg = dataclasses.replace(cfg, init=dataclasses.replace(cfg.init, from_recipe="", reinflate=False))
     return _train_once(cfg, ctx, run_dir)
+
+
+def _steps(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"
+
+
+def _announce_stages(first: TokenizerTrainConfig, first_recipe: Path, first_dir: Path, first_done: bool,
+                     cfg: TokenizerTrainConfig, recipe_name: str, run_dir: Path) -> None:
+    """Up front, what a two-stage run will train: a quick try with ``--set steps=1`` must not find out
+    after minutes that the image stage (with its own step count; --set does not reach it) ran first."""
+    log = get_logger()
+    resumed = latest_committed(first_dir / CHECKPOINT_DIR)
+    first_what = ("done earlier (its export exists), skipped" if first_done else
+                  f"{_steps(first.steps)} in {first_dir}" + (f", resuming from {resumed.name}" if resumed else ""))
+    log.info("stage 1 of 2: init.from_recipe=%s: %s (its own recipe: --set applies to stage 2 only; "
+             "--set init.from_recipe= skips this stage)", first_recipe, first_what)
+    how = ", re-inflated" if cfg.init.reinflate else ""
+    log.info("stage 2 of 2: %s: %s in %s, starting from stage 1's export%s", recipe_name, _steps(cfg.steps),
+             run_dir, how)
 
 
 def _train_once(cfg: TokenizerTrainConfig, ctx: DistContext, run_dir: Path) -> int:

@@ -9,6 +9,11 @@ A recipe may name a parent with ``base: other.yaml`` (relative to the recipe's o
 child is deep-merged over the parent, and chains are allowed. ``--set a.b.c=value`` overrides are
 applied last, with ``value`` parsed as YAML. The fully resolved config is written to the run
 directory as ``config.yaml``, and loading that file gives back an equal config.
+
+Every leaf value keeps its source (the file that set it last in the chain, or the ``--set`` item) while
+the recipe is merged, so an error names, for each value it is about, where that value came from, not
+where its section first appeared. ``load_config`` leaves that map on the config it returns
+(:func:`value_source`), so later checks (a resume refusal) can say it too.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
 
 import yaml
 
+from videoar_common.exit_codes import InputError
+
 T = TypeVar("T")
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -32,7 +39,7 @@ BASE_KEY = "base"
 RESOLVED_CONFIG_NAME = "config.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A recipe or override is invalid; the message names the key path and its source."""
 
 
@@ -141,6 +148,31 @@ def _where(path: str, origin: Mapping[str, str]) -> str:
     return f" (from {src})" if src else ""
 
 
+def _named_leaves(message: str, cls: type, prefix: str) -> list[str]:
+    """Leaf key paths of the section ``cls`` at ``prefix`` that ``message`` names, in order of appearance:
+    by full path (``parallel.tensor_parallel``) or, for the section's own fields, by bare name."""
+    found = {}
+    for path, *_ in iter_fields(cls, prefix):
+        relative = path[len(prefix):]
+        names = (path, relative) if "." not in relative else (path,)
+        for name in names:
+            m = re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", message)
+            if m:
+                found[path] = min(found.get(path, m.start()), m.start())
+    return sorted(found, key=found.get)
+
+
+def _sources_of(message: str, cls: type, prefix: str, origin: Mapping[str, str]) -> str:
+    """`` (a.b from FILE; a.c from --set a.c=1; a.d: default)`` for the values ``message`` names; else
+    where the section came from."""
+    named = _named_leaves(message, cls, prefix)
+    if not named:
+        section = prefix.rstrip(".")
+        return _where(section, origin) if section else ""
+    parts = [f"{path} from {origin[path]}" if path in origin else f"{path}: default" for path in named]
+    return f" ({'; '.join(parts)})"
+
+
 def _convert(value: Any, tp: Any, path: str, origin: Mapping[str, str]) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert YAML lists to tuples etc."""
     where = _where(path, origin)
@@ -225,18 +257,103 @@ def build_dataclass(cls: type[T], raw: Mapping[str, Any], origin: Mapping[str, s
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from e
     except ConfigError:
         raise
-    except ValueError as e:  # a __post_init__ check; name where the section came from
+    except ValueError as e:  # a __post_init__ check; name where each value it names came from
         section = prefix.rstrip(".")
-        where = _where(section, origin) if section else ""
         label = f"'{section}': " if section else ""
-        raise ConfigError(f"{label}{e}{where}") from e
+        raise ConfigError(f"{label}{e}{_sources_of(str(e), cls, prefix, origin)}") from e
 
 
 def load_config(cls: type[T], recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Load ``cls`` from a recipe file (``None``: the dataclass defaults) plus ``--set`` overrides."""
     raw, origin = read_recipe_chain(recipe) if recipe is not None else ({}, {})
     apply_overrides(raw, origin, overrides)
-    return build_dataclass(cls, raw, origin)
+    cfg = build_dataclass(cls, raw, origin)
+    # not a field: equality, config_to_dict and config.yaml ignore it; dataclasses.replace drops it
+    object.__setattr__(cfg, _SOURCES_ATTR, dict(origin))
+    return cfg
+
+
+_SOURCES_ATTR = "_value_sources"
+
+
+def value_source(cfg: Any, path: str) -> str | None:
+    """The file or ``--set`` item that set the leaf ``path`` (``"model.hidden_size"``) of a config returned
+    by :func:`load_config`; ``None`` for a value nobody set (a default or a derived value) or a config
+    built another way."""
+    return getattr(cfg, _SOURCES_ATTR, {}).get(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """One leaf that differs between a saved config and this run's."""
+
+    path: str
+    before: Any
+    after: Any
+    derived: bool
+    """This run's value is what the config fills in by itself (a default, or derived from other knobs,
+    e.g. ffn_hidden_size = 4 x hidden_size when unset): it follows from the changes that are not."""
+    source: str | None
+    """Where this run's value was set (:func:`value_source`), when known."""
+
+    def describe(self, saved_name: str = "the checkpoint") -> str:
+        origin = f" (from {self.source})" if self.source else ""
+        return f"{self.path}: {self.before!r} in {saved_name}, {self.after!r} now{origin}"
+
+
+def _fills_itself(section: Any, name: str) -> bool:
+    """Would ``section`` hold the same ``name`` if that field were left at its declared default?"""
+    f = next(f for f in dataclasses.fields(section) if f.name == name)
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        return False
+    try:
+        again = dataclasses.replace(section, **{name: default})
+    except (TypeError, ValueError):  # the section needs this value (e.g. size=custom needs hidden_size)
+        return False
+    return config_to_dict(getattr(again, name)) == config_to_dict(getattr(section, name))
+
+
+def config_changes(saved: Mapping[str, Any], cfg: Any, prefix: str = "", *, sources: Any = None,
+                   skip: Sequence[str] = ()) -> list[Change]:
+    """Leaves of the config dataclass ``cfg`` (a section whose key path starts with ``prefix``, e.g.
+    ``"model."``) that differ from ``saved`` (its :func:`config_to_dict` form, e.g. from a checkpoint).
+    The knobs this run sets come first, then the values that follow from them (:attr:`Change.derived`),
+    each group in key order, so a message can name the knob the user changed. ``sources`` is the loaded
+    config whose :func:`value_source` fills :attr:`Change.source`: by default ``cfg`` itself (keys
+    relative to it), or the top-level config ``cfg`` belongs to (keys including ``prefix``); ``skip``
+    names top-level fields of ``cfg`` to leave out."""
+    sources = cfg if sources is None else sources
+    changes: list[Change] = []
+
+    def walk(section: Any, before: Mapping[str, Any], path: str) -> None:
+        for f in dataclasses.fields(section):
+            if not f.init or (section is cfg and f.name in skip):
+                continue
+            value, old = getattr(section, f.name), before.get(f.name) if isinstance(before, Mapping) else None
+            key = f"{path}{f.name}"
+            if dataclasses.is_dataclass(value):
+                walk(value, old if isinstance(old, Mapping) else {}, f"{key}.")
+            elif config_to_dict(value) != old:
+                lookup = key[len(prefix):] if sources is cfg else key  # sources' own key paths
+                changes.append(Change(key, old, config_to_dict(value), _fills_itself(section, f.name),
+                                      value_source(sources, lookup)))
+
+    walk(cfg, saved, prefix)
+    return sorted(changes, key=lambda c: (c.derived, c.path))
+
+
+def describe_changes(changes: Sequence[Change], saved_name: str = "the checkpoint") -> str:
+    """``a.b: 1 in the checkpoint, 2 now (from --set a.b=2); following from it: a.c (4 -> 8)``."""
+    head = [c for c in changes if not c.derived] or list(changes)
+    rest = [c for c in changes if c not in head]
+    text = "; ".join(c.describe(saved_name) for c in head)
+    if rest:
+        text += "; following from it: " + ", ".join(f"{c.path} ({c.before!r} -> {c.after!r})" for c in rest)
+    return text
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,6 +5,11 @@ would type them (same CLI, same recipes under ``recipes/demo/``), so it exercise
 points rather than a parallel code path. Each stage writes a ``.done-<stage>`` marker in the output
 directory when its command succeeded; re-running skips finished stages (and the stages' own
 resume logic covers an interrupted one). Presets change sizes only (``--set`` overrides), never code.
+
+A stage's output goes to its log file, so the console would be silent for minutes: while a training
+stage runs, the demo reads its ``metrics.jsonl`` every few seconds and prints the step, the loss (or
+PSNR) and an ETA. How long the whole demo takes is measured in docs/BENCHMARKS.md (section "CPU"), the
+one place that states it.
 """
 from __future__ import annotations
 
@@ -36,8 +41,11 @@ class Preset:
     samples_per_class: int
 
 
+TIMING_DOC = "docs/BENCHMARKS.md#cpu-2-cores-no-gpu-the-ci-machine"
+"""Where the demo's measured duration is written (README and ``videoar demo --help`` point there)."""
+
 PRESETS = {
-    # about 6 minutes on 2 CPU cores
+    # the duration of each: TIMING_DOC
     "full": Preset(videos=64, eval_videos=8, tokenizer_image_steps=400, tokenizer_steps=300, ar_steps=1500,
                    samples_per_class=3),
     # the same code path at a fraction of the work, for CI
@@ -46,12 +54,31 @@ PRESETS = {
 }
 
 
+class StageFailed(RuntimeError):
+    """A stage's command exited non-zero (``returncode``: its exit code) or left out an expected file (1)."""
+
+    def __init__(self, message: str, returncode: int = 1):
+        super().__init__(message)
+        self.returncode = returncode
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What to show on the console while a stage trains: read from its metrics file."""
+
+    metrics: Path
+    total_steps: int
+    show: tuple[str, ...]
+    """Metric keys printed with the step (the first record that has them all counts as a step)."""
+
+
 @dataclass
 class Stage:
     name: str
     commands: list[list[str]]
     outputs: list[Path] = field(default_factory=list)
     """Files the stage must have produced (checked after its commands)."""
+    progress: Progress | None = None
 
 
 def _videoar(*args: str) -> list[str]:
@@ -74,14 +101,16 @@ def stages(out: Path, preset: Preset) -> list[Stage]:
         Stage("tokenizer_image", [
             _videoar("tokenizer", "train", "--recipe", "recipes/demo/tokenizer_image.yaml", "--run-dir", tok_image,
                      *data, "--set", f"steps={preset.tokenizer_image_steps}")],
-            [tok_image / "tokenizer" / "COMMITTED"]),
+            [tok_image / "tokenizer" / "COMMITTED"],
+            Progress(tok_image / "metrics.jsonl", preset.tokenizer_image_steps, ("psnr",))),
         Stage("tokenizer", [
             _videoar("tokenizer", "train", "--recipe", "recipes/demo/tokenizer.yaml", "--run-dir", tok, *data,
                      "--set", f"init.from_tokenizer={tok_image / 'tokenizer'}",
                      "--set", f"steps={preset.tokenizer_steps}"),
             _videoar("tokenizer", "eval", "--run", tok, "--manifest", held_out / "metadata.csv",
                      "--compare-untrained", "--out", out / "tokenizer_eval")],
-            [tok / "tokenizer" / "COMMITTED", out / "tokenizer_eval" / "trained" / "eval.json"]),
+            [tok / "tokenizer" / "COMMITTED", out / "tokenizer_eval" / "trained" / "eval.json"],
+            Progress(tok / "metrics.jsonl", preset.tokenizer_steps, ("psnr",))),
         Stage("shards", [
             _videoar("pretokenize", "--recipe", "recipes/demo/pretokenize.yaml",
                      "--set", f"tokenizer={tok / 'tokenizer'}", "--set", f"input_manifest={corpus / 'metadata.csv'}",
@@ -90,7 +119,7 @@ def stages(out: Path, preset: Preset) -> list[Stage]:
         Stage("ar", [
             _videoar("train", "--recipe", "recipes/demo/ar.yaml", "--run-dir", ar, "--set", f"data.path={shards}",
                      "--set", f"train.steps={preset.ar_steps}", "--set", "logging.progress_bar=false")],
-            [ar / "metrics.jsonl"]),
+            [ar / "metrics.jsonl"], Progress(ar / "metrics.jsonl", preset.ar_steps, ("loss", "bit_accuracy"))),
         Stage("samples", [
             _videoar("sample", "--ckpt", ar / "checkpoints", "--tokenizer", tok / "tokenizer",
                      "--recipe", "recipes/demo/sample.yaml", "--class", ",".join(map(str, range(CLASSES))),
@@ -99,8 +128,60 @@ def stages(out: Path, preset: Preset) -> list[Stage]:
     ]
 
 
-def run_stage(stage: Stage, out: Path, log=print) -> float:
-    """Run a stage's commands (output to ``out/logs/<stage>.log``); returns seconds taken."""
+def _last_step(progress: Progress) -> dict | None:
+    """The newest training record of the stage's metrics file (``None`` before the first one)."""
+    if not progress.metrics.is_file():
+        return None
+    records = [r for r in read_metrics(progress.metrics) if "step" in r and all(k in r for k in progress.show)]
+    return records[-1] if records else None
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+class _ProgressLine:
+    """``step 300/1500, loss 0.412, bit_accuracy 0.81, 1m05s, ETA 4m20s`` from successive reads; the
+    rate counts only steps trained since the stage (re)started, so a resumed stage gets a true ETA."""
+
+    def __init__(self, progress: Progress):
+        self.progress, self.start, self.first, self.shown = progress, time.monotonic(), None, None
+
+    def update(self) -> str | None:
+        record = _last_step(self.progress)
+        if record is None or record["step"] == self.shown:
+            return None
+        step, now = record["step"], time.monotonic()
+        if self.first is None:
+            self.first = (step, now)
+        self.shown = step
+        values = ", ".join(f"{k} {record[k]:.3f}" for k in self.progress.show)
+        done, seconds = step - self.first[0], now - self.first[1]
+        eta = f", ETA {_clock(seconds / done * (self.progress.total_steps - step))}" if done > 0 else ""
+        return f"step {step}/{self.progress.total_steps}, {values}, {_clock(now - self.start)}{eta}"
+
+
+def _run_command(cmd: list[str], log_file, progress: Progress | None, report, every: float) -> int:
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
+    line = _ProgressLine(progress) if progress else None
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=every)
+            except subprocess.TimeoutExpired:
+                text = line.update() if line else None
+                if text:
+                    report(text)
+    except BaseException:  # Ctrl-C: a trainer saves on SIGTERM (and exits 75); a rerun resumes the stage
+        proc.terminate()
+        proc.wait()
+        raise
+
+
+def run_stage(stage: Stage, out: Path, log=print, progress_every: float = 15.0) -> float:
+    """Run a stage's commands (output to ``out/logs/<stage>.log``, training progress to ``log`` every
+    ``progress_every`` seconds); returns seconds taken."""
     (out / "logs").mkdir(parents=True, exist_ok=True)
     log_path = out / "logs" / f"{stage.name}.log"
     start = time.monotonic()
@@ -108,35 +189,41 @@ def run_stage(stage: Stage, out: Path, log=print) -> float:
         for cmd in stage.commands:
             log_file.write(f"\n$ {' '.join(cmd)}\n")
             log_file.flush()
-            proc = subprocess.run(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
-            if proc.returncode != 0:
+            returncode = _run_command(cmd, log_file, stage.progress, lambda text: log(f"[demo] {stage.name}: {text}"),
+                                      progress_every)
+            if returncode != 0:
                 tail = log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"demo stage '{stage.name}' failed (exit {proc.returncode}): "
-                                   f"{' '.join(cmd)}\n--- last lines of {log_path} ---\n{tail}")
+                raise StageFailed(f"demo stage '{stage.name}' failed (exit {returncode}): "
+                                  f"{' '.join(cmd)}\n--- last lines of {log_path} ---\n{tail}", returncode)
     missing = [str(p) for p in stage.outputs if not p.exists()]
     if missing:
-        raise RuntimeError(f"demo stage '{stage.name}' finished but did not write {missing}; see {log_path}")
+        raise StageFailed(f"demo stage '{stage.name}' finished but did not write {missing}; see {log_path}")
     return time.monotonic() - start
 
 
-def run_demo(out: Path, preset_name: str = "full", log=print) -> dict:
+def run_demo(out: Path, preset_name: str = "full", log=print, progress_every: float = 15.0) -> dict:
     """Run (or resume) every stage, then write the report; returns the report's metrics."""
     preset = PRESETS[preset_name]
     out.mkdir(parents=True, exist_ok=True)
     timings = _read_json(out / "timings.json")
-    for stage in stages(out, preset):
+    plan = stages(out, preset)
+    log(f"[demo] {out}: " + ", ".join(s.name + (f" ({s.progress.total_steps} steps)" if s.progress else "")
+                                      for s in plan) + f", then report/; measured duration: {TIMING_DOC}")
+    start = time.monotonic()
+    for stage in plan:
         marker = out / f".done-{stage.name}"
         if marker.exists():
             log(f"[demo] {stage.name}: done earlier, skipped")
             continue
         log(f"[demo] {stage.name}: running (log: {out / 'logs' / (stage.name + '.log')})")
-        timings[stage.name] = round(run_stage(stage, out, log), 1)
+        timings[stage.name] = round(run_stage(stage, out, log, progress_every), 1)
         atomic_write_json(out / "timings.json", timings)
         marker.write_text(json.dumps({"seconds": timings[stage.name]}))
         log(f"[demo] {stage.name}: finished in {timings[stage.name]:.0f} s")
     metrics = write_report(out, preset_name, timings)
     log(f"[demo] report: {out / 'report'} (metrics.json, recon_grid.png, loss_curves.png, samples.gif, "
-        f"sample_frames.png)")
+        f"sample_frames.png); this run {_clock(time.monotonic() - start)}, the stages "
+        f"{_clock(sum(timings.values()))} in all")
     return metrics
 
 

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Issue 24's GPU session for pre-tokenization, one command on one H100 or H200 (about 8 minutes):
-#   1. the marked GPU tests of pre-tokenization (tests/test_pretokenize_gpu.py, slow ones last),
-#   2. benchmarks/bench_pretokenize.py on the three presets (17x128 one clip per video, the UCF-101
+#   1. the marked GPU tests of pre-tokenization (tests/test_pretokenize_gpu.py),
+#   2. the slow compiled-encoder test, which judges compiled and eager bf16 latents against an fp32 encode,
+#   3. benchmarks/bench_pretokenize.py on the three presets (17x128 one clip per video, the UCF-101
 #      sampling, 33x384x672), shards written: every full run as a fraction of the encoder alone
-#      measured in the same run, then against the PyAV baseline, then host cores busy; the overlap
-#      knobs (encoder_micro_batch, decode_stream_priority) and the encoder's profile at 17x128,
-#   3. the encoder compiled (encoder_compile) against eager, and the compiled encoder's GPU test.
-# Every step has its own time limit and the whole session a budget (BUDGET_S, default 500 s): a step
+#      measured in the same run, then against the PyAV baseline, then host cores busy. New in session 8:
+#      NVDEC decode beside the busy encoder from a decode process (its own CUDA context) and with the
+#      encoder on a non-blocking stream, and full runs with decode_process on and off. Dropped, settled
+#      by session 7: the stream-priority sweep (no effect), the encoder profile, compile at 17x128;
+#   4. the compiled encoder (encoder_compile) against eager at 33x384x672, the encoder-bound preset.
+# Every step has its own time limit and the whole session a budget (BUDGET_S, default 480 s): a step
 # gets min(its limit, what is left), a step with under 20 s left is skipped, so the session ends in time
 # whatever hangs. Output, all tee'd: $OUT/session.log (environment, each step's exit code and time) and
 # one log per step (the benchmark logs end with their JSON).
@@ -14,11 +17,11 @@
 # Usage, from anywhere, on a GPU host with the project installed (`make setup`, or the offline wheels of
 # docs/training.md; needs nvidia-dali-cuda130, PyAV, mosaicml-streaming):
 #   OUT=/tmp/pretok-session bash benchmarks/gpu/pretokenize_session.sh
-# Fill docs/BENCHMARKS.md's "not measured" rows of session 7 from the logs (each names its GPU).
+# Fill docs/BENCHMARKS.md's "not measured" rows of session 8 from the logs (each names its GPU).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs/pretokenize-session-$(date +%Y%m%d-%H%M%S)}
-BUDGET_S=${BUDGET_S:-500}
+BUDGET_S=${BUDGET_S:-480}
 PY=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -64,21 +67,24 @@ BENCH=(benchmarks/bench_pretokenize.py --encoder-memory-format contiguous --enco
 
 # 1. GPU tests, fast ones (the slow: compile, benchmark smoke; the benchmark itself runs below)
 step gpu_tests 130 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" -rA "$GPU_TESTS"
+# 2. The compiled encoder's correctness: compiled and eager bf16 latents against an fp32 encode.
+step gpu_tests_slow 70 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and slow" -rA "$GPU_TESTS" -k compiled
 
-# 2. The presets. 17x128: NVDEC 8 pipelines (auto) with whole-batch / 4-clip encoder launches x stream
-#    priority 0 / -5 (decode beside a busy encoder on 64 clips each), the PyAV baseline, the profile.
-step bench_17x128 140 "$PY" "${BENCH[@]}" --preset 17x128 --clips 256 --decode-pipelines 8 \
-    --encoder-micro-batch 0,4 --decode-stream-priority 0,-5 --beside-clips 64 --profile-encoder
-#    UCF-101 sampling (4 clips per video at 8 fps): whole-batch vs 4-clip launches, no beside runs.
-step bench_ucf101 80 "$PY" "${BENCH[@]}" --preset ucf101 --clips 256 --decode-pipelines 8 \
-    --encoder-micro-batch 0,4 --no-beside
-#    33x384x672: the encoder-bound preset; NVDEC with 4 pipelines (auto at batch 4).
-step bench_33x384x672 80 "$PY" "${BENCH[@]}" --preset 33x384x672 --clips 32 --decode-pipelines 4 --no-beside
+# 3. The presets. 17x128: NVDEC 8 pipelines (auto); decode beside the busy encoder (32 clips each) from
+#    lanes in this process and from a decode process, the encoder on the default or a non-blocking stream,
+#    whole-batch and 4-clip launches; full runs whole-batch / 4-clip x decode process off / on; PyAV.
+step bench_17x128 200 "$PY" "${BENCH[@]}" --preset 17x128 --clips 256 --decode-pipelines 8 \
+    --encoder-micro-batch 0,4 --beside-clips 32 --beside-decode thread,process --beside-encoder-stream default,side \
+    --decode-process both
+#    UCF-101 sampling (4 clips per video at 8 fps): whole-batch / 4-clip x decode process off / on.
+step bench_ucf101 100 "$PY" "${BENCH[@]}" --preset ucf101 --clips 256 --decode-pipelines 8 \
+    --encoder-micro-batch 0,4 --decode-process both --no-beside
+#    33x384x672: the encoder-bound preset; NVDEC with 4 pipelines (auto at batch 4), decode process off / on.
+step bench_33x384x672 90 "$PY" "${BENCH[@]}" --preset 33x384x672 --clips 32 --decode-pipelines 4 \
+    --decode-process both --no-beside
 
-# 3. What is cheap for the encoder itself: torch.compile (encoder alone, compiled vs eager) at 17x128,
-#    then the compiled encoder's correctness test.
-step bench_compile 90 "$PY" "${BENCH[@]}" --preset 17x128 --clips 64 --decode-pipelines "" --full none \
-    --no-beside --encoder-compile both --encoder-batch-sizes 64
-step gpu_tests_slow 60 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and slow" -rA "$GPU_TESTS" -k compiled
+# 4. The compiled encoder's speed where the encoder is the bound.
+step bench_compile_33x384x672 90 "$PY" "${BENCH[@]}" --preset 33x384x672 --clips 8 --decode-pipelines "" \
+    --full none --no-beside --encoder-compile both
 
 say "session done in $(( $(date +%s) - T0 ))s; logs in $OUT"

@@ -27,6 +27,8 @@ Where each stage lives (one file per stage, in pipeline order; docs/pretokenize.
   (probe pool, background thread) are ``threads.py``.
 - ``decoders.py``: ``DecoderLanes``: the decoders (DALI pipelines on NVDEC or the CPU, PyAV decoders),
   each a thread pulling videos from one queue; which took a clip changes no byte.
+- ``decode_process.py``: ``DecodeProcess``: the same decoders in a spawned process of their own
+  (``decode_process``; its own CUDA context), frames back over CUDA IPC or shared memory.
 - ``encoder.py``: ``ClipEncoder`` (tokenizer encoder → stored latents, BSQ bits, text features) and
   ``EncoderGraph`` (the encoder as one CUDA graph).
 - ``writer.py``: ``PartitionWriter``: a partition → MDS shards + rejects, committed; ``DecoderBroken``.

@@ -4,7 +4,8 @@ Containers are probed with PyAV ahead of decoding (a missing, unreadable, too sh
 video becomes a :class:`Reject` with its reason); each usable video is planned into clips, the clips
 are cut into batches of ``batch_size`` and decoded by the decoder lanes (:mod:`.decoders`: DALI
 pipelines, PyAV decoders), ``prefetch_batches`` batches in flight and as many decoded ahead of the
-encoder. Results come out in manifest order whatever the timing, so the shards do not depend on it.
+encoder; with ``decode_process`` the lanes run in a child process (:mod:`.decode_process`). Results
+come out in manifest order whatever the timing, so the shards do not depend on it.
 """
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import torch
+
 from data_prep.manifest import VideoRecord
 from data_prep.pretokenize.config import NVDEC_WITH_CPU_DECODERS, PretokenizeConfig
+from data_prep.pretokenize.decode_process import DecodeProcess
 from data_prep.pretokenize.decoders import DecoderLanes, Lane, dali_lanes, pyav_lanes
 from data_prep.pretokenize.threads import background, ordered_map
 from data_prep.video import ClipPlan, VideoUnusable, plan_clips, probe_video
@@ -129,12 +133,20 @@ class ClipStream:
         if batch:
             yield batch
 
-    def lanes(self) -> DecoderLanes:
+    def lanes(self) -> DecoderLanes | DecodeProcess:
         """The decoder lanes (threads, DALI pipelines), started on first use and kept across partitions
-        until :meth:`close`."""
+        until :meth:`close`; with ``decode_process`` they run in a child process (:class:`DecodeProcess`)."""
         if self._lanes is None:
-            self._lanes = DecoderLanes(self.lane_specs)
+            if self.cfg.decode_process:
+                self._lanes = DecodeProcess(self.cfg, self.decode_device, self.device_id, self.lane_specs)
+            else:
+                self._lanes = DecoderLanes(self.lane_specs)
         return self._lanes
+
+    @property
+    def decode_process(self) -> DecodeProcess | None:
+        """The decode process, while one runs (``decode_process: true``, lanes started)."""
+        return self._lanes if isinstance(self._lanes, DecodeProcess) else None
 
     def clips_by_lane(self) -> dict[str, int]:
         """Clips each decoder lane has decoded since the lanes started."""
@@ -162,4 +174,11 @@ class ClipStream:
         return jobs, results, busy_s
 
     def __call__(self, rows: Sequence[tuple[int, VideoRecord]], rejects: list[Reject]) -> Iterator:
-        return background(self._decoded(rows, rejects), self.cfg.prefetch_batches)
+        return background(self._decoded(rows, rejects), self.cfg.prefetch_batches, setup=self._decode_thread)
+
+    def _decode_thread(self) -> None:
+        """Set up the thread that submits batches and receives their frames: with a decode process on
+        NVDEC, its idle receiving stream becomes the thread's current one (see DecodeProcess.stream)."""
+        lanes = self.lanes()
+        if isinstance(lanes, DecodeProcess) and lanes.stream is not None:
+            torch.cuda.set_stream(lanes.stream)

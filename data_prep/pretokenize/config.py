@@ -26,6 +26,11 @@ NVDEC_WITH_CPU_DECODERS = (
     "docs/pretokenize.md, 'Choosing decoders'")
 
 
+NVDEC_MICRO_BATCH = 4
+"""encoder_micro_batch=0 (auto) with NVDEC decode: the launch size measured best on an H100
+(docs/BENCHMARKS.md, session 7)."""
+
+
 @dataclass(kw_only=True)
 class PretokenizeConfig:
     """One pre-tokenization run: inputs, clip sampling, quantization, output, parallelism."""
@@ -88,22 +93,36 @@ class PretokenizeConfig:
     each time; figures in docs/BENCHMARKS.md). The latents agree to float rounding, but the layouts run
     different kernels, so byte-identical reruns need the same value."""
     encoder_micro_batch: int = 0
-    """Clips per encoder launch within a batch; 0 = auto: the whole batch (one launch, as before). A
-    smaller value encodes the batch in launches of this many clips (CUDA graph captured for that size,
-    the last launch zero-padded) with the host waiting for each before the next, leaving gaps in which
-    NVDEC decode's kernels can run on a shared GPU. Which value wins is measured by
-    benchmarks/bench_pretokenize.py --encoder-micro-batch. Like batch_size, it fixes which clips the
-    encoder sees together: byte-identical reruns need the same value."""
+    """Clips per encoder launch within a batch; 0 = auto: 4 (NVDEC_MICRO_BATCH) when frames are
+    decoded on NVDEC (decode_device gpu), else the whole batch. A smaller value encodes the batch in
+    launches of this many clips (CUDA graph captured for that size, the last launch zero-padded) with
+    the host waiting for each before the next, leaving gaps in which NVDEC decode's kernels run on the
+    shared GPU. On an H100 (docs/BENCHMARKS.md, session 7) 4-clip launches raised NVDEC decode beside
+    the busy encoder from 6 to 25 clips/s and the pipeline by 5% (17x128) and 10% (UCF-101 sampling),
+    for 5% of the encoder-alone rate, a cost not worth paying when nothing decodes on the GPU; hence
+    auto. Like batch_size, it fixes which clips the encoder sees together: byte-identical reruns need
+    the same value (decode_process does not change it)."""
     encoder_compile: bool = False
     """torch.compile the tokenizer's encoder (Inductor) before the CUDA graph is captured; the first
-    batch waits for the compile. Latents agree with the eager encoder's to float rounding (other
-    kernels), so byte-identical reruns need the same value. Measured by bench_pretokenize.py
-    --encoder-compile."""
+    batch waits for the compile. Other kernels (Inductor keeps fused intermediates in fp32 where the
+    eager bf16 encoder rounds), so byte-identical reruns need the same value; its latents must be no
+    farther from an fp32 encode than the eager encoder's (GPU test). 1.5x the eager encoder alone at
+    17x128 on an H100 (session 7); bench_pretokenize.py --encoder-compile measures it."""
+    decode_process: bool = False
+    """Run the decoders (decode_pipelines DALI pipelines, pyav_decoders PyAV decoders) in a process of
+    their own per worker (spawned when the first partition starts, closed with the run). NVDEC decode
+    then has its own CUDA context: the route against decode's kernels waiting behind the encoder's in
+    one context (session 7: 96 clips/s decode alone, 6 beside a busy encoder), measured by
+    bench_pretokenize.py --beside-decode process and --decode-process. Frames come back over CUDA IPC
+    (NVDEC) or shared memory (host decoders); the shards are the same bytes as in-process decoding
+    (tested). A crash of that process fails the partition with its error, nothing committed. Costs a
+    second Python process (seconds to start) and, on NVDEC, a second CUDA context on the GPU."""
     decode_stream_priority: int = 0
     """CUDA stream priority of NVDEC decode (DALI's streams and the copy of its output), <= 0: lower runs
-    first; CUDA clamps it to the device's range (-5..0 on Hopper). Beside a busy encoder on one GPU,
-    DALI's small per-frame kernels otherwise queue behind the encoder's long ones. The frames, and so
-    the shards, do not depend on it."""
+    first; CUDA clamps it to the device's range (-5..0 on Hopper). Meant to let DALI's small per-frame
+    kernels run ahead of the encoder's queued ones on a shared GPU; on an H100 -5 changed nothing
+    (session 7: decode beside the busy encoder 6.26 vs 6.25 clips/s, the pipeline within 1%). The
+    frames, and so the shards, do not depend on it."""
     encoder_cuda_graph: bool = True
     """On cuda, encode each batch by replaying one CUDA graph of the encoder, captured once at start for
     batch_size clips (it holds one batch's activations; smaller batches are zero-padded): one launch
@@ -137,8 +156,8 @@ class PretokenizeConfig:
         if self.pyav_decoders and self.decode_device == "gpu":
             raise ValueError(NVDEC_WITH_CPU_DECODERS)
         if self.encoder_micro_batch < 0:
-            raise ValueError("encoder_micro_batch must be >= 0 (0 = auto: the whole batch), "
-                             f"got {self.encoder_micro_batch}")
+            raise ValueError(f"encoder_micro_batch must be >= 0 (0 = auto: {NVDEC_MICRO_BATCH} with NVDEC decode, "
+                             f"else the whole batch), got {self.encoder_micro_batch}")
         if self.decode_stream_priority > 0:
             raise ValueError("decode_stream_priority must be <= 0 (0 = CUDA's default; lower runs first), "
                              f"got {self.decode_stream_priority}")
@@ -164,3 +183,26 @@ class PretokenizeConfig:
                 raise ValueError(f"scale_schedule must end at the latent grid {grid} of "
                                  f"clips.height x clips.width = {self.clips.height}x{self.clips.width}, "
                                  f"got {list(self.scale_schedule[-1])}")
+
+
+def host_decoders(cfg: PretokenizeConfig) -> bool:
+    """Whether ``cfg`` asks for PyAV decoders (``decoder: pyav`` or ``pyav_decoders`` > 0): they decode
+    on the host, and NVDEC's pixels differ from theirs."""
+    return cfg.decoder == "pyav" or cfg.pyav_decoders > 0
+
+
+def resolve_decode_device(cfg: PretokenizeConfig, encoder_device: torch.device) -> str:
+    """``decode_device`` auto: NVDEC when the encoder is on cuda, unless PyAV decoders are asked for
+    (CPU decoders and NVDEC give different pixels, so a run uses one or the other)."""
+    if cfg.decode_device != "auto":
+        return cfg.decode_device
+    return "gpu" if encoder_device.type == "cuda" and not host_decoders(cfg) else "cpu"
+
+
+def encoder_micro_batch(cfg: PretokenizeConfig, encoder_device: torch.device) -> int:
+    """Clips per encoder launch: ``cfg.encoder_micro_batch``, or for 0 (auto) ``NVDEC_MICRO_BATCH``
+    with NVDEC decode and the whole batch otherwise; at most ``batch_size``. Not decode_process: it
+    changes no byte of the shards."""
+    nvdec = resolve_decode_device(cfg, encoder_device) == "gpu"
+    wanted = cfg.encoder_micro_batch or (NVDEC_MICRO_BATCH if nvdec else cfg.batch_size)
+    return min(wanted, cfg.batch_size)

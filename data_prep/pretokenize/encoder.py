@@ -17,7 +17,7 @@ import torch
 from torch.profiler import record_function
 
 from data_prep import shards
-from data_prep.pretokenize.config import MEMORY_FORMATS, PretokenizeConfig
+from data_prep.pretokenize.config import MEMORY_FORMATS, PretokenizeConfig, encoder_micro_batch
 from data_prep.text_encoder import FrozenTextEncoder
 from data_prep.tokenizer_api import EncodingTokenizer
 from data_prep.video import frames_to_model_input
@@ -69,7 +69,7 @@ class ClipEncoder:
             # time-padded input in the weight's layout (see tokenizer.model.CausalConv3d._cat_time).
             self.tokenizer.encoder.to(memory_format=torch.channels_last_3d)
         self.text = FrozenTextEncoder(cfg.text_encoder, device) if cfg.text_encoder.path else None
-        self.micro_batch = min(cfg.encoder_micro_batch or cfg.batch_size, cfg.batch_size)
+        self.micro_batch = encoder_micro_batch(cfg, device)  # auto: 4 with NVDEC decode, else the batch
         # Compiled as a function: the tokenizer's modules (and so its content hash) stay as loaded.
         self._compiled_encode = torch.compile(self.tokenizer.encode, dynamic=False) if cfg.encoder_compile else None
         self.graph = None

@@ -17,7 +17,7 @@ import torch
 from data_prep import shards
 from data_prep.manifest import read_manifest
 from data_prep.pretokenize.clip_stream import ClipStream, decode_pipelines, pyav_decoders
-from data_prep.pretokenize.config import PretokenizeConfig
+from data_prep.pretokenize.config import PretokenizeConfig, resolve_decode_device
 from data_prep.pretokenize.encoder import ClipEncoder
 from data_prep.pretokenize.run_manifest import build_run_manifest
 from data_prep.pretokenize.worker import Worker
@@ -99,19 +99,12 @@ class Pretokenizer:
                "workers": self.worker.count,
                "launcher": self.worker.launcher, "device": str(self.device), "decode_device": self.decode_device,
                "decode_pipelines": decode_pipelines(self.cfg, self.decode_device),
-               "pyav_decoders": pyav_decoders(self.cfg), "decode_stream_priority": self.cfg.decode_stream_priority,
+               "pyav_decoders": pyav_decoders(self.cfg), "decode_process": self.stream.decode_process is not None,
+               "decode_stream_priority": self.cfg.decode_stream_priority,
                "encoder_memory_format": str(self.encoder.memory_format).removeprefix("torch."),
                "encoder_micro_batch": self.encoder.micro_batch, "encoder_compile": self.cfg.encoder_compile,
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         shards.write_json(self.out / shards.LOG_DIR / f"{stats.partition}.json", log)
-
-
-def resolve_decode_device(cfg: PretokenizeConfig, device: torch.device) -> str:
-    """``decode_device`` auto: NVDEC when the encoder is on cuda, unless PyAV decoders are asked for
-    (CPU decoders and NVDEC give different pixels, so a run uses one or the other)."""
-    if cfg.decode_device != "auto":
-        return cfg.decode_device
-    return "gpu" if device.type == "cuda" and not pyav_decoders(cfg) else "cpu"
 
 
 def merge_only(cfg_or_dir: PretokenizeConfig | str | Path) -> dict:

@@ -17,8 +17,8 @@ import json
 import sys
 
 import torch
-import torch.distributed as dist
 
+from tests.tp_shards import allreduce_sequence_parallel_grads, shard, unshard
 from tokenizer.quantizer import MultiScaleBSQ
 from videoar_common.config import build_dataclass
 from videoar_common.distributed import init_distributed, shutdown_distributed
@@ -32,39 +32,6 @@ from videoar_megatron.training.cuda_compat import host_current_device
 OUT, MODE, DEVICE = sys.argv[1], sys.argv[2], sys.argv[3]
 SP = MODE.startswith("sp")
 RECOMPUTE = "full" if MODE == "sp_recompute" else "none"
-
-
-def is_glu_fc1(name: str) -> bool:
-    return name.endswith("mlp.linear_fc1.weight")
-
-
-def shard(name: str, param, full: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
-    """This rank's slice of a TP=1 tensor, following Megatron's partition attributes."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return full
-    if is_glu_fc1(name):  # per rank [gate_r; up_r], the full weight is [gate; up]
-        gate, up = full.chunk(2, dim=0)
-        return torch.cat([gate.chunk(tp, 0)[rank], up.chunk(tp, 0)[rank]], dim=0)
-    return full.chunk(tp, dim=param.partition_dim)[rank]
-
-
-def unshard(name: str, param, local: torch.Tensor, group) -> torch.Tensor:
-    """Full tensor from every rank's slice (inverse of :func:`shard`)."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return local
-    parts = [torch.empty_like(local) for _ in range(group.size())]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    if is_glu_fc1(name):
-        gates, ups = zip(*(p.chunk(2, dim=0) for p in parts))
-        return torch.cat([torch.cat(gates), torch.cat(ups)], dim=0)
-    return torch.cat(parts, dim=param.partition_dim)
-
-
-def allreduce_sequence_parallel_grads(model, group) -> None:
-    """What Megatron's finalize_model_grads does for norm weights under sequence parallelism."""
-    for p in model.parameters():
-        if getattr(p, "sequence_parallel", False) and p.grad is not None:
-            dist.all_reduce(p.grad, group=group)
 
 
 def run(model, batch, cfg, scope=contextlib.nullcontext):

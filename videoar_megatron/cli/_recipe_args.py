@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 from typing import Collection, Sequence
 
-from videoar_common.config import ConfigError, iter_fields, load_config
+from videoar_common.config import iter_fields, load_config
 
 
 def _type_name(tp) -> str:
@@ -42,14 +42,8 @@ def add_recipe_args(parser: argparse.ArgumentParser, config_cls: type | None = N
         parser.epilog = knobs_epilog(config_cls, required_knobs)
 
 
-def load_recipe(args: argparse.Namespace, config_cls: type, prog: str | None = None,
-                extra_overrides: Sequence[str] = ()):
+def load_recipe(args: argparse.Namespace, config_cls: type, extra_overrides: Sequence[str] = ()):
     """``config_cls`` from ``args.recipe`` (``None``: the defaults), then ``args.overrides``, then
-    ``extra_overrides``. A ``ConfigError`` (naming the key and its source) propagates, or with ``prog``
-    becomes ``SystemExit("<prog>: <error>")``."""
-    try:
-        return load_config(config_cls, args.recipe, [*args.overrides, *extra_overrides])
-    except ConfigError as e:
-        if prog is None:
-            raise
-        raise SystemExit(f"{prog}: {e}") from None
+    ``extra_overrides``. A ``ConfigError`` names the key and its source; the ``videoar`` dispatcher turns
+    it into exit 2."""
+    return load_config(config_cls, args.recipe, [*args.overrides, *extra_overrides])

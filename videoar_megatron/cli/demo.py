@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from videoar_megatron.demo import PRESETS, run_demo
+from videoar_common.exit_codes import InputError
+from videoar_megatron.demo import PRESETS, TIMING_DOC, StageFailed, run_demo
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -17,7 +19,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                     "sample_frames.png). Each stage runs the `videoar` command a user would run, with a recipe "
                     "from recipes/demo/; its full output goes to logs/<stage>.log. Re-running skips finished "
                     "stages.",
-        epilog="presets: full (about 6 min on 2 CPU cores), ci (the same code path, smaller; for tests)")
+        epilog=f"presets: full (the demo; how long it takes on CPU is measured in {TIMING_DOC}), ci (the same "
+               "code path, smaller; for tests). Training stages print their step, loss and ETA as they go.")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="full", help="sizes of the run (default full)")
     return p
@@ -25,7 +28,13 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str], prog: str = "videoar demo") -> int:
     args = build_parser(prog).parse_args(argv)
-    metrics = run_demo(args.out.resolve(), args.preset)
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out} is a file, not a directory")
+    try:
+        metrics = run_demo(args.out.resolve(), args.preset)
+    except StageFailed as e:  # the stage's own message and log tail are the report; no traceback
+        print(f"{prog}: {e}", file=sys.stderr)
+        return e.returncode
     print(f"tokenizer PSNR {metrics['tokenizer_psnr_db']:.2f} dB (untrained "
           f"{metrics['tokenizer_psnr_untrained_db']:.2f} dB); AR loss {metrics['ar_loss_start']:.3f} -> "
           f"{metrics['ar_loss_end']:.3f}, bit accuracy {metrics['ar_bit_accuracy_end']:.3f}; "

@@ -17,18 +17,20 @@ from pathlib import Path
 
 import torch
 
+from tokenizer import load_tokenizer
 from videoar_megatron.cli._recipe_args import add_recipe_args, knobs_epilog, load_recipe
 from videoar_common.config import ConfigError, config_to_dict, load_config, save_resolved_config
 from videoar_common.distributed import DistContext, init_distributed, shutdown_distributed
+from videoar_common.exit_codes import InputError
 from videoar_megatron.evaluation.clips import ManifestClipSource
 from videoar_megatron.evaluation.config import EvalConfig
 from videoar_megatron.evaluation.fvd import RealStatsCache
-from videoar_megatron.evaluation.i3d import I3DWeightsError, load_feature_extractor
+from videoar_megatron.evaluation.i3d import load_feature_extractor
 from videoar_megatron.evaluation.protocols import GenerateFn, compute_real_stats, run_fvd_protocol
 from videoar_megatron.evaluation.recon import evaluate_reconstruction, tokenizer_reconstruct
 from videoar_megatron.sampling.config import SamplingConfig
 from videoar_megatron.sampling.extend import generate_videos
-from videoar_megatron.sampling.loading import LoadedSampler, SamplerLoadError, load_sampler
+from videoar_megatron.sampling.loading import LoadedSampler, load_sampler
 from videoar_megatron.sampling.sampler import Conditions
 from videoar_megatron.evaluation.report import fvd_markdown, recon_markdown, write_report
 
@@ -117,15 +119,6 @@ def load_generator(args, cfg: EvalConfig, ctx: DistContext) -> tuple[GenerateFn,
     return generate, loaded, scfg
 
 
-def load_tokenizer_for_eval(path: str, device: torch.device):
-    """``tokenizer.load_tokenizer`` (issue 4): an object with encode / quantizer / decode."""
-    try:
-        from tokenizer import load_tokenizer
-    except ImportError as e:
-        raise SystemExit(f"videoar eval rfvd needs tokenizer.load_tokenizer (issue 4), not in this build: {e}")
-    return load_tokenizer(path, device=device)
-
-
 # ----------------------------------------------------------------------------------------------
 # Commands.
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +157,7 @@ def run_fvd(args, cfg: EvalConfig, ctx: DistContext) -> int:
 
 
 def run_rfvd(args, cfg: EvalConfig, ctx: DistContext) -> int:
-    tokenizer = load_tokenizer_for_eval(args.tokenizer, ctx.device)
+    tokenizer = load_tokenizer(args.tokenizer, device=ctx.device)
     extractor = load_feature_extractor(cfg.extractor, ctx.device)
     source = clip_source(cfg, ctx, cfg.data.heldout_manifest, cfg.data.heldout_clips_per_video,
                          "data.heldout_manifest")
@@ -186,11 +179,11 @@ COMMANDS = {"fvd": run_fvd, "rfvd": run_rfvd, "real-stats": run_real_stats}
 
 def main(argv: list[str], prog: str = "videoar eval") -> int:
     args = build_parser(prog).parse_args(argv)
-    cfg = load_recipe(args, EvalConfig, prog)
+    cfg = load_recipe(args, EvalConfig)
     ctx = init_distributed(device=cfg.device)
     try:
         return COMMANDS[args.command](args, cfg, ctx)
-    except (I3DWeightsError, ConfigError, SamplerLoadError, NotImplementedError) as e:
-        raise SystemExit(f"{prog} {args.command}: {e}")
+    except NotImplementedError as e:  # a protocol knob this build cannot run: the recipe's to change
+        raise InputError(f"{args.command}: {e}") from e
     finally:
         shutdown_distributed()

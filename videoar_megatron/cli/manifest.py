@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from videoar_common.exit_codes import InputError
+
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Build an input manifest (path, caption, label) for a corpus.")
@@ -21,13 +23,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str], prog: str = "videoar manifest") -> int:
     args = build_parser(prog).parse_args(argv)
-    from data_prep.manifest import ManifestError
     from data_prep.ucf101 import build_ucf101_manifest
     try:
         path, rows, missing = build_ucf101_manifest(args.root, args.splits, args.out, split=args.split,
                                                     subset=args.subset)
-    except (ManifestError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"{prog}: {e}")
+    except ValueError as e:
+        raise InputError(str(e)) from e
     print(f"wrote {path}: {rows} videos" + (f", {missing} listed files are missing (they will be rejected "
                                               f"as missing by pretokenize)" if missing else ""))
     return 0

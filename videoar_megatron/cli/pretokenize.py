@@ -7,6 +7,7 @@ from pathlib import Path
 
 from videoar_megatron.cli._recipe_args import add_recipe_args, load_recipe
 from videoar_common.config import save_resolved_config
+from videoar_common.exit_codes import InputError
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -60,11 +61,9 @@ def main(argv: list[str], prog: str = "videoar pretokenize") -> int:
     from data_prep.pretokenize.pipeline import Pretokenizer, merge_only
     from data_prep.pretokenize.worker import worker_from_env
     from data_prep.pretokenize.writer import DecoderBroken
-    from data_prep.shards import ShardManifestMismatch, ShardsIncomplete
     from tokenizer import load_tokenizer
-    from tokenizer.checkpoint import TokenizerCheckpointError
     from videoar_common.run_logging import setup_console_logging
-    cfg = load_recipe(args, PretokenizeConfig, prog)
+    cfg = load_recipe(args, PretokenizeConfig)
     if args.print_config:
         from videoar_common.config import dump_config
         print(dump_config(cfg), end="")
@@ -75,6 +74,8 @@ def main(argv: list[str], prog: str = "videoar pretokenize") -> int:
     try:
         if args.merge_only:
             summary = merge_only(cfg)
+            if summary["samples"] == 0:
+                raise InputError(_nothing_kept(cfg))
             log.info("merged %s: %s", cfg.output_dir, summary)
             return 0
         pretok = Pretokenizer(cfg, worker, load_tokenizer)
@@ -88,9 +89,11 @@ def main(argv: list[str], prog: str = "videoar pretokenize") -> int:
             stats = pretok.run(progress)
         finally:
             progress.close()
-    except (ShardManifestMismatch, ShardsIncomplete, DecoderBroken, TokenizerCheckpointError, ValueError,
-            FileNotFoundError) as e:
-        raise SystemExit(f"{prog}: {e}")
+    except DecoderBroken as e:  # this machine's decoder (driver, DALI build), not the input: exit 1
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # shard, tokenizer and manifest refusals are InputErrors already
+        raise InputError(str(e)) from e
     for s in stats:
         if not s.skipped:
             log.info("%s: %d clips from %d videos, %d rejects, %.1f clips/s (decode %.1fs, waited %.1fs, "
@@ -102,10 +105,21 @@ def main(argv: list[str], prog: str = "videoar pretokenize") -> int:
         return 0
     import json
     summary = json.loads(marker.read_text())
+    if summary["samples"] == 0:
+        raise InputError(_nothing_kept(cfg))
     log.info("done: all %d partitions merged: %d samples, %d rejects (see %s/rejects.jsonl, "
              "`videoar shards inspect %s`)", summary["partitions"], summary["samples"], summary["rejects"],
              cfg.output_dir, cfg.output_dir)
-    if summary["samples"] == 0:
-        log.warning("the shard set is EMPTY: every video was rejected; check rejects.jsonl (clip length, "
-                    "codecs, paths)")
     return 0
+
+
+def _nothing_kept(cfg) -> str:
+    """The refusal of a run in which every manifest row was rejected: the input (manifest, clip knobs) is
+    what to fix, so it is an exit-2 error with the rejects by kind, not a warning after a success."""
+    from data_prep.shard_inspect import summarize
+    s = summarize(cfg.output_dir)
+    kinds = ", ".join(f"{k} {v}" for k, v in s["rejects_by_kind"].items())
+    examples = "; ".join(f"e.g. {k}: {reason}" for k, reason in s["reject_examples"].items())
+    return (f"no clip was kept: every video of input_manifest={cfg.input_manifest} was rejected "
+            f"({s['rejects']} rejects: {kinds}; {examples}); the committed shard set {cfg.output_dir} is empty; every reason is in "
+            f"{cfg.output_dir}/rejects.jsonl (clip length: clips.num_frames, codecs: `videoar transcode`, paths)")

@@ -4,7 +4,8 @@ Parse → load (checkpoint, tokenizer, sampler) → generate → write → close
 spread samples over ranks (``--set tensor_parallel=2`` splits the model too). Output directory::
 
     videos/sample_00000.mp4 ...   one mp4 per sample (TP rank 0 of each data-parallel group writes)
-    grid.gif, frames.png          the first videos tiled (animated) and their frames as a sheet
+    grid.gif, frames.png          the first output.grid_max_videos videos tiled (animated), and their frames
+                                  as a sheet, one row per video labelled with its class or prompt
     config.yaml                   the resolved sampling recipe
     index.json                    files, conditions, sample ids, seeds, checkpoint, tokenizer (last)
 """
@@ -21,10 +22,11 @@ from videoar_common.atomic import atomic_write_json
 from videoar_megatron.cli._recipe_args import add_recipe_args, load_recipe
 from videoar_common.config import save_resolved_config
 from videoar_common.distributed import init_distributed, shutdown_distributed
+from videoar_common.exit_codes import InputError
 from videoar_megatron.evaluation.protocols import shard_bounds
 from videoar_megatron.sampling.config import SamplingConfig
 from videoar_megatron.sampling.extend import generate_videos
-from videoar_megatron.sampling.loading import LoadedSampler, SamplerLoadError, load_sampler
+from videoar_megatron.sampling.loading import LoadedSampler, load_sampler
 from videoar_megatron.sampling.sampler import Conditions
 from videoar_megatron.sampling.video_io import (read_image, read_video, to_uint8, write_frame_sheet,
                                                 write_gif_grid, write_mp4)
@@ -184,8 +186,10 @@ def _gather(obj):
 def write_index(args, cfg: SamplingConfig, loaded: LoadedSampler, out: Path, entries: list[dict], grid: dict,
                 seconds: float) -> Path:
     videos = [grid[i] for i in sorted(grid)]
+    by_id = {e["id"]: e for e in entries}
+    labels = [_label(by_id[i]["condition"], i) for i in sorted(grid)]
     write_gif_grid(out / "grid.gif", videos, cfg.output.grid_columns, cfg.output.fps)
-    write_frame_sheet(out / "frames.png", videos[:cfg.output.grid_columns])
+    write_frame_sheet(out / "frames.png", videos, labels=labels)
     info = loaded.info
     index = {"checkpoint": str(info.path.resolve()), "step": info.step,
              "tokenizer": str(loaded.tokenizer_dir.resolve()), "tokenizer_hash": loaded.tokenizer.content_hash,
@@ -193,9 +197,20 @@ def write_index(args, cfg: SamplingConfig, loaded: LoadedSampler, out: Path, ent
              "resolution": list(loaded.resolution), "window_frames": loaded.window_pixel_frames,
              "random_streams": "sample i, window w: bits.sample_key(seed, i, w)",
              "world_size": loaded.ctx.world_size, "seconds": round(seconds, 3),
-             "grid": "grid.gif", "frame_sheet": "frames.png", "config": "config.yaml",
+             "grid": "grid.gif", "frame_sheet": "frames.png", "frame_sheet_rows": labels, "config": "config.yaml",
              "samples": sorted(entries, key=lambda e: e["id"])}
     return atomic_write_json(out / "index.json", index)
+
+
+def _label(condition: dict, sample_id: int, max_chars: int = 24) -> str:
+    """The row label of a sample in frames.png: its class (name), prompt, or id when unconditional."""
+    if "class" in condition:
+        name = condition["class_name"]
+        return f"class {name}" if name == str(condition["class"]) else name[:max_chars]
+    if "prompt" in condition:
+        prompt = condition["prompt"]
+        return prompt if len(prompt) <= max_chars else prompt[:max_chars - 3] + "..."
+    return f"sample {sample_id}"
 
 
 def _context_path(args) -> str | None:
@@ -220,14 +235,14 @@ def run(args, cfg: SamplingConfig, loaded: LoadedSampler) -> int:
 
 def main(argv: list[str], prog: str = "videoar sample") -> int:
     args = build_parser(prog).parse_args(argv)
-    cfg = load_recipe(args, SamplingConfig, prog)
+    cfg = load_recipe(args, SamplingConfig)
     ctx = init_distributed(device=cfg.device)
     loaded = None
     try:
         loaded = load_sampler(args.ckpt, args.tokenizer, cfg, ctx)
         return run(args, cfg, loaded)
-    except (SamplerLoadError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"{prog}: {e}")
+    except ValueError as e:  # a condition or context argument (--class, --video, ...) that cannot be used
+        raise InputError(str(e)) from e
     finally:
         if loaded is not None:
             loaded.close()

@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 
+from videoar_common.exit_codes import InputError
+
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Inspect or merge token shards written by `videoar pretokenize`.")
     sub = p.add_subparsers(dest="action", required=True)
     i = sub.add_parser("inspect", help="counts, shapes, dtypes, reject summary; optional PNG of decoded samples",
                        description="Print what a shard directory holds (partitions, samples, shapes, dtypes, "
-                                   "rejects by kind, labels). With --tokenizer, also decode a few samples back "
-                                   "through the tokenizer (from the bits and from the continuous latent) next to "
-                                   "the source frames and save them as a PNG.")
+                                   "rejects by kind, labels). With --tokenizer, also decode a few samples' bits back "
+                                   "through the tokenizer under their source frames, check that each stored "
+                                   "latent re-quantizes to the stored bits, and save it as a PNG.")
     i.add_argument("dir", help="shard directory (output_dir of the pretokenize recipe)")
     i.add_argument("--tokenizer", default="", help="tokenizer directory to decode samples for the PNG "
                                                   "(must have the manifest's tokenizer_hash)")
@@ -30,8 +32,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def main(argv: list[str], prog: str = "videoar shards") -> int:
     args = build_parser(prog).parse_args(argv)
     from data_prep import shard_inspect as insp
-    from data_prep.shards import ShardManifestMismatch, ShardsIncomplete
-    from tokenizer.checkpoint import TokenizerCheckpointError, load_tokenizer
+    from tokenizer.checkpoint import load_tokenizer
     try:
         if args.action == "merge":
             from data_prep.pretokenize.pipeline import merge_only
@@ -43,6 +44,6 @@ def main(argv: list[str], prog: str = "videoar shards") -> int:
             png = insp.render_samples(args.dir, load_tokenizer(args.tokenizer), png=args.png or None,
                                       num=args.samples, source_root=args.source_root or None)
             print(f"wrote {png}")
-    except (ShardsIncomplete, ShardManifestMismatch, TokenizerCheckpointError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"{prog}: {e}")
+    except ValueError as e:  # e.g. --samples out of range (shard and tokenizer refusals are InputErrors)
+        raise InputError(str(e)) from e
     return 0

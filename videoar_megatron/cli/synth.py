@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from data_prep.synth import CODECS, MOTIONS, SHAPES, make_corpus
+from videoar_common.exit_codes import InputError
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -42,6 +43,6 @@ def main(argv: list[str], prog: str = "videoar synth") -> int:
                                frames=args.frames, size=args.size, fps=args.fps, seed=args.seed,
                                manifest_name=args.manifest, progress=True)
     except ValueError as e:
-        raise SystemExit(f"videoar synth: {e}")
+        raise InputError(str(e)) from e
     print(f"wrote {args.num} videos and {manifest}")
     return 0

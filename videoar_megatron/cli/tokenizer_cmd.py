@@ -6,6 +6,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from videoar_common.exit_codes import InputError
 from videoar_megatron.cli._recipe_args import add_recipe_args, load_recipe
 
 SUMMARY = "train, evaluate or inflate the 3D causal multi-scale BSQ video tokenizer (DeepSpeed)"
@@ -89,31 +90,23 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    """Parse, build, train, close; errors become the exit codes of `videoar train` (videoar_common.exit_codes)."""
-    from tokenizer.train_checkpoint import ResumeRefused
+    """Parse, build, train, close; errors become the exit codes of `videoar train` (videoar_common.exit_codes):
+    refusals (recipe, resume, data) are InputErrors, which the dispatcher turns into exit 2."""
     from tokenizer.train_config import TokenizerTrainConfig
     from tokenizer.trainer import run_with_init_stage
-    from videoar_common.config import ConfigError
     from videoar_common.distributed import init_distributed, shutdown_distributed
-    from videoar_common.exit_codes import EXIT_CONFIG, EXIT_NUMERICS
+    from videoar_common.exit_codes import EXIT_NUMERICS
     from videoar_common.numerics import NumericsError
     from videoar_common.run_logging import setup_console_logging
     prog = "videoar tokenizer train"
-    try:
-        cfg = load_recipe(args, TokenizerTrainConfig)
-        recipe_dir = _init_recipe_dir(args.recipe)
-    except ConfigError as err:
-        print(f"{prog}: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+    cfg = load_recipe(args, TokenizerTrainConfig)
+    recipe_dir = _init_recipe_dir(args.recipe)
     run_dir = Path(args.run_dir or f"runs/tokenizer-{Path(args.recipe).stem}")
     ctx = init_distributed(cfg.device)
     setup_console_logging(ctx.rank)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return run_with_init_stage(cfg, ctx, run_dir, recipe_dir)
-    except (ConfigError, ResumeRefused) as err:  # nothing was trained or written after the refusal
-        print(f"{prog}: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+        return run_with_init_stage(cfg, ctx, run_dir, recipe_dir, recipe_name=args.recipe)
     except NumericsError as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return EXIT_NUMERICS
@@ -138,7 +131,7 @@ def _eval_setup(args):
     if args.run:
         run = Path(args.run)
         if not (run / "config.yaml").is_file():
-            raise SystemExit(f"videoar tokenizer eval: {run}/config.yaml not found: not a tokenizer run directory")
+            raise InputError(f"--run {run}: {run}/config.yaml not found: not a tokenizer run directory")
         cfg = load_config(TokenizerTrainConfig, run / "config.yaml")
         clip, num, tok, out = cfg.data.clip, cfg.eval.num_clips, run / "tokenizer", run / "eval" / "cli"
         synth_eval = str(run / "synth" / "eval" / "metadata.csv") if cfg.data.synth.enabled else None
@@ -146,7 +139,7 @@ def _eval_setup(args):
     tok = Path(args.tokenizer) if args.tokenizer else tok
     manifest = args.manifest or manifest
     if tok is None or manifest is None:
-        raise SystemExit("videoar tokenizer eval: give --run, or --tokenizer and --manifest")
+        raise InputError("give --run, or --tokenizer and --manifest")
     changes = {k: v for k, v in (("num_frames", args.frames), ("frame_stride", args.frame_stride)) if v is not None}
     if args.size is not None:
         changes.update(height=args.size[0], width=args.size[1])
@@ -203,7 +196,7 @@ def cmd_inflate(args) -> int:
     from tokenizer.model import VideoTokenizer
     from tokenizer.train_config import TokenizerTrainConfig
     from videoar_common.atomic import atomic_write_json
-    cfg = load_recipe(args, TokenizerTrainConfig, "videoar tokenizer")
+    cfg = load_recipe(args, TokenizerTrainConfig)
     torch.manual_seed(args.seed)
     model = VideoTokenizer(cfg.model)
     report = inflate_from_file(model, args.image_ckpt)

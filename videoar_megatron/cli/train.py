@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from videoar_common.exit_codes import EXIT_CONFIG, EXIT_NUMERICS
+from videoar_common.exit_codes import EXIT_NUMERICS, InputError
 from videoar_megatron.cli._recipe_args import add_recipe_args, load_recipe
 
 
@@ -29,7 +29,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         "directory or a run's checkpoint root, any TP/PP layout (the previous stage)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the recipe at its target world size, print parameters per stage and the "
-                        "memory estimate per GPU, exit 0 (fits) or 1 (does not fit / invalid); builds nothing")
+                        "memory estimate per GPU, exit 0 (fits), 1 (does not fit) or 2 (invalid); builds nothing")
     p.add_argument("--seed-checkpoint", action="store_true",
                    help="write the initial weights (model only) to <run dir>/seed/step_00000000 and exit; runs "
                         "at other layouts then start from identical weights with --load <run dir>/seed")
@@ -38,14 +38,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str], prog: str = "videoar train") -> int:
-    from videoar_common.config import ConfigError
     from videoar_megatron.training.config import TrainConfig
     args = build_parser(prog).parse_args(argv)
-    try:
-        cfg = load_recipe(args, TrainConfig, extra_overrides=[f"checkpoint.load={args.load}"] if args.load else [])
-    except ConfigError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+    cfg = load_recipe(args, TrainConfig, extra_overrides=[f"checkpoint.load={args.load}"] if args.load else [])
     if args.print_config:
         from videoar_common.config import dump_config
         print(dump_config(cfg), end="")
@@ -61,18 +56,17 @@ def _dry_run(cfg, prog: str) -> int:
     try:
         fits, report = dry_run(cfg)
     except ValueError as e:
-        print(f"{prog}: recipe invalid at its target size: {e}", file=sys.stderr)
-        return 1
+        raise InputError(f"recipe invalid at its target size: {e}") from e
     print(report)
     return 0 if fits else 1
 
 
 def _train(cfg, run_dir: Path, prog: str, seed_only: bool) -> int:
-    from data_prep.shards import ShardContentError, ShardManifestMismatch, ShardsIncomplete
+    """Refusals (resume, shards, checkpoint.load; a sample the recipe cannot train on, found mid-run) are
+    InputErrors: the dispatcher exits 2 on them, after ``trainer.close()``."""
     from videoar_common.distributed import read_launch_env
-    from videoar_common.run_logging import setup_console_logging
-    from videoar_megatron.training.checkpoint import ResumeError
     from videoar_common.numerics import NumericsError
+    from videoar_common.run_logging import setup_console_logging
     from videoar_megatron.training.trainer import build_trainer
     log = setup_console_logging(read_launch_env()[0])
     trainer = None
@@ -82,16 +76,16 @@ def _train(cfg, run_dir: Path, prog: str, seed_only: bool) -> int:
             if seed_only:
                 log.info("seed checkpoint written to %s", trainer.save_seed())
                 return 0
-            log.info("%s: %s", run_dir, trainer.restore())
-        except (ResumeError, ShardManifestMismatch, ShardsIncomplete, ValueError, FileNotFoundError) as e:
-            print(f"{prog}: {e}", file=sys.stderr)
-            return EXIT_CONFIG
+            what = trainer.restore()
+            every = cfg.checkpoint.save_every
+            log.info("%s: %s; training steps %d to %d (train.steps), %s, metrics in %s", run_dir, what,
+                     trainer.step + 1, cfg.train.steps, f"a checkpoint every {every}" if every else
+                     "checkpoint.save_every=0", run_dir / "metrics.jsonl")
+        except ValueError as e:  # a recipe that cannot run at this world size / on these shards
+            raise InputError(str(e)) from e
         code = trainer.train()
         log.info("%s at step %d of %d", "stopped" if code else "done", trainer.step, cfg.train.steps)
         return code
-    except ShardContentError as e:  # found mid-run: a sample the recipe cannot train on
-        print(f"{prog}: {e}", file=sys.stderr)
-        return EXIT_CONFIG
     except NumericsError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return EXIT_NUMERICS

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from videoar_common.exit_codes import InputError
+
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -29,7 +31,7 @@ def main(argv: list[str], prog: str = "videoar transcode") -> int:
     args = build_parser(prog).parse_args(argv)
     from tqdm import tqdm
 
-    from data_prep.manifest import ManifestError, read_manifest
+    from data_prep.manifest import read_manifest
     from data_prep.transcode import REJECTS_FILE, summarize, transcode_manifest
     try:
         total = len(read_manifest(args.manifest))
@@ -48,8 +50,8 @@ def main(argv: list[str], prog: str = "videoar transcode") -> int:
                                                    manifest_name=args.manifest_name, progress=progress)
         finally:
             bar.close()
-    except (ManifestError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"{prog}: {e}")
+    except ValueError as e:  # a knob out of range (a bad manifest is already an InputError)
+        raise InputError(str(e)) from e
     s = summarize(results)
     print(f"wrote {manifest}: " + ", ".join(f"{k} {v}" for k, v in sorted(s.items())))
     if s.get("failed"):

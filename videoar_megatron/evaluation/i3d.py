@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from videoar_common.exit_codes import InputError
+
 I3D_INPUT_SIZE = 224
 I3D_MIN_FRAMES = 9  # time shrinks by 8 (three stride-2 stages) before a 2-frame average pool
 NUM_CLASSES = 400
@@ -49,7 +51,7 @@ EXPECTED_WEIGHTS = (f"the Kinetics-400 I3D as either the TorchScript export '{TO
                     f"({STATE_DICT_SOURCE})")
 
 
-class I3DWeightsError(RuntimeError):
+class I3DWeightsError(InputError, RuntimeError):
     """The I3D weights are absent or are not the expected network; the message names the file."""
 
 

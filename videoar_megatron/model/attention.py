@@ -6,6 +6,13 @@ Megatron computes q, k, v (column-parallel, heads split over TP) and applies our
 - ``flex``: FlexAttention with a ``BlockMask`` (compiled, block-sparse; CUDA);
 - ``sdpa``: ``scaled_dot_product_attention`` with the dense boolean mask (CPU; KV-cached sampling).
 
+Kernel behind ``flex`` (``ModelConfig.flex_kernel``, :func:`choose_flex_kernel`, per sequence layout):
+Inductor's Triton kernels, or FlexAttention's FlashAttention-4 backend (FLASH). ``auto`` takes FLASH
+where it is installed, the GPU can train it and the sequence is long enough for it to win
+(:data:`FLASH_MIN_TOKENS`), else Triton. On Hopper, FA4's tiles let one BlockMask serve forward and
+backward only for head_dim 97..128; smaller heads (VideoAR-4B: 80) run zero-padded to 128 with the real
+head dim's softmax scale (:func:`attend_with_padded_heads`): exact, gradients included.
+
 Split attention (``ModelConfig.attention_split_tokens``): without a Random Frame Mask drop or window,
 a query of (frame t, scale k) sees exactly the valid text keys and every video key before the end of
 its block: a contiguous key range with no mask. The large blocks (the last scales of each frame: two
@@ -43,6 +50,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
+from videoar_megatron.model.context_parallel import gather_sequence
 from videoar_megatron.model.layout import TokenLayout
 from videoar_megatron.model.mask import compiled_flex_attention
 
@@ -52,7 +60,33 @@ FLEX_KERNEL_OPTIONS = {
     "triton": {"FORCE_USE_FLEX_ATTENTION": True},
     "flash": {"BACKEND": "FLASH"},
 }
-"""``kernel_options`` of the compiled FlexAttention call per ``ModelConfig.flex_kernel``."""
+"""``kernel_options`` of the compiled FlexAttention call per chosen kernel (:class:`FlexKernel`)."""
+
+FLASH_SM90_HEAD_DIMS = (97, 128)
+"""Head dims FlexAttention's FLASH backend can train block-sparse masks with on Hopper (FA4 4.0). The
+forward kernel tiles 192 query rows for head_dim <= 96 and so needs BlockMask query blocks that are a
+multiple of 192, while the block-sparse backward needs query blocks of exactly 128: only 97..128 (128
+rows forward, 128 keys both ways) satisfies both with one BlockMask. Checked against FA4 on an H200
+(tests/test_model_gpu.py). Smaller heads are zero-padded to :data:`FLASH_SM90_PAD_TO` instead."""
+
+FLASH_SM90_PAD_TO = 128
+"""Head width that heads below FLASH_SM90_HEAD_DIMS are zero-padded to on Hopper (VideoAR-4B: 80 → 128).
+Zero columns add nothing to q·kᵀ, the softmax scale stays the real head dim's, and the output's
+padded columns (zero values) are sliced off, so the result and its gradients are unpadded attention's
+(:func:`attend_with_padded_heads`). It costs 128/80 = 1.6x the attention's matmul work; Inductor's Triton
+kernel rounds head dims up to a power of two as well, so the comparison with it is like for like."""
+
+FLASH_MIN_TOKENS = 4096
+"""``model.flex_kernel: auto`` picks FLASH from this sequence length on. Measured (one layer, fwd+bwd,
+docs/BENCHMARKS.md): FLASH 1.25x slower than Triton at UCF-101 length (666 tokens, scale blocks of 1..64
+tokens: nearly every 128x128 tile is partly masked, where FA4 evaluates the mask per element) and 1.8x
+faster at 13,771 (blocks of up to 1,008 tokens: mostly whole tiles). In between nothing is measured yet;
+the line sits above stage I's 2,669 tokens (scale blocks of at most 256) and below stage II's 12,839."""
+
+
+def flash_installed() -> bool:
+    """FlashAttention-4's CuTe package (the 'flash' extra) is importable."""
+    return importlib.util.find_spec("flash_attn") is not None and importlib.util.find_spec("flash_attn.cute") is not None
 
 
 def check_flex_kernel(kernel: str, device: torch.device, head_dim: int | None = None) -> None:
@@ -60,33 +94,87 @@ def check_flex_kernel(kernel: str, device: torch.device, head_dim: int | None = 
     first step would fail inside Inductor's lowering or FlashAttention-4's block-sparse checks)."""
     if kernel != "flash" or device.type != "cuda":
         return
-    if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn.cute") is None:
+    if not flash_installed():
         raise ValueError("model.flex_kernel=flash needs FlashAttention-4 (module flash_attn.cute): install "
                          "the 'flash' extra (pip install -e '.[flash]', see docs/training.md) or set "
-                         "model.flex_kernel=triton")
+                         "model.flex_kernel=auto")
     reason = flash_unsupported(torch.cuda.get_device_capability(device), head_dim)
     if reason:
-        raise ValueError(f"model.flex_kernel=flash: {reason}; set model.flex_kernel=triton")
-
-
-FLASH_SM90_HEAD_DIMS = (97, 128)
-"""Head dims FlexAttention's FLASH backend can train block-sparse masks with on Hopper (FA4 4.0). The
-forward kernel tiles 192 query rows for head_dim <= 96 and so needs BlockMask query blocks that are a
-multiple of 192, while the block-sparse backward needs query blocks of exactly 128: only 97..128 (128
-rows forward, 128 keys both ways) satisfies both with one BlockMask. Checked against FA4 on an H200
-(tests/test_model_gpu.py)."""
+        raise ValueError(f"model.flex_kernel=flash: {reason}; set model.flex_kernel=auto")
 
 
 def flash_unsupported(capability: tuple[int, int], head_dim: int | None) -> str | None:
-    """Why the FLASH backend cannot train on a GPU of ``capability`` with ``head_dim``, or None."""
+    """Why the FLASH backend cannot train on a GPU of ``capability`` with ``head_dim``, or None
+    (on Hopper, heads below 97 are trained zero-padded: :func:`flash_head_padding`)."""
     major, minor = capability
     if major < 9:
         return f"needs a Hopper or newer GPU (compute capability >= 9.0); this one is {major}.{minor}"
-    lo, hi = FLASH_SM90_HEAD_DIMS
-    if major == 9 and head_dim is not None and not lo <= head_dim <= hi:
-        return (f"on Hopper it trains block-sparse masks only with head_dim {lo}..{hi} (FlashAttention-4's "
+    hi = FLASH_SM90_HEAD_DIMS[1]
+    if major == 9 and head_dim is not None and head_dim > hi:
+        return (f"on Hopper it trains block-sparse masks only with head_dim <= {hi} (FlashAttention-4's "
                 f"tiles); this model has head_dim {head_dim} (hidden_size / num_attention_heads)")
     return None
+
+
+def flash_head_padding(capability: tuple[int, int], head_dim: int) -> int | None:
+    """Width to zero-pad heads to for the FLASH backend (None: run them as they are)."""
+    if capability[0] == 9 and head_dim < FLASH_SM90_HEAD_DIMS[0]:
+        return FLASH_SM90_PAD_TO
+    return None
+
+
+@dataclass(frozen=True)
+class FlexKernel:
+    """The kernel behind the flex path for one sequence layout, and why it was chosen."""
+
+    name: str
+    """Key of :data:`FLEX_KERNEL_OPTIONS`."""
+    pad_head_dim: int | None
+    """Zero-pad q/k/v heads to this width around the kernel (FLASH on Hopper below head_dim 97)."""
+    reason: str
+    """One line for the log: the setting and what decided it."""
+
+
+def choose_flex_kernel(setting: str, seq_len: int, head_dim: int, capability: tuple[int, int] | None,
+                       flash_blocker: str | None) -> FlexKernel:
+    """The flex kernel for ``model.flex_kernel=setting`` at ``seq_len`` tokens. ``flash_blocker`` says why
+    FLASH cannot run here (None: it can; an explicit ``flash`` was checked by :func:`check_flex_kernel`)."""
+    if setting == "triton":
+        return FlexKernel("triton", None, "model.flex_kernel=triton")
+    pad = flash_head_padding(capability, head_dim) if capability else None
+    padded = f"; heads zero-padded {head_dim} -> {pad} for FlashAttention-4's Hopper tiles" if pad else ""
+    if setting == "flash":
+        return FlexKernel("flash", pad, f"model.flex_kernel=flash{padded}")
+    if flash_blocker:
+        return FlexKernel("triton", None, f"auto: FLASH unavailable here ({flash_blocker})")
+    if seq_len < FLASH_MIN_TOKENS:
+        return FlexKernel("triton", None, f"auto: {seq_len} tokens < {FLASH_MIN_TOKENS}, where FLASH is not "
+                                          "faster (docs/training.md#attention-kernels)")
+    return FlexKernel("flash", pad, f"auto: FlashAttention-4 available and {seq_len} tokens >= {FLASH_MIN_TOKENS}"
+                                    f"{padded}")
+
+
+TRITON = FlexKernel("triton", None, "Triton kernel")
+"""The kernel needing nothing beyond torch."""
+
+
+def flash_blocker(device: torch.device, head_dim: int) -> str | None:
+    """Why FlexAttention's FLASH backend cannot train here (device, package, GPU, head dim), or None."""
+    if device.type != "cuda":
+        return f"device {device.type} runs the dense SDPA path"
+    if not flash_installed():
+        return "flash-attn-4 is not installed: the 'flash' extra, module flash_attn.cute"
+    return flash_unsupported(torch.cuda.get_device_capability(device), head_dim)
+
+
+def attend_with_padded_heads(attend, q, k, v, width: int, scale: float) -> torch.Tensor:
+    """``attend(q, k, v, scale)`` with the head dim of ``[b, heads, s, d]`` q/k/v zero-padded to
+    ``width`` and the output sliced back to ``d``. ``scale`` must be the real head dim's (passed
+    explicitly: a kernel's default would take 1/√width); see :data:`FLASH_SM90_PAD_TO` for why it is
+    exact, gradients included (the pad's backward is a slice, the slice's a zero pad)."""
+    d = q.shape[-1]
+    out = attend(*(F.pad(x, (0, width - d)) for x in (q, k, v)), scale)
+    return out[..., :d]
 
 
 CACHED_STEP_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -162,8 +250,11 @@ class AttentionInputs:
     """Unmasked large blocks; the mask (``mask_B1QK`` rows / ``block_mask``) then covers ``split.rest_S``."""
     text_len: tuple[int, ...] | None = None
     """Valid prefix length per sample when some caption is padded (split path only; None: all |Ψ|)."""
-    flex_kernel: str = "triton"
-    """Key of ``FLEX_KERNEL_OPTIONS`` for the flex path (``ModelConfig.flex_kernel``)."""
+    flex_kernel: FlexKernel = TRITON
+    """Kernel of the flex path (chosen per layout from ``ModelConfig.flex_kernel``)."""
+    cp_group: Any = None
+    """Context parallelism: gather keys/values over this group before attending (the mask then carries
+    the query and key index tables; :mod:`.context_parallel`)."""
 
 
 class VideoARCoreAttention(MegatronModule):
@@ -173,8 +264,6 @@ class VideoARCoreAttention(MegatronModule):
                  attention_type: str = "self", cp_comm_type: str | None = None,
                  softmax_scale: float | None = None, pg_collection=None, **kwargs):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("VideoAR attention does not support context parallelism yet")
         tp = pg_collection.tp.size() if pg_collection is not None else 1
         self.layer_number = layer_number
         self.heads = divide(config.num_attention_heads, tp)
@@ -190,6 +279,8 @@ class VideoARCoreAttention(MegatronModule):
         if packed_seq_params is not None:
             raise ValueError("packed sequences are not supported by VideoAR attention")
         inputs = attention_bias
+        if inputs.cp_group is not None:  # local queries against every rank's keys/values
+            key, value = gather_sequence(key, inputs.cp_group), gather_sequence(value, inputs.cp_group)
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
         if inputs.kv_cache is not None:
             k, v = inputs.kv_cache.update(self.layer_number, k, v, inputs.q_start)
@@ -213,13 +304,21 @@ def videoar_attention(q, k, v, inputs: AttentionInputs, scale: float, gqa: bool 
 
 def _masked(q, k, v, inputs: AttentionInputs, scale: float, gqa: bool) -> torch.Tensor:
     if inputs.block_mask is not None:
-        return compiled_flex_attention()(q, k, v, block_mask=inputs.block_mask, scale=scale, enable_gqa=gqa,
-                                         kernel_options=FLEX_KERNEL_OPTIONS[inputs.flex_kernel])
+        return _flex(q, k, v, inputs.block_mask, inputs.flex_kernel, scale, gqa)
     if inputs.kv_cache is not None and q.is_cuda:
         with sdpa_kernel(CACHED_STEP_BACKENDS):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask_B1QK, scale=scale,
                                                   enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask_B1QK, scale=scale, enable_gqa=gqa)
+
+
+def _flex(q, k, v, block_mask, kernel: FlexKernel, scale: float, gqa: bool) -> torch.Tensor:
+    def attend(q, k, v, scale):
+        return compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+                                         kernel_options=FLEX_KERNEL_OPTIONS[kernel.name])
+    if kernel.pad_head_dim is None:
+        return attend(q, k, v, scale)
+    return attend_with_padded_heads(attend, q, k, v, kernel.pad_head_dim, scale)
 
 
 def _unmasked(q, k, v, end: int, text_len, prefix_len: int, scale: float, gqa: bool) -> torch.Tensor:

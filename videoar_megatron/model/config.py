@@ -2,7 +2,7 @@
 
 Design decision: one ``ModelConfig`` holds every knob that changes the model's numerics (sizes,
 RoPE, mask, cross-frame error correction, conditioning, loss); ``ParallelConfig`` holds the knobs
-that must *not* change them (TP, PP, sequence parallel, recompute). A named ``size`` fills the
+that must *not* change them (TP, PP, CP, sequence parallel, recompute). A named ``size`` fills the
 transformer dimensions; explicit ``num_layers``/``hidden_size``/... override the preset, so a resolved
 config written to a run directory loads back equal.
 
@@ -174,14 +174,16 @@ class ModelConfig:
     attention_backend: Literal["auto", "flex", "sdpa"] = "auto"
     """'flex': FlexAttention block-sparse masks (CUDA); 'sdpa': a dense boolean mask with
     scaled_dot_product_attention; 'auto': flex on CUDA, sdpa on CPU. Both use one mask definition."""
-    flex_kernel: Literal["triton", "flash"] = "triton"
+    flex_kernel: Literal["auto", "triton", "flash"] = "auto"
     """Kernel behind the flex path (CUDA). 'triton': Inductor's Triton FlexAttention kernels (no extra
-    dependency). 'flash': FlexAttention's FlashAttention-4 backend (``BACKEND: FLASH``, CuTe DSL), which
-    needs the ``flash`` extra (flash-attn-4) and a Hopper or newer GPU; on Hopper only head_dim 97..128
-    (VideoAR-L and XL; not 4B's 80: FA4's tiles, refused before building). Same mask, same BlockMask; the
-    results agree within bf16 rounding (GPU tests, with and without Random Frame Mask). Which is faster
-    depends on the sequence length (flash at stage-III length, triton at UCF-101 length, as measured
-    so far): figures and how to measure them in docs/BENCHMARKS.md."""
+    dependency). 'flash': FlexAttention's FlashAttention-4 backend (``BACKEND: FLASH``, CuTe DSL): needs
+    the ``flash`` extra (flash-attn-4) and a Hopper or newer GPU (on Hopper head_dim <= 128; heads below
+    97, such as 4B's 80, run zero-padded to 128 with their own softmax scale: exact); refused before
+    building where it cannot run. 'auto': the fastest valid one per sequence layout: flash where it can
+    run and the sequence has at least 4,096 tokens (it is 1.8x faster at stage-III length, slower at
+    UCF-101 length), else triton; the choice and its reason are logged at start. Same mask, same
+    BlockMask, results equal within bf16 rounding (GPU tests). A kernel choice: a run may resume with
+    another value. Figures: docs/BENCHMARKS.md."""
     attention_split_tokens: int = 0
     """Split attention: (frame, scale) blocks of at least this many tokens run as unmasked SDPA calls
     over the keys before their end (FlashAttention kernels on GPU) and only the other queries go through
@@ -265,20 +267,44 @@ class ParallelConfig:
     layers are dealt round-robin in num_layers / (PP x v) blocks (rank r holds virtual stages r, r + PP,
     ...), which cuts the pipeline bubble from (PP-1)/m to (PP-1)/(v m) for m micro-batches per step, at
     v times the point-to-point messages. Needs pipeline_parallel > 1, num_layers divisible by PP x v and
-    micro-batches per step divisible by PP (the dry run prints the bubble)."""
+    micro-batches per step divisible by PP (the dry run prints the bubble); not with context_parallel > 1."""
+    context_parallel: int = 1
+    """Context-parallel size (long videos): every rank of a CP group holds 1/CP of the sequence's tokens
+    in embeddings, layers, head and loss; attention runs its queries against the keys/values gathered
+    over the group under the same mask rule; gradients are reduced over data x context parallel ranks
+    (Megatron-core's CP groups). Tokens are dealt to ranks in chunks balanced by attention work
+    (docs/training.md). Sampling always runs unsplit."""
+    context_parallel_chunk: int = 128
+    """Tokens per chunk dealt to context-parallel ranks (the sequence is padded to a multiple of CP x
+    chunk). 128 = FlexAttention's block: a chunk never splits a BlockMask block, so the mask keeps its
+    block sparsity; smaller chunks balance finer at short lengths (tests)."""
 
     def __post_init__(self):
         if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
             raise ValueError("parallel.tensor_parallel and parallel.pipeline_parallel must be >= 1")
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ValueError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
+        if self.context_parallel < 1 or self.context_parallel_chunk < 1:
+            raise ValueError(f"parallel.context_parallel ({self.context_parallel}) and "
+                             f"parallel.context_parallel_chunk ({self.context_parallel_chunk}) must be >= 1")
         if self.virtual_pipeline_stages < 1:
             raise ValueError(f"parallel.virtual_pipeline_stages must be >= 1, got {self.virtual_pipeline_stages}")
         if self.virtual_pipeline_stages > 1 and self.pipeline_parallel == 1:
             raise ValueError(f"parallel.virtual_pipeline_stages={self.virtual_pipeline_stages} needs "
                              f"parallel.pipeline_parallel > 1 (virtual stages interleave a pipeline)")
+        if self.virtual_pipeline_stages > 1 and self.context_parallel > 1:
+            # Refused, not assumed: the interleaved schedule over context-parallel chunks has no parity
+            # test yet (CP is proven with plain 1F1B only).
+            raise ValueError(f"parallel.virtual_pipeline_stages={self.virtual_pipeline_stages} with "
+                             f"parallel.context_parallel={self.context_parallel} is not supported: use one of "
+                             f"them (virtual_pipeline_stages=1 for long videos with CP)")
 
     @property
     def megatron_virtual_stages(self) -> int | None:
         """Megatron's ``virtual_pipeline_model_parallel_size``: None, not 1, selects plain 1F1B."""
         return self.virtual_pipeline_stages if self.virtual_pipeline_stages > 1 else None
+
+    @property
+    def replica_size(self) -> int:
+        """Ranks of one model replica: TP x CP x PP (they read the same samples)."""
+        return self.tensor_parallel * self.context_parallel * self.pipeline_parallel

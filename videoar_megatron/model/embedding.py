@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from videoar_megatron.model.config import ModelConfig
-from videoar_megatron.model.layout import LayoutTables, TokenLayout
+from videoar_megatron.model.layout import PAD, TEXT, LayoutTables, TokenLayout
 from videoar_megatron.model.sequence import VideoARBatch
 
 
@@ -78,6 +78,21 @@ class VideoAREmbedding(nn.Module):
         is_sos = ((frame_n == 0) & (scale_n == 0))[None, :, None]
         x = torch.where(is_sos, self.sos.to(x.dtype), x)
         return x + self.scale_emb(scale_n)[None]
+
+    def at_positions(self, batch: VideoARBatch, tables: LayoutTables, positions_s: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``[s, B, C]`` of the tokens at sequence positions ``positions_s`` (any order; a
+        context-parallel rank's chunks): the same values as :meth:`forward` gives them."""
+        P, N = batch.layout.prefix_len, batch.layout.video_len
+        kind_s, scale_s = tables.kind_S[positions_s], tables.scale_S[positions_s]
+        n_s = (positions_s - P).clamp(0, N - 1)  # rows that are not video take some video row, then drop it
+        x = self.input_proj(batch.inputs_BNd[:, n_s].to(self.input_proj.weight.dtype))
+        is_sos = ((tables.frame_S[positions_s] == 0) & (scale_s == 0))[None, :, None]
+        x = torch.where(is_sos, self.sos.to(x.dtype), x) + self.scale_emb(scale_s.clamp(min=0))[None]
+        if P:
+            prefix = self.condition(batch)[:, positions_s.clamp(max=P - 1)]
+            x = torch.where((kind_s == TEXT)[None, :, None], prefix.to(x.dtype), x)
+        x = torch.where((kind_s == PAD)[None, :, None], torch.zeros((), dtype=x.dtype, device=x.device), x)
+        return x.transpose(0, 1).contiguous()
 
     def forward(self, batch: VideoARBatch, tables: LayoutTables, positions: slice) -> torch.Tensor:
         layout: TokenLayout = batch.layout

@@ -81,7 +81,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, *, device: to
         # receiver cannot tell them apart (Megatron-LM issue 750): the emulated PP=2 x VPP=2 run got
         # wrong losses from the second micro-batch group on.
         overlap_p2p_comm=parallel.virtual_pipeline_stages > 1, batch_p2p_comm=parallel.virtual_pipeline_stages == 1,
-        sequence_parallel=parallel.sequence_parallel,
+        context_parallel_size=parallel.context_parallel, sequence_parallel=parallel.sequence_parallel,
         params_dtype=params_dtype, pipeline_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         # CPU: Megatron initialises full weights on the host and splits them; CUDA: on device.

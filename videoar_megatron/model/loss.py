@@ -4,7 +4,9 @@ The head emits one logit per bit (d per token). Binary cross-entropy on logit z 
 2-class cross-entropy on logits (z0, z1) with z = z1 - z0, at half the head width. A token's loss is the
 mean over its d bits; tokens are averaged with weights (uniform by default, or InfinityStar's
 per-scale reweighting: a token of scale k weighs min(cap, (n_K/n_k)^(1/(1+r))), n_k = h_k·w_k),
-normalised to sum to one per sample; the batch loss is the mean over samples.
+normalised to sum to one per sample; the batch loss is the mean over samples. A context-parallel rank
+computes its share of that (its tokens' weighted sum over the whole sequence's weight sum), so the
+shares add up to the unsplit loss (:func:`bit_loss`).
 """
 from __future__ import annotations
 
@@ -59,21 +61,31 @@ def video_scale_ids(layout: TokenLayout, device: str = "cpu") -> torch.Tensor:
 
 
 def bit_loss(logits_BNd: torch.Tensor, targets_BNd: torch.Tensor, layout: TokenLayout,
-             cfg: LossConfig) -> LossOutput:
-    """Bitwise cross-entropy of logits ``(B, N, d)`` against bool targets ``(B, N, d)``."""
+             cfg: LossConfig, video_index_n: torch.Tensor | None = None) -> LossOutput:
+    """Bitwise cross-entropy of logits ``(B, n, d)`` against bool targets ``(B, N, d)``.
+
+    ``video_index_n``: which of the N video tokens the n logits are (a context-parallel rank's share;
+    None: all N in order). Every term is then this share's part of the whole sequence's value: the
+    weighted sum over its tokens divided by the weight sum of all N tokens, per-scale sums divided by
+    whole-sequence counts; summed over the shares they are the unsplit values, for any token weights.
+    """
     logits = logits_BNd.float()
-    target = targets_BNd.to(logits.dtype)
-    bce_BN = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1)
     w_N = token_weights(layout, cfg, logits.device)
-    loss = (bce_BN * w_N).sum(-1).mean()
+    scale_n = video_scale_ids(layout, str(logits.device))
+    w_n = w_N
+    if video_index_n is not None:
+        targets_BNd, w_n, scale_n = targets_BNd[:, video_index_n], w_N[video_index_n], scale_n[video_index_n]
+    target = targets_BNd.to(logits.dtype)
+    bce_Bn = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1)
+    # Divided by the whole sequence's weight sum, not this share's: a split loss sums to the unsplit one.
+    loss = ((bce_Bn * w_n).sum(-1) / w_N.sum()).mean()
     with torch.no_grad():
-        correct_BN = ((logits > 0) == targets_BNd.bool()).float().mean(-1)
-        scale_N = video_scale_ids(layout, str(logits.device))
-        K = layout.num_scales
+        correct_Bn = ((logits > 0) == targets_BNd.bool()).float().mean(-1)
+        K, B = layout.num_scales, logits.shape[0]
         # Static counts (no bincount: its data-dependent size would sync the host every step).
-        sizes = [h * w * layout.frames * logits.shape[0] for h, w in layout.scales]
+        sizes = [h * w * layout.frames * B for h, w in layout.scales]
         count_K = torch.tensor(sizes, dtype=torch.float32).to(logits.device, non_blocking=True)
-        per_loss = torch.zeros(K, device=logits.device).index_add_(0, scale_N, bce_BN.sum(0)) / count_K
-        per_acc = torch.zeros(K, device=logits.device).index_add_(0, scale_N, correct_BN.sum(0)) / count_K
+        per_loss = torch.zeros(K, device=logits.device).index_add_(0, scale_n, bce_Bn.sum(0)) / count_K
+        per_acc = torch.zeros(K, device=logits.device).index_add_(0, scale_n, correct_Bn.sum(0)) / count_K
     return LossOutput(loss=loss, per_scale_loss_K=per_loss, per_scale_acc_K=per_acc,
-                      bit_accuracy=correct_BN.mean())
+                      bit_accuracy=correct_Bn.sum() / (B * layout.video_len))

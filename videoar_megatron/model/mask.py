@@ -86,12 +86,15 @@ def is_full_context(frame_visible_BTT: torch.Tensor) -> bool:
 
 def dense_mask(tables: LayoutTables, frame_visible_BTT: torch.Tensor, text_len_B: torch.Tensor,
                q_start: int = 0, q_end: int | None = None, kv_end: int | None = None,
-               full_context: bool = False, q_positions: torch.Tensor | None = None) -> torch.Tensor:
+               full_context: bool = False, q_positions: torch.Tensor | None = None,
+               kv_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask ``(B, 1, Q, KV)`` for SDPA (True = attend), rows ``q_start:q_end``.
 
     The row range serves KV-cached sampling: the queries of one (frame, scale) step against every
     key cached so far. ``q_positions`` (instead of the range) selects any rows, in that order: the
-    queries that the split attention leaves to the mask.
+    queries that the split attention leaves to the mask, or a context-parallel rank's queries.
+    ``kv_positions`` gives the sequence position of each key column, in that order (context
+    parallelism: the keys as gathered from the ranks); the rule always sees sequence positions.
     """
     S = tables.kind_S.shape[0]
     device = tables.kind_S.device
@@ -101,8 +104,10 @@ def dense_mask(tables: LayoutTables, frame_visible_BTT: torch.Tensor, text_len_B
         kv_end = q_end if kv_end is None else kv_end
     else:
         kv_end = S if kv_end is None else kv_end
+    if kv_positions is None:
+        kv_positions = torch.arange(kv_end, device=device)
     b = torch.arange(frame_visible_BTT.shape[0], device=device)[:, None, None]
-    kv = torch.arange(kv_end, device=device)[None, None, :]
+    kv = kv_positions[None, None, :]
     # Row chunks bound the broadcast int64 index grids of the frame-table lookup (B x rows x KV).
     chunks = [mask_rule(b, q_positions[r:r + DENSE_ROWS][None, :, None], kv,
                         tables, frame_visible_BTT, text_len_B, full_context)
@@ -111,22 +116,32 @@ def dense_mask(tables: LayoutTables, frame_visible_BTT: torch.Tensor, text_len_B
 
 
 def mask_mod(tables: LayoutTables, frame_visible_BTT: torch.Tensor, text_len_B: torch.Tensor,
-             full_context: bool = False, q_positions: torch.Tensor | None = None):
+             full_context: bool = False, q_positions: torch.Tensor | None = None,
+             kv_positions: torch.Tensor | None = None):
     """The rule as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` (heads share one mask); with
-    ``q_positions`` query ``q_idx`` is the token at sequence position ``q_positions[q_idx]``."""
+    ``q_positions`` query ``q_idx`` is the token at sequence position ``q_positions[q_idx]``, with
+    ``kv_positions`` key ``kv_idx`` the one at ``kv_positions[kv_idx]`` (index tables: the rule sees
+    sequence positions whatever order the kernel holds the tokens in)."""
     def videoar_mask(b, h, q_idx, kv_idx):
         return mask_rule(b, q_idx, kv_idx, tables, frame_visible_BTT, text_len_B, full_context)
 
     def subset_mask(b, h, q_idx, kv_idx):
         return mask_rule(b, q_positions[q_idx], kv_idx, tables, frame_visible_BTT, text_len_B, full_context)
+
+    def tabled_mask(b, h, q_idx, kv_idx):
+        q = q_idx if q_positions is None else q_positions[q_idx]
+        return mask_rule(b, q, kv_positions[kv_idx], tables, frame_visible_BTT, text_len_B, full_context)
+    if kv_positions is not None:
+        return tabled_mask
     return videoar_mask if q_positions is None else subset_mask
 
 
 def block_mask(tables: LayoutTables, frame_visible_BTT: torch.Tensor, text_len_B: torch.Tensor,
                block_size: int = 128, full_context: bool | None = None,
-               q_positions: torch.Tensor | None = None):
+               q_positions: torch.Tensor | None = None, kv_positions: torch.Tensor | None = None):
     """FlexAttention ``BlockMask`` from the same rule (block-sparse; compiled on CUDA), for every query
-    or for the queries at ``q_positions`` (ascending) against every key.
+    or for the queries at ``q_positions`` (ascending), against every key in sequence order or the keys
+    at ``kv_positions`` (in that order).
 
     ``full_context=None`` checks the frame table (one host sync) and takes the cheaper rule when no
     frame is masked."""
@@ -135,10 +150,11 @@ def block_mask(tables: LayoutTables, frame_visible_BTT: torch.Tensor, text_len_B
     device = tables.kind_S.device
     if full_context is None:
         full_context = is_full_context(frame_visible_BTT)
-    rule = mask_mod(tables, frame_visible_BTT, text_len_B, full_context, q_positions)
+    rule = mask_mod(tables, frame_visible_BTT, text_len_B, full_context, q_positions, kv_positions)
     Q = S if q_positions is None else len(q_positions)
+    KV = S if kv_positions is None else len(kv_positions)
     return create_block_mask(rule, frame_visible_BTT.shape[0],
-                             None, Q, S, device=device, BLOCK_SIZE=block_size,
+                             None, Q, KV, device=device, BLOCK_SIZE=block_size,
                              _compile=device.type == "cuda")
 
 

@@ -50,9 +50,10 @@ class OutputConfig:
     codec: Literal["libx264", "mpeg4"] = "libx264"
     """mp4 video codec (PyAV's bundled FFmpeg has both; libx264 at crf 12, mpeg4 at q 2)."""
     grid_columns: int = 8
-    """Videos per row of grid.gif and frames.png."""
+    """Videos per row of grid.gif (frames.png has one row per video)."""
     grid_max_videos: int = 64
-    """At most this many videos go into grid.gif (the first ones)."""
+    """At most this many videos (the first ones) go into grid.gif and frames.png, where each row is
+    labelled with its class or prompt."""
 
     def __post_init__(self):
         for name in ("fps", "grid_columns", "grid_max_videos"):

@@ -23,6 +23,7 @@ from tokenizer.model import VideoTokenizer
 from videoar_common.atomic import is_committed
 from videoar_common.config import ConfigError, build_dataclass
 from videoar_common.distributed import DistContext
+from videoar_common.exit_codes import InputError
 from videoar_megatron.model.config import ModelConfig, ParallelConfig
 from videoar_megatron.model.model import build_model
 from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel
@@ -34,7 +35,7 @@ from videoar_megatron.training.dist_ckpt import (CHECKPOINT_DIR, TRAIN_STATE_FIL
 REQUIRED_STATE = ("step", "model_config", "scale_schedule", "latent_frames", "tokenizer_hash")
 
 
-class SamplerLoadError(RuntimeError):
+class SamplerLoadError(InputError, RuntimeError):
     """The checkpoint or tokenizer cannot be used for sampling; the message names the file or field."""
 
 

@@ -15,7 +15,7 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 CODEC_OPTIONS = {"libx264": {"crf": "12", "preset": "medium"}, "mpeg4": {"qscale": "2"}}
 
@@ -91,14 +91,33 @@ def write_gif_grid(path: str | Path, videos_THWC: Sequence[np.ndarray], columns:
                                                             append_images=images[1:], duration=duration, loop=0))
 
 
-def write_frame_sheet(path: str | Path, videos_THWC: Sequence[np.ndarray], max_frames: int = 17) -> Path:
-    """PNG: one row per video, its frames left to right (evenly strided to at most ``max_frames``)."""
+def write_frame_sheet(path: str | Path, videos_THWC: Sequence[np.ndarray], max_frames: int = 17,
+                      labels: Sequence[str] | None = None, pad: int = 2) -> Path:
+    """PNG: one row per video, its frames left to right (evenly strided to at most ``max_frames``), after
+    a tile with the row's label (its class or prompt) when ``labels`` are given."""
     rows = []
     for v in videos_THWC:
         idx = np.unique(np.linspace(0, v.shape[0] - 1, min(max_frames, v.shape[0])).round().astype(int))
         rows.extend(v[i] for i in idx)
     columns = len(rows) // len(videos_THWC)
-    return _save_image(Path(path), lambda p: Image.fromarray(tile(rows, columns)).save(p, format="PNG"))
+    sheet = tile(rows, columns, pad)
+    if labels is not None:
+        sheet = np.concatenate([_label_column(labels, rows[0].shape[0], sheet.shape[0], pad), sheet], axis=1)
+    return _save_image(Path(path), lambda p: Image.fromarray(sheet).save(p, format="PNG"))
+
+
+def _label_column(labels: Sequence[str], row_height: int, height: int, pad: int) -> np.ndarray:
+    """White column with each label in black, vertically centred on its row of the sheet."""
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max(int(measure.textlength(text, font=font)) for text in labels) + 2 * pad + 2
+    column = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(column)
+    for r, text in enumerate(labels):
+        top, bottom = draw.textbbox((0, 0), text, font=font)[1::2]
+        y = pad + r * (row_height + pad) + max(0, (row_height - (bottom - top)) // 2) - top
+        draw.text((pad + 1, y), text, fill="black", font=font)
+    return np.asarray(column)
 
 
 def _fit(x_CTHW: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -6,7 +6,7 @@ marker written last) holds, in Megatron ``dist_checkpointing`` format:
 - ``model.*``: the weights (``model_sharded_state_dict``; reshardable over TP/PP);
 - ``optimizer.*``: the optimizer state from the optimizer's own ``sharded_state_dict`` (Megatron's
   reshardable formats: per-parameter state for the CPU ``FP32Optimizer``; ``fully_reshardable`` for the
-  distributed optimizer), so it loads at another TP/PP/DP layout;
+  distributed optimizer), so it loads at another TP/CP/PP/DP layout;
 - ``rng_state``: every rank's RNG states (torch, CUDA, Megatron's tracker, numpy, random). They are
   restored when the layout is unchanged; at another layout they cannot be mapped to ranks and are
   re-seeded instead, which changes nothing in training: every random draw of the batches is derived
@@ -19,7 +19,7 @@ config (the AR checkpoint contract the sampler relies on; fields may be added, n
 Resume rules (each refusal names the knob): the model config must be unchanged, except the knobs
 that only pick kernels (``KERNEL_CHOICE_KEYS``); the optimizer state
 must come from the same optimizer kind (CPU fp32 vs GPU mixed precision / distributed); the data
-position needs the same global batch size and the same shards. At another TP/PP/DP layout everything
+position needs the same global batch size and the same shards. At another TP/CP/PP/DP layout everything
 else reshards: weights and optimizer through ``dist_checkpointing``, the data position through
 streaming's elastic determinism (same samples per step at any DP size).
 """
@@ -34,15 +34,16 @@ import numpy as np
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from videoar_common.config import config_to_dict
+from videoar_common.config import config_changes, config_to_dict, describe_changes
 from videoar_common.distributed import DistContext
+from videoar_common.exit_codes import InputError
 from videoar_megatron.training import dist_ckpt
 
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 """Megatron distributed-optimizer checkpoint format that reshards over TP, PP and DP."""
 
 
-class ResumeError(RuntimeError):
+class ResumeError(InputError, RuntimeError):
     """A checkpoint cannot continue this run; the message says which knob differs and what to do."""
 
 
@@ -196,17 +197,18 @@ checkpoint written before such a knob existed still resumes."""
 
 
 def _model_difference(saved_model: dict, cfg) -> str | None:
-    """First model-config difference that matters for resuming (kernel choices left out)."""
-    def strip(d: dict) -> dict:
-        return {k: v for k, v in d.items() if k not in KERNEL_CHOICE_KEYS}
-    return _first_difference(strip(saved_model), strip(config_to_dict(cfg.model)))
+    """The model-config differences that matter for resuming (kernel choices left out), the knobs this
+    run sets first and what follows from them after (``model.hidden_size`` before the
+    ``model.ffn_hidden_size`` derived from it); ``None`` when there are none."""
+    changes = config_changes(saved_model, cfg.model, "model.", sources=cfg, skip=KERNEL_CHOICE_KEYS)
+    return describe_changes(changes) if changes else None
 
 
 def check_resumable(saved: dict, *, cfg, manifests: dict, optimizer) -> None:
     """Raise :class:`ResumeError` if this run cannot continue from ``saved`` (a train_state)."""
     diff = _model_difference(saved["model_config"], cfg)
     if diff:
-        raise ResumeError(f"the model config changed since the checkpoint (model.{diff}); resume with the "
+        raise ResumeError(f"the model config changed since the checkpoint ({diff}); resume with the "
                           f"same model, or start a new run with checkpoint.load for the weights")
     have = optimizer_format(optimizer)
     if saved.get("optimizer_format") != have:
@@ -231,7 +233,7 @@ def check_same_tokenizer(saved: dict, manifest: dict, path) -> None:
 
 def load_initial_weights(path: Path, model, optimizer, cfg, manifest: dict, ctx: DistContext) -> None:
     """``checkpoint.load``: the model weights of ``path`` at this run's layout (new optimizer, schedule
-    and data). A model whose parameter shapes changed is refused naming the first config difference."""
+    and data). A model whose parameter shapes changed is refused naming the config differences."""
     saved = dist_ckpt.read_train_state(path)
     check_same_tokenizer(saved, manifest, path)
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
@@ -240,13 +242,14 @@ def load_initial_weights(path: Path, model, optimizer, cfg, manifest: dict, ctx:
     except (Exception, CheckpointException) as e:
         diff = _model_difference(saved.get("model_config", {}), cfg)
         raise ResumeError(f"checkpoint.load={path}: the weights do not fit this model"
-                          + (f" (model.{diff})" if diff else "") + f": {e}") from e
+                          + (f" ({diff})" if diff else "") + f": {e}") from e
     optimizer.reload_model_params()  # mixed-precision main weights follow the loaded model weights
 
 
 def same_layout(saved: dict, layout) -> bool:
     s = saved["layout"]
-    return (s["tp"], s["pp"], s["world_size"]) == (layout.tp, layout.pp, layout.world_size)
+    return (s["tp"], s.get("cp", 1), s["pp"], s["world_size"]) == (layout.tp, layout.cp, layout.pp,
+                                                                    layout.world_size)
 
 
 def resolve_weights_path(path: str | Path) -> Path:

@@ -13,10 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from videoar_common.compile_cache import CompileConfig
 from videoar_common.numerics import NumericsConfig
 from videoar_common.preemption import PreemptionConfig
 from videoar_common.run_logging import LoggingConfig
 from videoar_megatron.model.config import ModelConfig, ParallelConfig
+from videoar_megatron.model.context_parallel import check_context_parallel
 from videoar_megatron.training.metrics import MetricsConfig
 
 
@@ -313,6 +315,8 @@ class TrainConfig:
     """MFU peak and the per-step sample-id audit."""
     comm: CommConfig = field(default_factory=CommConfig)
     """Timeouts and the NCCL flight recorder."""
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    """Where compiled kernels are cached (kept across requeues, shareable between nodes)."""
     debug: DebugConfig = field(default_factory=DebugConfig)
     """Fault injection (drills and tests)."""
 
@@ -333,39 +337,42 @@ class TrainConfig:
         if heads % p.tensor_parallel or groups % p.tensor_parallel:
             raise ValueError(f"model.num_attention_heads={heads} and num_query_groups={groups} must be "
                              f"divisible by parallel.tensor_parallel={p.tensor_parallel}")
+        check_context_parallel(self.model, p)
         if self.model.ffn_hidden_size % p.tensor_parallel:
             raise ValueError(f"model.ffn_hidden_size={self.model.ffn_hidden_size} is not divisible by "
                              f"parallel.tensor_parallel={p.tensor_parallel}")
         if self.optim.warmup_steps >= self.decay_steps:
-            raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be < the decay length "
-                             f"{self.decay_steps} (optim.decay_steps, or train.steps when it is 0)")
+            # refused rather than shortened: a warm-up silently cut would change a long run's schedule too
+            length = (f"optim.decay_steps={self.optim.decay_steps}" if self.optim.decay_steps
+                      else f"train.steps={self.train.steps} (optim.decay_steps is 0)")
+            raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be below the LR schedule's "
+                             f"length, {length}; for a short try add --set optim.warmup_steps=0 (or any "
+                             f"value below {self.decay_steps})")
 
     @property
     def decay_steps(self) -> int:
         return self.optim.decay_steps or self.train.steps
 
-    @property
-    def model_parallel_size(self) -> int:
-        return self.parallel.tensor_parallel * self.parallel.pipeline_parallel
-
     def check_layout(self, world_size: int, where: str = "") -> "BatchLayout":
         """Validate the recipe at ``world_size`` ranks; returns the derived batch layout.
 
-        Raises ``ValueError`` naming the knobs when the world does not split into TP x PP x DP or
+        Raises ``ValueError`` naming the knobs when the world does not split into TP x CP x PP x DP or
         the global batch does not split into micro-batches x DP x accumulation.
         """
         at = f" at {where}" if where else ""
-        mp = self.model_parallel_size
+        p = self.parallel
+        mp = p.replica_size
         if world_size % mp:
+            cp = f" x parallel.context_parallel ({p.context_parallel})" if p.context_parallel > 1 else ""
             raise ValueError(f"world size {world_size}{at} is not divisible by parallel.tensor_parallel "
-                             f"({self.parallel.tensor_parallel}) x parallel.pipeline_parallel "
-                             f"({self.parallel.pipeline_parallel})")
+                             f"({p.tensor_parallel}){cp} x parallel.pipeline_parallel ({p.pipeline_parallel})")
         dp = world_size // mp
         per_step = self.train.micro_batch_size * dp
         if self.train.global_batch_size % per_step:
+            parts = "TP x CP x PP" if p.context_parallel > 1 else "TP x PP"
             raise ValueError(f"train.global_batch_size={self.train.global_batch_size} is not divisible by "
                              f"train.micro_batch_size ({self.train.micro_batch_size}) x data-parallel size "
-                             f"({dp} = world size {world_size}{at} / (TP x PP = {mp}))")
+                             f"({dp} = world size {world_size}{at} / ({parts} = {mp}))")
         accum = self.train.global_batch_size // per_step
         if self.parallel.pipeline_parallel > 1 and accum < self.parallel.pipeline_parallel:
             # 1F1B needs at least PP microbatches in flight to keep every stage busy; fewer is legal
@@ -373,15 +380,15 @@ class TrainConfig:
             raise ValueError(f"{accum} micro-batches per step{at} < parallel.pipeline_parallel="
                              f"{self.parallel.pipeline_parallel}: raise train.global_batch_size or lower "
                              f"train.micro_batch_size (the pipeline would be mostly idle)")
-        if self.parallel.virtual_pipeline_stages > 1 and accum % self.parallel.pipeline_parallel:
+        if p.virtual_pipeline_stages > 1 and accum % p.pipeline_parallel:
             # Megatron's interleaved schedule runs micro-batches in groups of PP per virtual stage; a
             # smaller last group would stall the pipeline, and Megatron refuses it.
             raise ValueError(f"{accum} micro-batches per step{at} is not a multiple of parallel.pipeline_parallel="
-                             f"{self.parallel.pipeline_parallel}, which parallel.virtual_pipeline_stages="
-                             f"{self.parallel.virtual_pipeline_stages} needs: change train.global_batch_size or "
+                             f"{p.pipeline_parallel}, which parallel.virtual_pipeline_stages="
+                             f"{p.virtual_pipeline_stages} needs: change train.global_batch_size or "
                              f"train.micro_batch_size")
-        return BatchLayout(world_size=world_size, tp=self.parallel.tensor_parallel,
-                           pp=self.parallel.pipeline_parallel, dp=dp,
+        return BatchLayout(world_size=world_size, tp=p.tensor_parallel, pp=p.pipeline_parallel, dp=dp,
+                           cp=p.context_parallel,
                            micro_batch_size=self.train.micro_batch_size, accumulation=accum,
                            global_batch_size=self.train.global_batch_size)
 
@@ -398,6 +405,13 @@ class BatchLayout:
     accumulation: int
     """Micro-batches per rank per step."""
     global_batch_size: int
+    cp: int = 1
+    """Context-parallel size: a replica's CP ranks share its samples (each holds part of every sequence)."""
+
+    @property
+    def replica_size(self) -> int:
+        """Ranks of one model replica (TP x CP x PP): they read the same samples."""
+        return self.tp * self.cp * self.pp
 
     @property
     def per_rank_batch(self) -> int:
@@ -405,6 +419,6 @@ class BatchLayout:
         return self.micro_batch_size * self.accumulation
 
     def as_dict(self) -> dict:
-        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "world_size": self.world_size,
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "cp": self.cp, "world_size": self.world_size,
                 "micro_batch_size": self.micro_batch_size, "accumulation": self.accumulation,
                 "global_batch_size": self.global_batch_size}

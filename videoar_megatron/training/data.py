@@ -2,14 +2,15 @@
 
 Design decisions:
 
-- **Sharded over data-parallel replicas, not ranks.** All tensor- and pipeline-parallel ranks of one
-  model replica must see the same samples. Every rank builds the shard reader, with mosaicml-streaming's
-  ``replication`` = TP x PP: streaming then treats each group of TP x PP *consecutive* ranks as one
-  sample stream. The trainer initialises Megatron with rank order ``tp-pp-dp`` (see
-  :func:`videoar_megatron.model.parallel.init_model_parallel`) so a replica's ranks are consecutive,
-  and :func:`check_replicas_are_consecutive` refuses any other order. No broadcast is needed, every rank
-  reads (the shards are small next to the model), and the reader's state (identical on every rank)
-  is the state of the whole data pipeline.
+- **Sharded over data-parallel replicas, not ranks.** All tensor-, context- and pipeline-parallel ranks
+  of one model replica must see the same samples (a context-parallel rank then keeps its share of each
+  sequence: the model splits it, :mod:`videoar_megatron.model.context_parallel`). Every rank builds the
+  shard reader, with mosaicml-streaming's ``replication`` = TP x CP x PP: streaming then treats each
+  group of TP x CP x PP *consecutive* ranks as one sample stream. The trainer initialises Megatron with
+  rank order ``tp-cp-pp-dp`` (see :func:`videoar_megatron.model.parallel.init_model_parallel`) so a
+  replica's ranks are consecutive, and :func:`check_replicas_are_consecutive` refuses any other order.
+  No broadcast is needed, every rank reads (the shards are small next to the model), and the reader's
+  state (identical on every rank) is the state of the whole data pipeline.
 - **One loader batch = one optimizer step of one replica** (``global_batch_size / DP`` samples), split
   here into micro-batches. The loader's global batch is then the global batch size, which does not
   change with the layout, so a checkpoint's data position resumes at another DP size (streaming's
@@ -39,21 +40,24 @@ from data_prep.reader import ShardReaderConfig, TokenShardLoader, build_shard_lo
 from data_prep.shards import INDEX_FILE, ShardContentError
 from tokenizer.quantizer import MultiScaleBSQ
 from videoar_megatron.model.config import ModelConfig
+from videoar_megatron.model.layout import TokenLayout
 from videoar_megatron.model.sequence import VideoARBatch, build_batch
 from videoar_megatron.training.config import BatchLayout, DataConfig, SourceConfig
 
 
 def check_replicas_are_consecutive(groups) -> None:
-    """Refuse a rank order in which one model replica's ranks are not consecutive (streaming's
-    ``replication`` groups consecutive ranks)."""
+    """Refuse a rank order in which one model replica's ranks (TP x CP x PP) are not consecutive
+    (streaming's ``replication`` groups consecutive ranks): the data-parallel peers of a rank must then
+    be the ranks a whole replica apart."""
     import torch.distributed as dist
-    size = groups.tp.size() * groups.pp.size()
+    size = groups.tp.size() * groups.cp.size() * groups.pp.size()
     if size == 1:
         return
-    mp_ranks = sorted(dist.get_process_group_ranks(groups.mp))
-    if mp_ranks != list(range(mp_ranks[0], mp_ranks[0] + size)) or mp_ranks[0] % size:
-        raise RuntimeError(f"model-parallel ranks {mp_ranks} are not consecutive: the shard reader needs "
-                           f"rank order tp-pp-dp (init_model_parallel(..., order='tp-pp-dp'))")
+    rank, dp_ranks = dist.get_rank(), sorted(dist.get_process_group_ranks(groups.dp))
+    if dp_ranks != [rank % size + i * size for i in range(len(dp_ranks))]:
+        raise RuntimeError(f"data-parallel peers {dp_ranks} of rank {rank} are not {size} ranks apart: the shard "
+                           f"reader needs each replica's TP x CP x PP ranks consecutive (init_model_parallel(..., "
+                           f"order='tp-cp-ep-pp-dp'))")
 
 
 def expected_manifest(data: DataConfig, source: SourceConfig, model: ModelConfig) -> dict:
@@ -134,7 +138,7 @@ class SourceData:
                                    seed=data.seed, num_canonical_nodes=data.num_canonical_nodes,
                                    num_workers=data.num_workers, drop_last=True)
         self.loader: TokenShardLoader = build_shard_loader(reader, expect=expected_manifest(data, source, model),
-                                                           replication=layout.tp * layout.pp)
+                                                           replication=layout.replica_size)
         self.manifest = self.loader.manifest
         self.summary = {**manifest_summary(self.manifest), "index_sha256": index_digest(source.path)}
         where = f"data source {source.name} ({source.path})"
@@ -150,6 +154,12 @@ class SourceData:
                              f"than one step's {layout.per_rank_batch} (train.global_batch_size="
                              f"{layout.global_batch_size} over {layout.dp} replicas)")
         self._iter: Iterator[dict] | None = None
+
+    @property
+    def sequence_layout(self) -> TokenLayout:
+        """The token layout of this source's batches (as ``build_batch`` makes them)."""
+        return TokenLayout.padded(self.model_cfg.prefix_len, self.quantizer.scales, int(self.manifest["latent_frames"]),
+                                  self.model_cfg.pad_to_multiple * self.pad_to_multiple)
 
     def _epochs(self) -> Iterator[dict]:
         empty = 0
@@ -216,10 +226,12 @@ class TrainData:
     """Every source of the run; ``next_step(step)`` reads the step's source → :class:`StepData`."""
 
     def __init__(self, data: DataConfig, model: ModelConfig, layout: BatchLayout, *, seed: int,
-                 device: torch.device, sequence_parallel: bool):
+                 device: torch.device, pad_to_multiple: int = 1):
+        """``pad_to_multiple``: what the layout's sequence length must divide by
+        (:func:`videoar_megatron.model.context_parallel.sequence_multiple`)."""
         if not data.path:
             raise ValueError("data.path must be set (a token shard directory)")
-        pad = layout.tp if sequence_parallel else 1
+        pad = pad_to_multiple
         self.sources = [SourceData(data, s, model, layout, seed=seed, device=device, pad_to_multiple=pad)
                         for s in data.sources]
         self.weights = [s.weight for s in data.sources]

@@ -27,6 +27,13 @@ Memory model (bytes per GPU; N = parameters of the stage on one TP rank; Megatro
   measured peaks of L, XL and 4B at stage III (docs/BENCHMARKS.md), the gap growing with N;
 - a fixed allowance for the CUDA context, NCCL buffers and allocator slack (``RUNTIME_OVERHEAD_GIB``).
 
+Context parallelism (``parallel.context_parallel`` = CP): a rank holds S/CP tokens of every activation
+except attention's keys and values, which it gathers whole (2·S·kv·hd per layer, stored for backward);
+the distributed optimizer shards over data x context parallel ranks (Megatron's ``dp_cp`` group), so
+its state and working list divide by DP x CP. The report prints the attended (query, key) pairs of each
+CP rank (:func:`videoar_megatron.model.context_parallel.attended_pairs_per_rank`) and, for every CP that
+divides the world, the estimate: the smallest CP that fits is the proposal.
+
 It is an estimate meant to catch a recipe that cannot fit before it waits in a queue, not a profile;
 ``benchmarks/bench_ar_memory.py`` prints measured peaks next to it on a GPU host.
 """
@@ -36,6 +43,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from videoar_megatron.model.context_parallel import attended_pairs_per_rank, sequence_multiple
 from videoar_megatron.model.layout import TokenLayout
 from videoar_megatron.model.params import condition_parameters, layer_parameters
 from videoar_megatron.training.config import SourceConfig, TrainConfig
@@ -79,7 +87,7 @@ def source_layout(cfg: TrainConfig, source: SourceConfig) -> tuple[TokenLayout, 
                                   f"{source.resolution} / {PAPER_SPATIAL_FACTOR} is {grid}")
     if len(schedule) > cfg.model.max_scales:
         raise DryRunError(f"{where}: the schedule has {len(schedule)} scales > model.max_scales={cfg.model.max_scales}")
-    multiple = cfg.model.pad_to_multiple * (cfg.parallel.tensor_parallel if cfg.parallel.sequence_parallel else 1)
+    multiple = cfg.model.pad_to_multiple * sequence_multiple(cfg.parallel)
     return TokenLayout.padded(cfg.model.prefix_len, schedule, frames, multiple), origin
 
 
@@ -128,13 +136,15 @@ def stage_parameters(cfg: TrainConfig, stage: int) -> int:
 
 
 def layer_activation_bytes(cfg: TrainConfig, layout: TokenLayout) -> tuple[float, float]:
-    """(stored activations of one layer for one micro-batch, layer input only) in bytes."""
+    """(stored activations of one layer for one micro-batch, layer input only) in bytes. Under context
+    parallelism a rank holds S/CP tokens, and the keys/values of all S (gathered for attention)."""
     m, p = cfg.model, cfg.parallel
-    s, b, h, f, tp = layout.seq_len, cfg.train.micro_batch_size, m.hidden_size, m.ffn_hidden_size, p.tensor_parallel
+    S, b, h, f, tp = layout.seq_len, cfg.train.micro_batch_size, m.hidden_size, m.ffn_hidden_size, p.tensor_parallel
+    s = S / p.context_parallel
     kv = (m.num_query_groups or m.num_attention_heads) * m.head_dim
     elem = 2 if cfg.train.precision == "bf16" else 4
     replicated = 4 * s * b * h / (tp if p.sequence_parallel else 1)
-    split = s * b * (2 * h + 2 * kv + 3 * f) / tp
+    split = b * (s * (2 * h + 3 * f) + S * 2 * kv) / tp
     layer_input = s * b * h / (tp if p.sequence_parallel else 1)
     return elem * (replicated + split), elem * layer_input
 
@@ -175,6 +185,7 @@ def bubble_report(cfg: TrainConfig, accumulation: int) -> list[str]:
 
 
 def stage_memory(cfg: TrainConfig, layout: TokenLayout, stage: int, dp: int, accumulation: int) -> StageMemory:
+    """``dp``: the ranks the distributed optimizer shards over (data x context parallel)."""
     n = stage_parameters(cfg, stage)
     bf16 = cfg.train.precision == "bf16"
     weights = (2 if bf16 else 4) * n
@@ -195,11 +206,12 @@ def dry_run(cfg: TrainConfig) -> tuple[bool, str]:
         return True, _base_recipe_report(cfg, layout)
     layouts = sequence_layouts(cfg)
     seq = longest(cfg)
-    pp = cfg.parallel.pipeline_parallel
-    stages = [stage_memory(cfg, seq, s, layout.dp, layout.accumulation) for s in sorted({0, pp - 1})]
+    stages = stages_memory(cfg, seq, layout)
     distributed, recompute = cfg.optim.distributed_optimizer, cfg.parallel.recompute == "full"
+    shards = layout.dp * layout.cp
+    cp = f" CP={layout.cp}" if layout.cp > 1 else ""
     lines = [f"recipe layout at {t.nodes} x {t.gpus_per_node} GPUs ({t.gpu_memory_gib:g} GiB each): "
-             f"TP={layout.tp} PP={layout.pp} DP={layout.dp}, micro-batch {layout.micro_batch_size} x "
+             f"TP={layout.tp}{cp} PP={layout.pp} DP={layout.dp}, micro-batch {layout.micro_batch_size} x "
              f"{layout.accumulation} accumulation x {layout.dp} = global batch {layout.global_batch_size}",
              *bubble_report(cfg, layout.accumulation),
              *[f"sequence of {name} ({origin}): {lay.prefix_len} prefix + {lay.frames} frames x "
@@ -212,11 +224,11 @@ def dry_run(cfg: TrainConfig) -> tuple[bool, str]:
     rows = [("parameters (millions)", lambda s: s.params / 1e6), ("weights", lambda s: s.weights / GIB),
             ("gradients (fp32)", lambda s: s.grads / GIB),
             ("optimizer, not distributed", lambda s: s.optimizer / GIB),
-            (f"optimizer, distributed (/{layout.dp})", lambda s: s.optimizer_distributed / GIB),
+            (f"optimizer, distributed (/{shards})", lambda s: s.optimizer_distributed / GIB),
             ("activations, no recompute", lambda s: s.activations / GIB),
             ("activations, full recompute", lambda s: s.activations_recompute / GIB),
             ("optimizer step working list", lambda s: s.optimizer_step / GIB),
-            (f"  distributed (/{layout.dp})", lambda s: s.optimizer_step_distributed / GIB),
+            (f"  distributed (/{shards})", lambda s: s.optimizer_step_distributed / GIB),
             ("runtime overhead", lambda s: RUNTIME_OVERHEAD_GIB)]
     for label, fn in rows:
         lines.append(f"  {label:<32}" + "".join(f"{fn(s):>12.2f}" for s in stages))
@@ -229,10 +241,52 @@ def dry_run(cfg: TrainConfig) -> tuple[bool, str]:
             lines.append(f"  {label:<32}{worst:>12.2f}{mark}")
     worst = max(s.total(distributed, recompute) for s in stages) / GIB
     fits = worst <= t.gpu_memory_gib
+    lines += context_parallel_lines(cfg, seq)
     lines.append(f"\nestimate {worst:.1f} GiB of {t.gpu_memory_gib:g} GiB per GPU: "
-                 + ("fits" if fits else "DOES NOT FIT (raise TP/PP, enable recompute / the distributed "
+                 + ("fits" if fits else "DOES NOT FIT (raise TP/CP/PP, enable recompute / the distributed "
                                         "optimizer, or lower train.micro_batch_size)"))
     return fits, "\n".join(lines)
+
+
+def stages_memory(cfg: TrainConfig, seq: TokenLayout, layout) -> list[StageMemory]:
+    """Memory of the first and last pipeline stage at sequence ``seq`` (``layout``: the batch layout)."""
+    pp = cfg.parallel.pipeline_parallel
+    return [stage_memory(cfg, seq, s, layout.dp * layout.cp, layout.accumulation) for s in sorted({0, pp - 1})]
+
+
+def context_parallel_lines(cfg: TrainConfig, seq: TokenLayout) -> list[str]:
+    """This recipe's attended pairs per CP rank, and the estimate at every CP the target's world allows
+    with the smallest that fits (the proposal)."""
+    p, t = cfg.parallel, cfg.target
+    lines = [""]
+    if p.context_parallel > 1:
+        pairs = attended_pairs_per_rank(seq, p.context_parallel, p.context_parallel_chunk, cfg.model.mask.rfm_window)
+        lines.append(f"context parallel: CP={p.context_parallel}, chunks of {p.context_parallel_chunk} tokens; "
+                     f"attended pairs per rank (millions): {', '.join(f'{x / 1e6:.1f}' for x in pairs)} "
+                     f"(max/min {max(pairs) / min(pairs):.3f})")
+    rows, proposal = [], None
+    for cp, gib in context_parallel_options(cfg):
+        rows.append(f"CP={cp}: {gib:.1f}")
+        if proposal is None and gib <= t.gpu_memory_gib:
+            proposal = cp
+    lines.append(f"estimate per GPU (GiB) by parallel.context_parallel at {t.world_size} GPUs: {'; '.join(rows)}")
+    lines.append(f"smallest context_parallel that fits: {proposal}" if proposal is not None else
+                 "no context_parallel fits at this size: raise TP/PP or target.nodes")
+    return lines
+
+
+def context_parallel_options(cfg: TrainConfig) -> list[tuple[int, float]]:
+    """(CP, estimate in GiB) for every CP whose layout is valid at the target world size."""
+    from dataclasses import replace
+    out, ranks = [], cfg.target.world_size // (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
+    for cp in (d for d in range(1, ranks + 1) if ranks % d == 0):
+        try:
+            option = replace(cfg, parallel=replace(cfg.parallel, context_parallel=cp))
+            option.check_layout(cfg.target.world_size)
+        except ValueError:
+            continue
+        out.append((cp, estimate_gib(option)))
+    return out
 
 
 def _base_recipe_report(cfg: TrainConfig, layout) -> str:
@@ -250,7 +304,5 @@ def _base_recipe_report(cfg: TrainConfig, layout) -> str:
 def estimate_gib(cfg: TrainConfig) -> float:
     """Worst-stage memory estimate of the recipe as configured (for tests and benchmarks)."""
     layout = cfg.check_layout(cfg.target.world_size)
-    seq = longest(cfg)
-    pp = cfg.parallel.pipeline_parallel
-    stages = [stage_memory(cfg, seq, s, layout.dp, layout.accumulation) for s in sorted({0, pp - 1})]
+    stages = stages_memory(cfg, longest(cfg), layout)
     return max(s.total(cfg.optim.distributed_optimizer, cfg.parallel.recompute == "full") for s in stages) / GIB

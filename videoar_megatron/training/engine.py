@@ -4,7 +4,10 @@ Both engines take the step's micro-batches, accumulate gradients of ``loss / mic
 mean over the step's samples, as Megatron's schedules do), synchronise gradients over data-parallel
 replicas (mean) and the sequence-parallel norm weights over tensor-parallel ranks (sum), and return
 the per-micro-batch :class:`~videoar_megatron.model.loss.LossOutput` of this rank (empty on pipeline
-stages without the head). The optimizer step is not theirs (see :mod:`.optim`). ``train.engine``
+stages without the head). Under context parallelism a rank's loss is its share of the sequence's
+(:func:`micro_batch_loss`); its backward runs on ``CP x loss`` and gradients are averaged over the data
+x context parallel ranks (``dp_cp``), which is the data-parallel mean of the unsplit gradients (what
+Megatron's schedules and DDP do; :mod:`videoar_megatron.model.context_parallel`). The optimizer step is not theirs (see :mod:`.optim`). ``train.engine``
 picks one (:func:`select_engine`; ``auto``: Megatron on CUDA, local on CPU).
 
 - :class:`MegatronEngine` (production, CUDA): each model chunk wrapped in Megatron
@@ -17,7 +20,7 @@ picks one (:func:`select_engine`; ``auto``: Megatron on CUDA, local on CPU).
 - :class:`LocalEngine` (CPU, PP = 1): only what Megatron cannot do on a host. Megatron's DDP allocates
   its grad buffers on CUDA, its schedules count tokens in a CUDA tensor, and ``finalize_model_grads``
   needs the DDP wrapper; so: the same model code in a loop over micro-batches, then one coalesced
-  all-reduce per reduction, on gloo. Pipeline parallelism and activation recompute (which saves CUDA
+  all-reduce per reduction, on gloo (the mean over Megatron's ``dp_cp`` group, as its DDP). Pipeline parallelism and activation recompute (which saves CUDA
   RNG states) are refused by :func:`select_engine`; the sequence-parallel linears' CUDA buffers are made on the host by
   :func:`.cuda_compat.host_current_device`, open for the forward/backward only.
 """
@@ -61,6 +64,12 @@ def select_engine(requested: str, device: torch.device, parallel: ParallelConfig
     return engine
 
 
+def micro_batch_loss(model, logits: torch.Tensor, mb: VideoARBatch, loss_cfg: LossConfig) -> LossOutput:
+    """The loss of this rank's logits: the whole micro-batch's, or its context-parallel share of it."""
+    index_n = model.video_index_n(mb.layout, logits.device)
+    return bit_loss(logits, mb.targets_BNd, mb.layout, loss_cfg, video_index_n=index_n)
+
+
 def _poison(loss: torch.Tensor, inject_nan: bool) -> torch.Tensor:
     """``debug.nan_at_steps``: a non-finite loss (and so non-finite gradients) on this rank."""
     return loss * float("nan") if inject_nan else loss
@@ -81,9 +90,10 @@ class LocalEngine:
         """PP = 1 and no recompute (checked by :func:`select_engine`)."""
         self.model, self.loss_cfg, self.groups = model, loss_cfg, groups
         self.model_chunks = [model]
-        # Megatron's SP linears allocate their all-gather / reduce-scatter buffers on
-        # torch.cuda.current_device(), in forward and backward alike.
-        self._buffer_scope = host_current_device if sequence_parallel else contextlib.nullcontext
+        # Megatron's SP linears and sequence mappings (also the CP key/value gather) allocate their
+        # all-gather / reduce-scatter buffers on torch.cuda.current_device(), in forward and backward.
+        gathers = sequence_parallel or groups.cp.size() > 1
+        self._buffer_scope = host_current_device if gathers else contextlib.nullcontext
 
     def zero_grad(self) -> None:
         self.model.zero_grad(set_to_none=True)
@@ -91,20 +101,28 @@ class LocalEngine:
     def forward_backward(self, microbatches: list[VideoARBatch], inject_nan: bool = False) -> list[LossOutput]:
         self.zero_grad()
         outs = []
+        cp = self.groups.cp.size()
         with self._buffer_scope():
             for mb in microbatches:
-                out = bit_loss(self.model(mb), mb.targets_BNd, mb.layout, self.loss_cfg)
+                out = micro_batch_loss(self.model, self.model(mb), mb, self.loss_cfg)
                 loss = _poison(out.loss, inject_nan)
-                (loss / len(microbatches)).backward()
+                # x CP: the dp_cp mean below divides by CP what the CP ranks' shares add up to.
+                (loss * cp / len(microbatches)).backward()
                 outs.append(_record(out, loss))
         self._finalize_grads()
         return outs
 
     def _finalize_grads(self) -> None:
+        dp_cp = self.groups.dp_cp
+        if self.groups.cp.size() > 1:
+            # A CP rank may hold no token that reaches some parameter (e.g. no video row for the head);
+            # Megatron's DDP buffers hold zeros there too, and every rank must join the same reduction.
+            for p in self.model.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        dp = self.groups.dp
-        if dp.size() > 1:
-            _all_reduce_coalesced([p.grad for p in params], dp, scale=1.0 / dp.size())
+        if dp_cp.size() > 1:
+            _all_reduce_coalesced([p.grad for p in params], dp_cp, scale=1.0 / dp_cp.size())
         tp = self.groups.tp
         sp = [p.grad for p in params if getattr(p, "sequence_parallel", False)]
         if sp and tp.size() > 1:
@@ -138,6 +156,7 @@ class MegatronEngine:
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=distributed_optimizer)
         self.loss_cfg, self.config = loss_cfg, chunks[0].config
+        self.head_chunk = chunks[-1]  # the chunk with the bit head on the last pipeline rank (loss_func's)
         self.model_chunks = []
         for i, chunk in enumerate(chunks):
             for p in chunk.parameters():  # as Megatron's get_model: replicated params get TP attributes
@@ -168,10 +187,11 @@ class MegatronEngine:
             mb = next(data_iterator)
 
             def loss_func(logits):
-                out = bit_loss(logits, mb.targets_BNd, mb.layout, self.loss_cfg)
+                out = micro_batch_loss(self.head_chunk, logits, mb, self.loss_cfg)
                 loss = _poison(out.loss, inject_nan)
                 outs.append(_record(out, loss))
-                # The schedule divides the returned loss in place by the number of micro-batches.
+                # The schedule multiplies the returned loss in place by CP and divides it by the number
+                # of micro-batches (forward_step_calc_loss), as the local engine does.
                 return loss.clone(), {"loss": loss.detach()}
             return model(mb), loss_func
 

@@ -4,9 +4,9 @@
 
 One step, every rank in the same order (each numbered line is collective):
 
-1. read this replica's step batch, build its micro-batches (all TP/PP ranks of a replica build the
-   same ones; randomness from (seed, step, sample id));
-2. forward/backward over the micro-batches, gradients reduced over DP (and SP norms over TP) — the
+1. read this replica's step batch, build its micro-batches (all TP/CP/PP ranks of a replica build the
+   same ones; randomness from (seed, step, sample id); a CP rank's model keeps its share of each);
+2. forward/backward over the micro-batches, gradients reduced over DP x CP (and SP norms over TP) — the
    engine ``train.engine`` picks (:mod:`.engine`: Megatron DDP + schedules, the default on GPU; a
    plain loop on CPU);
 3. loss and per-scale metrics summed over all ranks, so every rank holds the same numbers;
@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from videoar_common.atomic import step_dir_name
+from videoar_common.compile_cache import CompileCache, configure_compile_cache
 from videoar_common.config import config_to_dict, save_resolved_config
 from videoar_common.distributed import DistContext, init_distributed, shutdown_distributed
 from videoar_common.exit_codes import REQUEUE_EXIT_CODE
@@ -43,6 +44,7 @@ from videoar_common.lr_schedule import schedule_changes
 from videoar_common.numerics import NumericsError, NumericsGuard
 from videoar_common.preemption import PreemptionWatcher, clear_requeue, request_requeue
 from videoar_common.run_logging import METRICS_FILE, RunLogger, get_logger, plot_metrics
+from videoar_megatron.model.context_parallel import sequence_multiple
 from videoar_megatron.model.model import build_model_chunks
 from videoar_megatron.model.parallel import REPLICA_CONSECUTIVE_ORDER, destroy_model_parallel, init_model_parallel
 from videoar_megatron.training import checkpoint as ckpt
@@ -76,17 +78,21 @@ def configure_flight_recorder(cfg: TrainConfig, run_dir: Path) -> None:
 
 def build_trainer(cfg: TrainConfig, run_dir: str | Path) -> "Trainer":
     """Initialise torch.distributed from the launcher's environment and build the trainer."""
+    started = time.perf_counter()
     run_dir = Path(run_dir)
     configure_flight_recorder(cfg, run_dir)
+    cache = configure_compile_cache(cfg.compile, run_dir)  # before anything compiles
     ctx = init_distributed(device=cfg.train.device, timeout_s=cfg.comm.init_timeout_s)
-    return Trainer(cfg, run_dir, ctx)
+    return Trainer(cfg, run_dir, ctx, compile_cache=cache, started=started)
 
 
 class Trainer:
     """Model, engine, optimizer, schedule, data and guards of one rank; see the module docstring."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, ctx: DistContext):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, ctx: DistContext, *, compile_cache: CompileCache | None = None,
+                 started: float | None = None):
         self.cfg, self.run_dir, self.ctx = cfg, Path(run_dir), ctx
+        self.compile_cache, self.started = compile_cache, time.perf_counter() if started is None else started
         self.log = get_logger()
         self.layout = cfg.check_layout(ctx.world_size, "this launch")
         self._check_device()
@@ -98,7 +104,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.decay_steps)
         self.guard = NumericsGuard(cfg.numerics)
         self.data = TrainData(cfg.data, cfg.model, self.layout, seed=cfg.train.seed, device=ctx.device,
-                              sequence_parallel=cfg.parallel.sequence_parallel)
+                              pad_to_multiple=sequence_multiple(cfg.parallel))
         self.step = self.consumed_samples = self.skipped_steps = self.steps_this_job = 0
         self.last_saved = -1
         self.checkpointer = (dist_ckpt.AsyncCheckpointer(ctx, write_delay_s=cfg.debug.slow_async_save_s)
@@ -107,8 +113,23 @@ class Trainer:
         self.run_id: str | None = None
         self.logger: RunLogger | None = None
         self._flops_per_sample: dict = {}
+        self._log_start()
 
     # --- construction -------------------------------------------------------------------------
+    def _log_start(self) -> None:
+        """Rank 0: the compile cache, and the attention kernel of each data source's sequence."""
+        if not self.ctx.is_main:
+            return
+        if self.compile_cache is not None:
+            self.log.info("%s", self.compile_cache.describe())
+        model = self.model_chunks[0]  # every chunk has the same attention settings
+        backend = model.backend(self.ctx.device)
+        for source in self.data.sources:
+            layout = source.sequence_layout
+            kernel = model.flex_kernel_for(layout.seq_len)
+            what = "dense-mask SDPA" if backend == "sdpa" else f"FlexAttention, {kernel.name} kernel ({kernel.reason})"
+            self.log.info("attention for data source %s (%d tokens): %s", source.cfg.name, layout.seq_len, what)
+
     def _check_device(self) -> None:
         if self.ctx.device.type != "cuda" and self.cfg.train.precision == "bf16":
             raise ValueError("train.precision=bf16 needs CUDA; on CPU set train.precision=fp32")
@@ -187,7 +208,8 @@ class Trainer:
         self.consumed_samples, self.skipped_steps = saved["consumed_samples"], saved["skipped_steps"]
         self.run_id = saved["logger_run_id"]
         s = saved["layout"]
-        moved = "" if same else f" (saved at tp={s['tp']} pp={s['pp']} dp={s['dp']}, resharded)"
+        cp = f" cp={s.get('cp', 1)}" if max(s.get("cp", 1), self.layout.cp) > 1 else ""
+        moved = "" if same else f" (saved at tp={s['tp']}{cp} pp={s['pp']} dp={s['dp']}, resharded)"
         return f"resumed from {path} at step {self.step}{moved}"
 
     def _open_run(self, resumed: bool) -> None:
@@ -242,11 +264,12 @@ class Trainer:
         vec = torch.zeros(3 + 2 * K, dtype=torch.float64, device=device)
         if outs and self.groups.tp.rank() == 0:  # last pipeline stage, one rank per TP group
             for o in outs:
+                # Context-parallel ranks hold shares of one micro-batch's values: summed, counted once.
                 vec[0] += o.loss.double().to(device)
                 vec[1] += o.bit_accuracy.double().to(device)
                 vec[2:2 + K] += o.per_scale_loss_K.double().to(device)
                 vec[2 + K:2 + 2 * K] += o.per_scale_acc_K.double().to(device)
-                vec[-1] += 1
+                vec[-1] += self.groups.cp.rank() == 0
         if dist.is_initialized() and self.ctx.world_size > 1:
             dist.all_reduce(vec)
         vec = (vec / vec[-1]).tolist()
@@ -270,20 +293,22 @@ class Trainer:
     def _check_replica_batch(self, sample_ids: list[str]) -> None:
         """Collective, once per job: every rank of a model replica read the same samples (the reader's
         replica-aware sharding is what TP/PP correctness rests on; fail loudly, not with garbage)."""
-        mp = self.groups.mp
-        if mp.size() == 1:
-            return
-        seen = [None] * mp.size()
-        dist.all_gather_object(seen, sample_ids, group=mp)
-        if any(s != seen[0] for s in seen):
-            raise RuntimeError(f"ranks of one model replica read different samples at step {self.step + 1}: "
-                               f"{[s[:2] for s in seen]}; the shard reader's replication must equal TP x PP")
+        for group in (self.groups.mp, self.groups.cp):  # TP x PP, then CP: together the whole replica
+            if group.size() == 1:
+                continue
+            seen = [None] * group.size()
+            dist.all_gather_object(seen, sample_ids, group=group)
+            if any(s != seen[0] for s in seen):
+                raise RuntimeError(f"ranks of one model replica read different samples at step {self.step + 1}: "
+                                   f"{[s[:2] for s in seen]}; the shard reader's replication must equal "
+                                   f"TP x CP x PP")
 
     def _audit(self, sample_ids: list[str], source: str) -> None:
         """Rank 0 appends every replica's sample ids of this step to ``sample_ids.jsonl``."""
         if not self.cfg.metrics.audit_sample_ids:
             return
-        mine = sample_ids if self.groups.tp.rank() == 0 and self.groups.pp.rank() == 0 else None
+        first = self.groups.tp.rank() == 0 and self.groups.cp.rank() == 0 and self.groups.pp.rank() == 0
+        mine = sample_ids if first else None  # one record per replica
         gathered = [None] * self.ctx.world_size if self.ctx.is_main else None
         if dist.is_initialized() and self.ctx.world_size > 1:
             dist.gather_object(mine, gathered, dst=0)
@@ -336,6 +361,10 @@ class Trainer:
                             lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         if self.steps_this_job == 1:
             self._shorten_timeouts()
+            if self.ctx.is_main:
+                self.log.info("time to the first step: %.1f s from start (the step itself %.1f s, compilation "
+                              "included; %s)", time.perf_counter() - self.started, record["step_time_s"],
+                              self.compile_cache.describe() if self.compile_cache else "compile cache not set")
         if self.cfg.debug.signal_at_step == self.step and self.ctx.rank == self.cfg.debug.signal_rank:
             os.kill(os.getpid(), signal.SIGUSR1)
 

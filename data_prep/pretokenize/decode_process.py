@@ -1,0 +1,264 @@
+"""Decoding in a process of its own (``decode_process: true``): the decoder lanes of :mod:`.decoders`
+run in a spawned child process, one per worker, and hand their frames back to the encoder's process.
+
+Design decisions:
+- **Why a process.** On one GPU, NVDEC decode's small DALI kernels wait behind the encoder's long ones
+  when both live in one CUDA context (session 7, H100: decode 96 clips/s alone, 6 beside a busy
+  encoder). A second process has its own context; the GPU then time-slices between the two contexts.
+  Whether that wins is measured (``bench_pretokenize.py --beside-decode process``, ``--decode-process``).
+- **Same lanes, same bytes.** The child builds exactly the lanes the parent would
+  (:func:`~data_prep.pretokenize.clip_stream.decoder_lanes` of the same config), so the frames, and
+  the shards, are the bytes of in-process decoding (tested on DALI CPU; GPU test on NVDEC). Probing,
+  planning and batching stay in the parent: only ``(plans, codecs)`` of a batch cross over.
+- **One transfer per batch.** The child stacks a batch's decoded clips into one tensor: a CUDA tensor
+  goes over CUDA IPC (torch.multiprocessing: the child keeps the memory until the parent drops its
+  last view, and the parent's stream waits for the child's copy), a CPU tensor over shared memory.
+  Failed clips travel as ``(reason, kind)``.
+- **Same interface as the lanes.** :class:`DecodeProcess` has ``submit``/``result``/``close``/
+  ``accepts``/``clips_by_lane`` of :class:`~data_prep.pretokenize.decoders.DecoderLanes`, so the clip
+  stream takes either. Results come back in submission order.
+- **Failures are loud.** An exception in the child (a lane that crashed, a setup error) comes back
+  with the child's traceback and fails the waiting batch; a child that dies (killed, out of memory)
+  is noticed within a second and named with its exit code. Either way the partition raises and
+  nothing is committed (the writer commits only after its last batch).
+"""
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import traceback
+from typing import Sequence
+
+import torch
+import torch.multiprocessing as mp
+
+from data_prep.pretokenize.config import PretokenizeConfig
+from data_prep.pretokenize.decoders import Lane
+from data_prep.video import ClipPlan, VideoUnusable
+
+POLL_S = 1.0
+"""How often a wait for the child checks that it is still alive."""
+START_TIMEOUT_S = 600.0
+"""Longest wait for the child to import torch and DALI and report ready (a slow shared filesystem)."""
+
+
+class DecodeProcessFailed(RuntimeError):
+    """The decode process raised or died; the message carries its traceback or exit code."""
+
+
+class DecodeProcess:
+    """The decoder lanes of ``cfg`` on ``decode_device`` in a spawned child process.
+
+    ``lane_specs``: the lanes the child will build (the parent uses them only to know which codecs are
+    decodable). Starts the child and waits until it is ready (its imports done, its lanes built).
+    """
+
+    def __init__(self, cfg: PretokenizeConfig, decode_device: str, device_id: int, lane_specs: Sequence[Lane]):
+        self.lane_specs = list(lane_specs)
+        self.clips_by_lane = {lane.name: 0 for lane in self.lane_specs}
+        """Clips each lane (in the child) has decoded so far, as of the last batch received."""
+        ctx = mp.get_context("spawn")  # never fork: the parent holds a CUDA context and threads
+        self._conn, child_conn = ctx.Pipe()
+        self.process = ctx.Process(target=serve, args=(child_conn, cfg, decode_device, device_id),
+                                   name="pretok-decode", daemon=True)
+        self.process.start()
+        child_conn.close()
+        self._send_lock = threading.Lock()
+        self._received: dict[int, tuple] = {}
+        self._next = 0
+        self._closed = False
+        self._ready = False
+        self.stream: torch.cuda.Stream | None = None
+        """Receiving CUDA frames enqueues a wait for the child's copy on the receiver's current stream,
+        and releasing them synchronises the releasing thread's current stream (torch's CUDA IPC). Here
+        that is this idle stream, never the legacy default stream the encoder's launches are queued on;
+        a thread that receives and drops frames should make it current (the clip stream's does)."""
+        try:
+            self._wait_for("ready", timeout=START_TIMEOUT_S)
+        except DecodeProcessFailed:
+            self.close()
+            raise
+        if decode_device == "gpu":  # once the child has opened the device: a bad device_id is its error
+            self.stream = torch.cuda.Stream(device_id)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def accepts(self, codec: str) -> bool:
+        return any(lane.accepts(codec) for lane in self.lane_specs)
+
+    def submit(self, plans: Sequence[ClipPlan], codecs: Sequence[str]) -> int:
+        """Queue a batch in the child; returns its ticket for :meth:`result`."""
+        ticket, self._next = self._next, self._next + 1
+        self._send(("decode", ticket, list(plans), list(codecs)))
+        return ticket
+
+    def result(self, ticket: int) -> tuple[list[torch.Tensor | VideoUnusable], float]:
+        """The batch's results in submission order (frames, or the reason a clip failed), and the
+        lane-seconds the child spent on them."""
+        _, _, stacked, slots, busy_s, by_lane = self._wait_for(ticket)
+        self.clips_by_lane.update(by_lane)
+        return [stacked[s] if isinstance(s, int) else VideoUnusable(*s) for s in slots], busy_s
+
+    def close(self) -> None:
+        """Stop the child (its lanes finish their current request) and wait for it to exit."""
+        if self._closed:
+            return
+        try:
+            self._send(("close",))
+        except (DecodeProcessFailed, OSError):
+            pass  # already dead or closed: joined below
+        self._closed = True
+        self.process.join(timeout=60)
+        if self.process.is_alive():  # stuck in a decoder: it holds nothing that must be kept
+            self.process.kill()
+            self.process.join(timeout=10)
+        self._conn.close()
+
+    # -- parent side ----------------------------------------------------------------------------
+
+    def _send(self, message: tuple) -> None:
+        with self._send_lock:
+            if self._closed:
+                raise DecodeProcessFailed("the decode process (decode_process: true) is closed")
+            try:
+                self._conn.send(message)
+            except OSError as e:  # a broken pipe: the child is gone
+                raise self._death(f"{type(e).__name__}: {e}") from None
+
+    def _wait_for(self, key, timeout: float | None = None):
+        """The child's message for ``key`` (a ticket, or "ready"), keeping others that arrive first."""
+        waited = 0.0
+        while key not in self._received:
+            if self._closed:
+                raise DecodeProcessFailed("the decode process (decode_process: true) was closed")
+            try:
+                ready = self._conn.poll(POLL_S)
+                with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+                    message = self._conn.recv() if ready else None
+            except (EOFError, OSError) as e:  # the child's end closed: it exited
+                raise self._death(f"{type(e).__name__}: {e}") from None
+            if message is None:
+                waited += POLL_S
+                if not self.process.is_alive():
+                    raise self._death("no message")
+                if timeout is not None and waited >= timeout:
+                    raise DecodeProcessFailed(f"the decode process (pid {self.pid}) did not start in {timeout:.0f} s")
+                continue
+            if message[0] == "error":
+                raise DecodeProcessFailed(f"the decode process (decode_process: true, pid {self.pid}) failed: "
+                                          f"{message[2]}")
+            self._received[message[1]] = message
+            self._ready = self._ready or message[0] == "ready"
+        return self._received.pop(key)
+
+    def _death(self, how: str) -> DecodeProcessFailed:
+        self.process.join(timeout=5)
+        code = self.process.exitcode
+        hint = ("a negative code is the signal that ended it (-9: killed, e.g. by the out-of-memory killer); "
+                "nothing of the partition was committed, rerun to redo it")
+        if not self._ready:  # it never came up: most often an unguarded main script
+            hint = ("it never reported ready. The 'spawn' start method imports the main script again in the "
+                    "child: a script that runs pre-tokenization must keep its work under "
+                    "`if __name__ == '__main__':` (its output above says more)")
+        return DecodeProcessFailed(f"the decode process (decode_process: true, pid {self.pid}) died with exit "
+                                   f"code {code} ({how}); {hint}")
+
+
+# -- child side --------------------------------------------------------------------------------------
+
+def serve(conn, cfg: PretokenizeConfig, decode_device: str, device_id: int) -> None:
+    """The child's main: build the lanes, decode what the parent submits, answer in submission order."""
+    from data_prep.pretokenize.clip_stream import decoder_lanes  # here: clip_stream imports this module
+    from data_prep.pretokenize.decoders import DecoderLanes
+    send_lock = threading.Lock()
+
+    def send(message: tuple) -> None:
+        with send_lock:
+            conn.send(message)
+
+    try:
+        if decode_device == "gpu":
+            torch.cuda.set_device(device_id)
+        lanes = DecoderLanes(decoder_lanes(cfg, decode_device, device_id))
+    except BaseException:  # noqa: BLE001 - the parent must hear why, not wait for nothing
+        send(("error", "ready", _describe()))
+        return
+    send(("ready", "ready"))
+    pending: queue.Queue = queue.Queue()
+    closing = threading.Event()
+    answer = threading.Thread(target=_answer, args=(send, lanes, pending, closing, decode_device == "gpu"),
+                              name="pretok-decode-answer", daemon=True)
+    answer.start()
+    try:
+        while (message := conn.recv())[0] == "decode":
+            _, ticket, plans, codecs = message
+            try:
+                pending.put((ticket, lanes.submit(plans, codecs)))
+            except BaseException:  # noqa: BLE001 - a lane crashed earlier: fail this batch with why
+                pending.put((ticket, _describe()))
+    except EOFError:
+        pass  # the parent is gone: nobody to answer
+    finally:
+        closing.set()
+        pending.put(None)
+        lanes.close()
+        answer.join(timeout=60)
+        if decode_device == "gpu":
+            torch.cuda.ipc_collect()  # frames the parent has released
+
+
+def _answer(send, lanes, pending: queue.Queue, closing: threading.Event, gpu: bool) -> None:
+    """Send each batch's results in submission order (one stacked tensor, slots, lane-seconds)."""
+    while (item := pending.get()) is not None:
+        message = _message(lanes, *item, gpu)
+        if closing.is_set():
+            return
+        try:
+            send(message)
+        except OSError:
+            return  # the parent is gone
+        del message  # the child's view of the frames; CUDA IPC keeps them until the parent drops its own
+        if gpu:
+            torch.cuda.ipc_collect()  # free what the parent has released of earlier batches
+
+
+def _message(lanes, ticket: int, submitted, gpu: bool) -> tuple:
+    try:
+        if isinstance(submitted, str):  # the submit failed: its description
+            raise RuntimeError(submitted)
+        results, busy_s = lanes.result(submitted)
+        stacked, slots = _stack(results, gpu)
+        return ("done", ticket, stacked, slots, busy_s, dict(lanes.clips_by_lane))
+    except BaseException:  # noqa: BLE001 - handed to the parent, which fails the partition
+        return ("error", ticket, _describe())
+
+
+def _stack(results: list, gpu: bool) -> tuple[torch.Tensor | None, list]:
+    """The decoded clips as one tensor (CPU: in shared memory), and per clip its row or (reason, kind)."""
+    frames = [r for r in results if isinstance(r, torch.Tensor)]
+    slots, row = [], 0
+    for r in results:
+        if isinstance(r, torch.Tensor):
+            slots.append(row)
+            row += 1
+        else:
+            slots.append((r.reason, r.kind))
+    if not frames:
+        return None, slots
+    if gpu:
+        stacked = torch.stack(frames)
+        # The lanes' frames live on their streams; the stack must be complete before they are freed.
+        torch.cuda.current_stream(stacked.device).synchronize()
+    else:
+        stacked = torch.empty((len(frames), *frames[0].shape), dtype=frames[0].dtype).share_memory_()
+        torch.stack(frames, out=stacked)
+    return stacked, slots
+
+
+def _describe() -> str:
+    """The exception being handled, with the child's traceback (its last lines)."""
+    lines = traceback.format_exc().strip().splitlines()
+    return lines[-1] + "\n  child traceback (last lines):\n  " + "\n  ".join(lines[-12:-1])
