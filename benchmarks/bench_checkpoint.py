@@ -1,10 +1,11 @@
 """Checkpoint saves: how long the step loop stalls for an asynchronous save, next to a synchronous save of
 the same state, in the same run.
 
-The real trainer (one process, the engine ``train.engine`` picks: Megatron on CUDA) at the stage-III
-recipe's model and sequence (23,059 tokens: 9 latent frames of the 8-scale 24x42 pyramid + 64 text
-tokens; bf16, full recompute, distributed optimizer) on synthetic shards trains a few steps, so the
-optimizer state exists, then for each round: a synchronous save (``checkpoint.async_save=false``: the
+The real trainer (one process, the engine ``train.engine`` picks: Megatron on CUDA) at a recipe's model
+and sequence (``--layout``, read from the recipe by benchmarks/ar_common.py; default ``stage3``:
+recipes/ar/stage3.yaml, 23,059 tokens = 64 text tokens + 9 latent frames x 2,555; bf16, full recompute,
+distributed optimizer) on synthetic shards trains a few steps, so the optimizer state exists, then for
+each round: a synchronous save (``checkpoint.async_save=false``: the
 loop waits for the whole write) and an asynchronous one (the loop waits to plan the save and copy the
 state to host memory; a forked process writes the files), after which the benchmark trains on while
 the writer works and times the commit. Both go through ``Trainer.save``, the trainer's own path.
@@ -14,9 +15,9 @@ synchronous save time (the baseline), the stall of the
 asynchronous save and its ratio to the baseline, the seconds until the asynchronous save was committed,
 the step time while the writer works against the step time without a save, and the checkpoint's size.
 
-    python benchmarks/bench_checkpoint.py                       # VideoAR-4B (fits one H200; on 80 GB: --size XL)
-    python benchmarks/bench_checkpoint.py --size XL --rounds 3 --json out.json
-    python benchmarks/bench_checkpoint.py --device cpu --size tiny --rounds 1 --frames 2   # smoke (no GPU)
+    python benchmarks/bench_checkpoint.py --size 4B --layout stage3   # one H200 (4B does not fit 80 GB)
+    python benchmarks/bench_checkpoint.py --size XL --layout stage3   # one 80 GB H100: the largest that fits
+    python benchmarks/bench_checkpoint.py --device cpu --size tiny --layout ucf --rounds 1 --frames 2   # smoke
     python benchmarks/bench_checkpoint.py --device cpu --size L --set model.num_layers=4 --frames 2   # CPU, 0.2B
 """
 from __future__ import annotations
@@ -31,17 +32,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.train_common import REPO, write_synthetic_shards  # noqa: E402
+from benchmarks.ar_common import LAYOUTS, layout_origin, layout_recipes  # noqa: E402
+from benchmarks.train_common import write_synthetic_shards  # noqa: E402
 
-STAGE3 = REPO / "recipes/ar/stage3.yaml"
-STAGE3_SCHEDULE = [[1, 1], [2, 3], [4, 7], [8, 14], [12, 21], [16, 28], [20, 35], [24, 42]]
-TEXT = (64, 2048)
+CPU_SCHEDULE = [[1, 1], [2, 3]]
+"""The CPU smoke's pyramid (the recipe's would take minutes per step on 2 cores)."""
 
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="4B", help="VideoAR size of the stage-III model (tiny, L, XL, 4B)")
-    p.add_argument("--frames", type=int, default=9, help="latent frames per sample (9 = 33 video frames, stage III)")
+    p.add_argument("--size", default="4B", help="VideoAR size (tiny, L, XL, 4B); 4B needs an H200, XL fits 80 GB")
+    p.add_argument("--layout", default="stage3", choices=sorted(LAYOUTS),
+                   help="the recipe whose model settings and sequence are saved (benchmarks/ar_common.py)")
+    p.add_argument("--frames", type=int, default=0, help="latent frames per sample (0: the recipe's)")
     p.add_argument("--rounds", type=int, default=3, help="synchronous + asynchronous save pairs")
     p.add_argument("--steps-while-writing", type=int, default=3,
                    help="train steps after each asynchronous save before waiting for its commit")
@@ -59,7 +62,7 @@ def recipe_sets(args, shards: Path, steps: int) -> list[str]:
     cpu = args.device == "cpu"
     return [f"data.path={shards}", "data.mix=[]", "data.num_frames=0", "data.resolution=null",
             "data.scale_schedule=null", "data.num_canonical_nodes=1", "checkpoint.load=", f"model.size={args.size}",
-            "parallel.tensor_parallel=1", "parallel.sequence_parallel=false",
+            "parallel.tensor_parallel=1", "parallel.sequence_parallel=false", "parallel.context_parallel=1",
             f"parallel.recompute={'none' if cpu else 'full'}", "train.micro_batch_size=1", "train.global_batch_size=1",
             f"train.steps={steps}", "optim.warmup_steps=1", f"train.device={args.device}",
             f"train.precision={'fp32' if cpu else 'bf16'}", "target.nodes=1", "target.gpus_per_node=1",
@@ -122,19 +125,27 @@ def main(argv=None) -> int:
     from videoar_megatron.training.config import TrainConfig
     from videoar_megatron.training.trainer import build_trainer
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_checkpoint_"))
-    latent_dim, text = (8, (4, 16)) if cpu else (48, TEXT)
-    schedule = STAGE3_SCHEDULE if not cpu else [[1, 1], [2, 3]]
-    shards = write_synthetic_shards(work / f"shards_stage3_f{args.frames}_d{latent_dim}", num=8, frames=args.frames,
-                                    schedule=schedule, latent_dim=latent_dim, text=text)
+    recipe, overrides = layout_recipes()[args.layout]
+    layout = LAYOUTS[args.layout]
+    frames = args.frames or layout.frames
+    schedule = CPU_SCHEDULE if cpu else [list(hw) for hw in layout.scales]
+    shards_dir = work / f"shards_{args.layout}_f{frames}{'_cpu' if cpu else ''}"
     steps_needed = 2 + (args.rounds + 1) * (1 + args.steps_while_writing)
-    cfg = load_config(TrainConfig, STAGE3, [*recipe_sets(args, shards, steps_needed + 1), *args.set])
+    sets = [*overrides, *recipe_sets(args, shards_dir, steps_needed + 1), *args.set]
+    model = load_config(TrainConfig, recipe, sets).model  # the shards follow the model's condition
+    cond = model.condition
+    text = (cond.text_len, cond.feature_dim) if cond.kind == "text_features" else None
+    write_synthetic_shards(shards_dir, num=8, frames=frames, schedule=schedule, latent_dim=model.latent_dim,
+                           classes=cond.num_classes, text=text)
+    cfg = load_config(TrainConfig, recipe, sets)
     run = work / time.strftime("run-%Y%m%d-%H%M%S")
     device = torch.cuda.get_device_name() if not cpu else "cpu"
     from videoar_megatron.model.params import count_parameters
     params = count_parameters(cfg.model)["total"]
     print(f"device: {device}, torch {torch.__version__}; VideoAR-{args.size} ({params / 1e9:.2f}B parameters"
-          f"{', ' + ' '.join(args.set) if args.set else ''}) at the stage-III recipe, "
-          f"{args.frames} latent frames x {sum(h * w for h, w in schedule)} tokens + {text[0]} text; run dir {run}")
+          f"{', ' + ' '.join(args.set) if args.set else ''}) at {layout_origin(args.layout)}: "
+          f"{cfg.model.condition.prefix_len} prefix + {frames} latent frames x {sum(h * w for h, w in schedule)} "
+          f"tokens; run dir {run}")
     trainer = build_trainer(cfg, run)
     rows = []
     try:
@@ -161,7 +172,8 @@ def main(argv=None) -> int:
           f"committed after {med['async_commit_s']:.2f}s; step {med['step_s']:.2f}s without a save, "
           f"{med['step_while_writing_s']:.2f}s while the writer works; {med['checkpoint_gib']:.2f} GiB per checkpoint")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": device, "size": args.size, "frames": args.frames,
+        Path(args.json).write_text(json.dumps({"device": device, "size": args.size, "layout": args.layout,
+                                               "frames": frames,
                                                "first_round": first, "rounds": rows, "median": med}, indent=1))
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)

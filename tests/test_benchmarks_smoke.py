@@ -32,6 +32,7 @@ def test_checkpoint_benchmark_times_both_saves_through_the_trainer(capsys, tmp_p
     assert main(["--device", "cpu", "--size", "tiny", "--rounds", "1", "--frames", "2", "--steps-while-writing", "1",
                  "--work-dir", str(tmp_path), "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
+    assert "at recipes/ar/stage3.yaml: 4 prefix + 2 latent frames" in out  # the recipe, CPU-sized
     assert "first round, not counted" in out and "round 1: synchronous save" in out
     assert "=> stall / synchronous =" in out
     (row,) = json.loads(out_json.read_text())["rounds"]
