@@ -51,9 +51,6 @@ def test_layout_check_names_the_knobs():
         tiny(*vpp[1:])
     with pytest.raises(ConfigError, match=r"virtual_pipeline_stages=2 needs parallel.pipeline_parallel > 1"):
         tiny("parallel.virtual_pipeline_stages=2")
-    with pytest.raises(ConfigError, match=r"parallel.virtual_pipeline_stages=2 with parallel.context_parallel=2 "
-                                          r"is not supported"):
-        tiny(*vpp, "parallel.context_parallel=2")
     with pytest.raises(ConfigError, match=r"warmup_steps=500 must be below the LR schedule.s length, train.steps=300"):
         tiny("optim.warmup_steps=500")
     with pytest.raises(ConfigError, match="text_tokens needs caption token ids"):

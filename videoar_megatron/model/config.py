@@ -267,7 +267,7 @@ class ParallelConfig:
     layers are dealt round-robin in num_layers / (PP x v) blocks (rank r holds virtual stages r, r + PP,
     ...), which cuts the pipeline bubble from (PP-1)/m to (PP-1)/(v m) for m micro-batches per step, at
     v times the point-to-point messages. Needs pipeline_parallel > 1, num_layers divisible by PP x v and
-    micro-batches per step divisible by PP (the dry run prints the bubble); not with context_parallel > 1."""
+    micro-batches per step divisible by PP (the dry run prints the bubble). Combines with context_parallel."""
     context_parallel: int = 1
     """Context-parallel size (long videos): every rank of a CP group holds 1/CP of the sequence's tokens
     in embeddings, layers, head and loss; attention runs its queries against the keys/values gathered
@@ -292,12 +292,6 @@ class ParallelConfig:
         if self.virtual_pipeline_stages > 1 and self.pipeline_parallel == 1:
             raise ValueError(f"parallel.virtual_pipeline_stages={self.virtual_pipeline_stages} needs "
                              f"parallel.pipeline_parallel > 1 (virtual stages interleave a pipeline)")
-        if self.virtual_pipeline_stages > 1 and self.context_parallel > 1:
-            # Refused, not assumed: the interleaved schedule over context-parallel chunks has no parity
-            # test yet (CP is proven with plain 1F1B only).
-            raise ValueError(f"parallel.virtual_pipeline_stages={self.virtual_pipeline_stages} with "
-                             f"parallel.context_parallel={self.context_parallel} is not supported: use one of "
-                             f"them (virtual_pipeline_stages=1 for long videos with CP)")
 
     @property
     def megatron_virtual_stages(self) -> int | None:
