@@ -29,7 +29,8 @@ from videoar_megatron.training.dry_run import longest
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "ar"
 SINGLE_GPU = ("parallel.tensor_parallel=1", "parallel.sequence_parallel=false", "parallel.context_parallel=1")
-"""Overrides that drop the recipes' sequence- and context-parallel pads: the benchmarks run on one GPU."""
+"""Overrides that drop the recipes' sequence- and context-parallel pads (stage3_65f.yaml runs CP=2): the
+benchmarks run on one GPU."""
 
 
 def layout_recipes() -> dict[str, tuple[Path, tuple[str, ...]]]:

@@ -22,6 +22,24 @@ def test_train_step_benchmark_runs_with_and_without_split_attention(capsys):
     assert out.split("summary")[1].count(" ratio ") == 2
 
 
+def test_checkpoint_benchmark_times_both_saves_through_the_trainer(capsys, tmp_path):
+    """Tiny model on CPU: a synchronous and an asynchronous save per round through Trainer.save, each
+    checked committed (the benchmark raises otherwise), measured and removed; same size both ways."""
+    import json
+
+    from benchmarks.bench_checkpoint import main
+    out_json = tmp_path / "out.json"
+    assert main(["--device", "cpu", "--size", "tiny", "--rounds", "1", "--frames", "2", "--steps-while-writing", "1",
+                 "--work-dir", str(tmp_path), "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "at recipes/ar/stage3.yaml: 4 prefix + 2 latent frames" in out  # the recipe, CPU-sized
+    assert "first round, not counted" in out and "round 1: synchronous save" in out
+    assert "=> stall / synchronous =" in out
+    (row,) = json.loads(out_json.read_text())["rounds"]
+    assert row["checkpoint_gib"] > 0 and abs(row["async_checkpoint_gib"] / row["checkpoint_gib"] - 1) < 0.01
+    assert not list(tmp_path.glob("run-*/checkpoints/step_*"))  # each removed once measured
+
+
 def test_benchmark_layouts_are_the_recipes_sequences():
     """Each benchmark layout is the longest sequence of its recipe at TP = 1, counted here from the recipe's
     own num_frames and scale_schedule (1 + 4k frames -> 1 + k latent frames, prefix from the condition):

@@ -24,7 +24,7 @@ def torch_attributes() -> dict:
 
 
 @pytest.mark.parametrize("scope", [cuda_compat.host_current_device, cuda_compat.host_allocations,
-                                   cuda_compat.emulated_cuda])
+                                   cuda_compat.host_async_checkpointing, cuda_compat.emulated_cuda])
 def test_a_redirect_is_gone_after_its_block_even_after_an_error(scope):
     before = torch_attributes()
     with pytest.raises(KeyError, match="inside"):
@@ -46,7 +46,14 @@ def test_redirects_inside_their_blocks():
             assert torch.tensor([1.0], device=device).device == CPU
         assert torch.ones(2).type() == "torch.cuda.FloatTensor"
         assert torch.ones(2).type(torch.float64).dtype == torch.float64  # a conversion is still one
+    with cuda_compat.host_async_checkpointing():
+        assert torch.cuda.current_device() == "cpu" and torch.cuda.synchronize() is None
+        assert not cuda_compat.cuda_emulated()  # a production CPU run is not the CI emulation
+        assert torch.zeros(1, device="cpu").device == CPU and torch.ones(2).type() == "torch.FloatTensor"
     with cuda_compat.emulated_cuda():
+        assert cuda_compat.cuda_emulated()
+        with cuda_compat.host_async_checkpointing():  # a save inside the emulation
+            assert torch.cuda.synchronize() is None
         assert cuda_compat.cuda_emulated()
         t = torch.ones(2)
         assert t.cuda() is t and torch.cuda.synchronize() is None and torch.cuda.current_device() == "cpu"

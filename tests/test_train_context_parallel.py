@@ -2,7 +2,8 @@
 the same seed checkpoint (losses and gradient norms), read the same samples (audit), and their
 checkpoints resume at CP=1 with the uninterrupted run's losses. On the local engine with data x context
 parallelism (its own all-reduce over Megatron's dp_cp group), on the Megatron engine emulated on gloo
-(DDP + distributed optimizer over dp_cp), and PP=2 x CP=2 through Megatron's 1F1B schedule."""
+(DDP + distributed optimizer over dp_cp), and PP=2 x CP=2 through Megatron's 1F1B schedule, plain and
+interleaved (2 virtual stages)."""
 from __future__ import annotations
 
 import math
@@ -15,9 +16,9 @@ from tests.train_helpers import losses, run_train
 from videoar_megatron.training.audit import consumed_samples, step_metrics
 
 SETS = ("train.steps=6", "checkpoint.save_every=3", "checkpoint.keep_last=0", "optim.warmup_steps=1",
-        "train.micro_batch_size=2", "parallel.context_parallel_chunk=2")
+        "train.micro_batch_size=2", "parallel.context_parallel_chunk=2", "model.num_layers=4")
 """Tiny recipe: 1 class token + 3 latent frames x 5 tokens = 16 tokens; chunks of 2 tokens, so each of
-two CP ranks holds 8 tokens from across the sequence."""
+two CP ranks holds 8 tokens from across the sequence. 4 layers: one per virtual stage at PP=2 x 2."""
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +60,16 @@ def test_context_parallel_trains_like_the_unsplit_run_and_resumes_at_cp1(unsplit
     close(run, ref, range(4, 7), 1e-5)
 
 
-def test_pp2_times_cp2_on_the_megatron_engine_matches_the_unsplit_run(unsplit_reference, tiny_shards, tmp_path):
+@pytest.mark.parametrize("virtual_stages", [1, 2], ids=["1f1b", "interleaved"])
+def test_pp2_times_cp2_on_the_megatron_engine_matches_the_unsplit_run(unsplit_reference, tiny_shards, tmp_path,
+                                                                     virtual_stages):
     """Four ranks: two pipeline stages, each split over two CP ranks (Megatron's 1F1B schedule sizes its
-    p2p buffers by the CP share and scales the loss by CP)."""
+    p2p buffers by the CP share and scales the loss by CP); with 2 virtual stages each rank runs two
+    chunks of one layer through the interleaved schedule (2 groups of 2 micro-batches)."""
     seed, ref = unsplit_reference
     run = tmp_path / "run"
     run_train(4, run, tiny_shards, *SETS, "parallel.context_parallel=2", "parallel.pipeline_parallel=2",
-              f"checkpoint.load={seed}", engine="megatron")
+              f"parallel.virtual_pipeline_stages={virtual_stages}", f"checkpoint.load={seed}", engine="megatron")
     close(run, ref, range(1, 7), 1e-6)
 
 

@@ -1,9 +1,9 @@
-"""The production engine (Megatron DDP, distributed optimizer, 1F1B pipeline schedule) emulated on
-CPU/gloo: ``videoar train --set train.engine=megatron`` inside ``cuda_compat.emulated_cuda``
-(tests/dist_scripts/emulated_megatron_train.py). PP=2, TP=2 x PP=2 and DP=2 x PP=2 train like the local
-engine at TP=PP=DP=1 from the same seed checkpoint, and their distributed-optimizer checkpoints resume
-at another layout with the same losses; TP=2 with sequence parallelism matches it on both engines. The
-real thing runs in tests/test_train_gpu.py on a GPU host."""
+"""The production engine (Megatron DDP, distributed optimizer, 1F1B and interleaved pipeline schedules)
+emulated on CPU/gloo: ``videoar train --set train.engine=megatron`` inside ``cuda_compat.emulated_cuda``
+(tests/dist_scripts/emulated_megatron_train.py). PP=2, PP=2 x 2 virtual stages, TP=2 x PP=2 and DP=2 x PP=2
+train like the local engine at TP=PP=DP=1 from the same seed checkpoint, and their distributed-optimizer
+checkpoints resume at another layout with the same losses; TP=2 with sequence parallelism matches it on
+both engines. The real thing runs in tests/test_train_gpu.py on a GPU host."""
 from __future__ import annotations
 
 import math
@@ -45,6 +45,36 @@ def test_pp2_megatron_engine_matches_the_host_engine_and_resumes_at_tp2(host_ref
     proc = run_train(2, run, tiny_shards, *SETS, "parallel.tensor_parallel=2", engine="megatron")
     assert "saved at tp=1 pp=2 dp=1, resharded" in proc.stderr
     close(losses(run), ref, range(4, 7), 1e-5)
+
+
+@pytest.fixture(scope="module")
+def four_layer_reference(tiny_shards, tmp_path_factory) -> tuple[Path, dict[int, float]]:
+    """As ``host_reference`` with 4 layers (2 pipeline ranks x 2 virtual stages need one layer each)."""
+    root = tmp_path_factory.mktemp("emulated4")
+    sets = (*SETS, "model.num_layers=4")
+    run_train(1, root / "seedrun", tiny_shards, *sets, args=("--seed-checkpoint",))
+    seed = root / "seedrun" / "seed"
+    run_train(1, root / "host", tiny_shards, *sets, args=("--load", str(seed)), engine="local")
+    return seed, losses(root / "host")
+
+
+def test_pp2_with_virtual_stages_matches_the_host_engine_and_resumes_at_pp1(four_layer_reference, tiny_shards,
+                                                                           tmp_path):
+    """Interleaved 1F1B (Megatron's schedule over 2 model chunks per rank: rank 0 holds layers 0 and 2,
+    rank 1 layers 1 and 3; 4 micro-batches in 2 groups) trains like the host engine at PP=1, and its
+    checkpoint (chunks saved under global layer keys) resumes on one rank without virtual stages."""
+    seed, ref = four_layer_reference
+    run = tmp_path / "vpp"
+    sets = (*SETS, "model.num_layers=4")
+    run_train(2, run, tiny_shards, *sets, "parallel.pipeline_parallel=2", "parallel.virtual_pipeline_stages=2",
+              f"checkpoint.load={seed}", engine="megatron")
+    vpp = losses(run)
+    assert sorted(vpp) == list(range(1, 7))
+    close(vpp, ref, range(1, 7), 1e-6)
+    shutil.rmtree(run / "checkpoints" / "step_00000006")
+    proc = run_train(1, run, tiny_shards, *sets, engine="megatron")
+    assert "step_00000003 at step 3 (saved at tp=1 pp=2 dp=1, resharded)" in proc.stderr
+    close(losses(run), ref, range(4, 7), 1e-6)
 
 
 @pytest.mark.parametrize("layout,resume,saved", [

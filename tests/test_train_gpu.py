@@ -8,7 +8,9 @@ DDP, the distributed optimizer and the pipeline schedules:
   1e-5 relative at every step (differences come from reduction order only);
 - bf16: TP=2 matches TP=1 within 5e-3 relative (bf16 rounding compounds over 20 steps);
 - save at one layout, resume at another: TP=2's step-10 checkpoint continues at PP=2, PP=2's at
-  DP=2; steps 11-20 match the uninterrupted run within 1e-5.
+  DP=2; steps 11-20 match the uninterrupted run within 1e-5 (saves are asynchronous, the default);
+- a job killed while an asynchronous save is written resumes from the previous checkpoint (1 GPU);
+- PP=2 x 2 virtual stages (interleaved 1F1B, 4 layers) match one GPU, and resume on one GPU.
 
 Tolerances, from the 2 x H200 run of session 5 (docs/training.md): the worst relative loss difference
 was 3.3e-8 (TP=2), 2.9e-8 (PP=2), 5.1e-8 and 3.4e-8 (resumes) in fp32 and 7.1e-4 at TP=2 in bf16;
@@ -108,3 +110,39 @@ def test_save_at_one_layout_resume_at_another(root, tiny_shards, seed, saved, re
                      f"parallel.pipeline_parallel={pp}", timeout=600)
     assert "step_00000010 at step 10" in proc.stderr and "resharded" in proc.stderr
     compare(full, losses(run), FP32_TOL, f"{saved} → {resumed} at step 10", steps=range(11, 21))
+
+
+def test_kill_during_an_async_save_resumes_from_the_previous(root, tiny_shards, seed):
+    """One GPU, asynchronous saves (the default) every 5 steps with the writer slowed by 10 s and
+    keep_last=1: the job is killed at step 11 while step 10 is written (after waiting for step 5's
+    commit); step 5 stays committed, and the resumed run's steps 6-20 match the uninterrupted run."""
+    ref = train(root, tiny_shards, seed, "tp1", "fp32")
+    run = root / "async_kill"
+    sets = (*COMMON, "train.precision=fp32", "checkpoint.save_every=5", "checkpoint.keep_last=1")
+    proc = run_train(1, run, tiny_shards, *sets, "debug.slow_async_save_s=10", "debug.crash_in_async_save_at_step=10",
+                     args=("--load", str(seed("fp32"))), expect_rc=17, timeout=600)
+    assert "killing the job at step 11 while" in proc.stderr
+    assert (run / "checkpoints" / "step_00000005" / "COMMITTED").is_file()
+    assert not (run / "checkpoints" / "step_00000010" / "COMMITTED").exists()
+    proc = run_train(1, run, tiny_shards, *sets, timeout=600)
+    assert "step_00000005 at step 5" in proc.stderr
+    compare(ref, losses(run), FP32_TOL, "killed mid-save at 10, resumed from 5", steps=range(6, 21))
+
+
+@needs(2)
+def test_virtual_pipeline_stages_match_one_gpu_and_resume_without_them(root, tiny_shards):
+    """PP=2 x 2 virtual stages (Megatron's interleaved 1F1B over NCCL, forward and backward messages
+    overlapped) train a 4-layer model like one GPU (fp32, 20 steps), and the step-10 checkpoint
+    continues on one GPU without virtual stages."""
+    sets = (*COMMON, "train.precision=fp32", "model.num_layers=4")
+    seed4 = root / "seed_fp32_4layers"
+    run_train(1, seed4, tiny_shards, *sets, args=("--seed-checkpoint",), timeout=600)
+    one, vpp = root / "tp1_fp32_4layers", root / "pp2vpp2_fp32_4layers"
+    run_train(1, one, tiny_shards, *sets, args=("--load", str(seed4 / "seed")), timeout=600)
+    run_train(2, vpp, tiny_shards, *sets, "parallel.pipeline_parallel=2", "parallel.virtual_pipeline_stages=2",
+              args=("--load", str(seed4 / "seed")), timeout=600)
+    compare(losses(one), losses(vpp), FP32_TOL, "pp2 x vpp2 vs one GPU (fp32, 4 layers)")
+    shutil.rmtree(vpp / "checkpoints" / "step_00000020")
+    proc = run_train(1, vpp, tiny_shards, *sets, timeout=600)
+    assert "step_00000010 at step 10 (saved at tp=1 pp=2 dp=1, resharded)" in proc.stderr
+    compare(losses(one), losses(vpp), FP32_TOL, "pp2 x vpp2 → one GPU at step 10", steps=range(11, 21))

@@ -1,8 +1,10 @@
-"""AR training on CPU, one process: the tiny recipe learns; a crash during a save leaves the previous
-checkpoint in use and the resumed run equals the uninterrupted one bitwise, and mixed sources resume
-exactly, on both engines (the local CPU engine, and the production Megatron engine emulated on CPU);
+"""AR training on CPU, one process: the tiny recipe learns; a crash during a save (before its commit, or
+while the background writer of an asynchronous save is still writing) leaves the previous checkpoint
+in use and the resumed run equals the uninterrupted one bitwise, and mixed sources resume exactly, on
+both engines (the local CPU engine, and the production Megatron engine emulated on CPU);
 the two engines compute the same run; the checkpoint holds the contract fields; recipe mistakes are
-errors that name the key; shards it cannot train on are refused in one line (exit 2)."""
+errors that name the key; shards it cannot train on are refused in one line (exit 2); a stop and the
+end of the run wait for the background write, which the step loop does not."""
 from __future__ import annotations
 
 import json
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.train_helpers import ENGINES, TINY_RECIPE, losses, run_train
+from videoar_common.atomic import committed_steps
 from videoar_common.config import ConfigError, load_config
 from videoar_megatron.training.audit import consumed_samples, step_metrics
 from videoar_megatron.training.config import TrainConfig
@@ -112,6 +115,54 @@ def test_crash_during_save_leaves_the_previous_checkpoint_and_resume_is_bitwise(
     assert losses(run) == losses(reference)  # bitwise: every step's loss, before and after the crash
     assert consumed_samples(run) == consumed_samples(reference)
     assert not (run / "REQUEUE_REQUESTED").exists()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_kill_during_an_async_save_resumes_from_the_previous_and_equals_uninterrupted(references, tiny_shards,
+                                                                                      tmp_path, engine):
+    """checkpoint.async_save (the default) with a slow background writer (10 s before each write) and
+    keep_last=1: step 20's files are written while steps 21.. train, step 40's save first waits for step
+    20's commit, and the job is killed at step 41 with step 40 still being written. Step 20 stays the
+    newest committed (not pruned for the uncommitted 40), and the resumed run equals the uninterrupted
+    one bitwise: the late write of step 20 holds step 20's state, not a later one."""
+    reference = references(engine)
+    run = tmp_path / "run"
+    slow = ("checkpoint.keep_last=1", "debug.slow_async_save_s=10")
+    proc = run_train(1, run, tiny_shards, *STEPS, *slow, "debug.crash_in_async_save_at_step=40", expect_rc=17,
+                     engine=engine)
+    assert "killing the job at step 41 while" in proc.stderr
+    ckpt = run / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000020", "step_00000040"]
+    assert (ckpt / "step_00000020" / "COMMITTED").is_file()
+    assert not (ckpt / "step_00000040" / "COMMITTED").exists() and not (ckpt / "step_00000040" / ".metadata").exists()
+    assert max(losses(run)) == 41  # training went on while step 40 was being written
+    proc = run_train(1, run, tiny_shards, *STEPS, "checkpoint.keep_last=1", engine=engine)
+    assert "step_00000020 at step 20" in proc.stderr
+    assert losses(run) == losses(reference) and consumed_samples(run) == consumed_samples(reference)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000060"]
+
+
+def test_a_stop_and_the_end_of_the_run_wait_for_the_background_write(tiny_shards, tmp_path):
+    """Each background write waits 4 s before it starts: the step loop does not (the save of step 5
+    stalls it for less than that), but the stop at step 7 (SIGUSR1) exits 75 only once steps 5 and 7 are
+    committed, and the resumed run's last step is committed when it exits 0. A synchronous run from the
+    same start reads those asynchronous checkpoints and computes the same losses."""
+    run = tmp_path / "run"
+    sets = ("train.steps=12", "checkpoint.save_every=5", "checkpoint.keep_last=0", "optim.warmup_steps=2",
+            "debug.slow_async_save_s=4")
+    proc = run_train(1, run, tiny_shards, *sets, "debug.signal_at_step=7", expect_rc=75)
+    stalls = [float(s) for s in re.findall(r"step_00000005: the step loop stalled ([0-9.]+)s", proc.stderr)]
+    assert len(stalls) == 1 and stalls[0] < 4, proc.stderr[-3000:]
+    assert committed_steps(run / "checkpoints") == [5, 7]
+    assert json.loads((run / "REQUEUE_REQUESTED").read_text())["step"] == 7
+    run_train(1, run, tiny_shards, *sets)
+    assert committed_steps(run / "checkpoints") == [5, 7, 10, 12]
+    sync = tmp_path / "sync"
+    shutil.copytree(run, sync)
+    shutil.rmtree(sync / "checkpoints" / "step_00000010")
+    shutil.rmtree(sync / "checkpoints" / "step_00000012")
+    run_train(1, sync, tiny_shards, *sets, "checkpoint.async_save=false")
+    assert losses(sync) == losses(run)
 
 
 def test_resume_false_over_existing_checkpoints_is_refused(reference, tiny_shards, tmp_path):

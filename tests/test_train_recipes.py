@@ -107,6 +107,40 @@ def test_4b_at_tp1_does_not_fit_an_80gb_gpu():
     assert not fits and "DOES NOT FIT" in report, report
 
 
+def stage3_pipeline(pp: int, v: int, *sets: str) -> TrainConfig:
+    return load_config(TrainConfig, RECIPES / "ar/stage3.yaml", [
+        f"parallel.pipeline_parallel={pp}", f"parallel.virtual_pipeline_stages={v}", *sets])
+
+
+def test_dry_run_prints_the_pipeline_bubble_and_warns_above_ten_percent():
+    """Stage III at PP=4 on its 32 GPUs (DP=4) with 16 micro-batches per step: plain 1F1B idles
+    3/16 of the compute time (warned), two virtual stages halve it (no warning)."""
+    _, plain = dry_run(stage3_pipeline(4, 1, "train.global_batch_size=64"))
+    assert "pipeline bubble: (PP-1)/(v x m) = 3/(1 x 16) = 18.8% of the compute time" in plain
+    assert "WARNING: the pipeline bubble 18.8% is above 10%" in plain
+    _, interleaved = dry_run(stage3_pipeline(4, 2, "train.global_batch_size=64", "model.num_layers=48"))
+    assert "= 3/(2 x 16) = 9.4% of the compute time (interleaved 1F1B" in interleaved
+    assert "WARNING" not in interleaved
+    _, unpiped = dry_run(load_config(TrainConfig, RECIPES / "ar/stage3.yaml"))
+    assert "pipeline bubble: none (parallel.pipeline_parallel=1)" in unpiped
+
+
+@pytest.mark.parametrize("pp,v,m", [(4, 1, 8), (4, 1, 2), (4, 2, 8), (4, 3, 4), (2, 2, 2), (8, 2, 16)])
+def test_activations_in_flight_follow_megatrons_schedule(pp, v, m):
+    """The dry run's activation memory per stage counts the chunk forwards that Megatron's schedule runs
+    before the stage's first backward (its own warm-up count, plus the one in steady state)."""
+    from types import SimpleNamespace
+
+    from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches
+    from videoar_megatron.training.dry_run import in_flight_layers
+    cfg = stage3_pipeline(pp, v, "model.num_layers=48")
+    for stage in range(pp):
+        comm = SimpleNamespace(pp_group=SimpleNamespace(size=lambda: pp, rank=lambda s=stage: s),
+                               virtual_pipeline_model_parallel_size=v if v > 1 else None)
+        total, _, warmup, _ = get_pp_rank_microbatches(m, v, pp, p2p_communicator=comm)
+        assert in_flight_layers(cfg, stage, m) == min(warmup + 1, total) * 48 / (pp * v), (stage, warmup)
+
+
 def stage3(*sets: str) -> TrainConfig:
     return load_config(TrainConfig, RECIPES / "ar/stage3.yaml", ["data.path=runs/shards/unreadable", *sets])
 
@@ -165,3 +199,14 @@ def test_the_context_parallel_table_in_the_training_docs_is_the_dry_runs():
             assert round(estimate_gib(cfg), 1) == value, (size, frames, sets)
         layout = sequence_layouts(cfg)["video"][0]
         assert layout.prefix_len + layout.video_len == int(tokens.replace(",", ""))
+
+
+def test_dry_run_with_context_and_pipeline_parallelism_prints_both():
+    """The 65-frame recipe (CP=2) at PP=2, plain and with 2 virtual stages: the bubble line and the CP
+    estimates in one report."""
+    for v, bubble in ((1, "1/(1 x 32) = 3.1%"), (2, "1/(2 x 32) = 1.6%")):
+        _, report = dry_run(load_config(TrainConfig, RECIPES / "ar/stage3_65f.yaml", [
+            "parallel.pipeline_parallel=2", f"parallel.virtual_pipeline_stages={v}"]))
+        assert "TP=2 CP=2 PP=2 DP=4" in report
+        assert f"pipeline bubble: (PP-1)/(v x m) = {bubble} of the compute time" in report
+        assert "estimate per GPU (GiB) by parallel.context_parallel at 32 GPUs: CP=1:" in report

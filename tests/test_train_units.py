@@ -40,6 +40,17 @@ def test_layout_check_names_the_knobs():
         tiny("parallel.pipeline_parallel=3")
     with pytest.raises(ValueError, match="2 micro-batches per step < parallel.pipeline_parallel=4"):
         tiny("model.num_layers=4", "parallel.pipeline_parallel=4").check_layout(4)
+    vpp = ("model.num_layers=4", "parallel.pipeline_parallel=2", "parallel.virtual_pipeline_stages=2")
+    assert tiny(*vpp, "train.micro_batch_size=2").check_layout(2).accumulation == 4  # 4 % PP = 0: fine
+    with pytest.raises(ValueError, match=r"6 micro-batches per step.*is not a multiple of "
+                                         r"parallel.pipeline_parallel=4, which parallel.virtual_pipeline_stages=2"):
+        tiny("model.num_layers=8", "parallel.pipeline_parallel=4", "parallel.virtual_pipeline_stages=2",
+             "train.global_batch_size=6", "train.micro_batch_size=1").check_layout(4)
+    with pytest.raises(ConfigError, match=r"num_layers=2 is not divisible by parallel.pipeline_parallel=2 x "
+                                          r"parallel.virtual_pipeline_stages=2"):
+        tiny(*vpp[1:])
+    with pytest.raises(ConfigError, match=r"virtual_pipeline_stages=2 needs parallel.pipeline_parallel > 1"):
+        tiny("parallel.virtual_pipeline_stages=2")
     with pytest.raises(ConfigError, match=r"warmup_steps=500 must be below the LR schedule.s length, train.steps=300"):
         tiny("optim.warmup_steps=500")
     with pytest.raises(ConfigError, match="text_tokens needs caption token ids"):

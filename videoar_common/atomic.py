@@ -4,7 +4,8 @@ Rule (from torchtitan/Megatron practice): a directory of results (checkpoint, sh
 counts only once its marker file is written, last. Readers look for the marker, never at mtimes,
 so a crash mid-write leaves the previous committed state in use. Single files are written to a
 temporary name in the same directory and renamed, which is atomic on POSIX file systems.
-:func:`save_committed_step` is the one save protocol of both trainers' ``step_XXXXXXXX`` checkpoints.
+:func:`save_committed_step` is the one save protocol of both trainers' ``step_XXXXXXXX`` checkpoints
+(its halves :func:`open_step_dir` and :func:`commit_step_dir` serve the AR trainer's asynchronous saves).
 """
 from __future__ import annotations
 
@@ -122,22 +123,28 @@ def prune_keep_last(root: str | Path, keep: int) -> list[Path]:
     return removed
 
 
-def save_committed_step(root: str | Path, step: int, ctx, write: Callable[[Path], None], *, keep_last: int,
-                        before_commit: Callable[[Path], None] | None = None) -> Path:
-    """Collective save of ``<root>/step_XXXXXXXX``, the protocol of both trainers' checkpoints.
-
-    Rank 0 removes a leftover directory of this step (a crash before its commit, or an earlier save of
-    the same step) and creates it; every rank calls ``write(path)``; once all have returned, rank 0
-    writes the commit marker and prunes to the newest ``keep_last`` (0 = keep all). ``before_commit(path)``
-    runs on every rank between the last write and the marker (fault-injection drills). ``ctx`` is the
-    run's :class:`~videoar_common.distributed.DistContext` (``is_main``, ``barrier``)."""
+def open_step_dir(root: str | Path, step: int, ctx) -> Path:
+    """Collective first half of the save protocol: rank 0 removes a leftover directory of this step (a
+    crash before its commit, or an earlier save of the same step) and creates it; returns its path once
+    every rank can write into it. ``ctx`` is the run's :class:`~videoar_common.distributed.DistContext`."""
     path = Path(root) / step_dir_name(step)
     if ctx.is_main:
         if path.exists():
             shutil.rmtree(path)
         path.mkdir(parents=True)
     ctx.barrier()
-    write(path)
+    return path
+
+
+def commit_step_dir(root: str | Path, step: int, ctx, *, keep_last: int,
+                    before_commit: Callable[[Path], None] | None = None) -> Path:
+    """Collective second half, called by every rank once its own files of the step are whole: after a
+    barrier (so every rank's are), ``before_commit(path)`` runs on every rank (fault-injection drills),
+    then rank 0 writes the commit marker and prunes to the newest ``keep_last`` (0 = keep all).
+
+    Pruning runs only here, after the new step is committed, so it never removes the newest committed
+    checkpoint while a newer one is still being written (an asynchronous save commits later)."""
+    path = Path(root) / step_dir_name(step)
     ctx.barrier()
     if before_commit is not None:
         before_commit(path)
@@ -146,3 +153,14 @@ def save_committed_step(root: str | Path, step: int, ctx, write: Callable[[Path]
         prune_keep_last(root, keep_last)
     ctx.barrier()
     return path
+
+
+def save_committed_step(root: str | Path, step: int, ctx, write: Callable[[Path], None], *, keep_last: int,
+                        before_commit: Callable[[Path], None] | None = None) -> Path:
+    """Collective save of ``<root>/step_XXXXXXXX``, the protocol of both trainers' checkpoints:
+    :func:`open_step_dir`, every rank calls ``write(path)``, then :func:`commit_step_dir`. (The AR
+    trainer's asynchronous saves run the same two halves with the write in between done in the
+    background.)"""
+    path = open_step_dir(root, step, ctx)
+    write(path)
+    return commit_step_dir(root, step, ctx, keep_last=keep_last, before_commit=before_commit)

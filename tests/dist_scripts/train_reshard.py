@@ -59,6 +59,7 @@ def run(mode: str, cfg: TrainConfig, run_dir: Path, out: Path) -> None:
             for _ in range(6):
                 trainer.train_step()
             trainer.save()
+            trainer.wait_for_saves()  # committed (checkpoint.async_save writes in the background)
         weights = gathered(trainer.model, trainer.groups)
         records = [trainer.train_step() for _ in range(2)]
         losses = [r["loss"] for r in records]

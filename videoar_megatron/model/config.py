@@ -284,6 +284,12 @@ class ParallelConfig:
     """Megatron sequence parallelism (needs tensor_parallel > 1): norms and residuals hold S/TP tokens."""
     recompute: Literal["none", "full", "core_attn"] = "none"
     """Activation recompute: 'full' recomputes every layer in backward, 'core_attn' only attention."""
+    virtual_pipeline_stages: int = 1
+    """Model chunks per pipeline rank (Megatron's interleaved 1F1B; 1 = plain 1F1B). With v chunks the
+    layers are dealt round-robin in num_layers / (PP x v) blocks (rank r holds virtual stages r, r + PP,
+    ...), which cuts the pipeline bubble from (PP-1)/m to (PP-1)/(v m) for m micro-batches per step, at
+    v times the point-to-point messages. Needs pipeline_parallel > 1, num_layers divisible by PP x v and
+    micro-batches per step divisible by PP (the dry run prints the bubble). Combines with context_parallel."""
     context_parallel: int = 1
     """Context-parallel size (long videos): every rank of a CP group holds 1/CP of the sequence's tokens
     in embeddings, layers, head and loss; attention runs its queries against the keys/values gathered
@@ -303,6 +309,16 @@ class ParallelConfig:
         if self.context_parallel < 1 or self.context_parallel_chunk < 1:
             raise ValueError(f"parallel.context_parallel ({self.context_parallel}) and "
                              f"parallel.context_parallel_chunk ({self.context_parallel_chunk}) must be >= 1")
+        if self.virtual_pipeline_stages < 1:
+            raise ValueError(f"parallel.virtual_pipeline_stages must be >= 1, got {self.virtual_pipeline_stages}")
+        if self.virtual_pipeline_stages > 1 and self.pipeline_parallel == 1:
+            raise ValueError(f"parallel.virtual_pipeline_stages={self.virtual_pipeline_stages} needs "
+                             f"parallel.pipeline_parallel > 1 (virtual stages interleave a pipeline)")
+
+    @property
+    def megatron_virtual_stages(self) -> int | None:
+        """Megatron's ``virtual_pipeline_model_parallel_size``: None, not 1, selects plain 1F1B."""
+        return self.virtual_pipeline_stages if self.virtual_pipeline_stages > 1 else None
 
     @property
     def replica_size(self) -> int:

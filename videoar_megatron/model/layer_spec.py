@@ -75,6 +75,12 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, *, device: to
         add_bias_linear=False, add_qkv_bias=False, hidden_dropout=0.0, attention_dropout=0.0,
         init_method_std=cfg.init_std,
         tensor_model_parallel_size=parallel.tensor_parallel, pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=parallel.megatron_virtual_stages,
+        # Interleaved 1F1B: forward and backward messages in separate, overlapped calls (Megatron-LM's
+        # default there). Batched, a stage at PP = 2 sends both to the one neighbour in one call and the
+        # receiver cannot tell them apart (Megatron-LM issue 750): the emulated PP=2 x VPP=2 run got
+        # wrong losses from the second micro-batch group on.
+        overlap_p2p_comm=parallel.virtual_pipeline_stages > 1, batch_p2p_comm=parallel.virtual_pipeline_stages == 1,
         context_parallel_size=parallel.context_parallel, sequence_parallel=parallel.sequence_parallel,
         params_dtype=params_dtype, pipeline_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,

@@ -216,8 +216,9 @@ class VideoARModel(MegatronModule):
 def build_model(cfg: ModelConfig, parallel: ParallelConfig, groups: ProcessGroupCollection, *,
                 device: torch.device | str = "cpu", params_dtype: torch.dtype = torch.float32,
                 pre_process: bool | None = None, post_process: bool | None = None,
-                vp_stage: int | None = None) -> VideoARModel:
-    """This rank's VideoAR model (stage flags from the pipeline rank unless given), on ``device``."""
+                vp_stage: int | None = None, config: TransformerConfig | None = None) -> VideoARModel:
+    """This rank's VideoAR model (stage flags from the pipeline rank unless given), on ``device``.
+    ``config``: the Megatron config to share with this rank's other chunks (default: a new one)."""
     device = torch.device(device)
     check_flex_kernel(cfg.flex_kernel, device, cfg.hidden_size // cfg.num_attention_heads)
     sizes = (groups.tp.size(), groups.cp.size(), groups.pp.size())
@@ -228,7 +229,7 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig, groups: ProcessGroup
                          f"parallel.pipeline_parallel={parallel.pipeline_parallel}")
     check_context_parallel(cfg, parallel)
     first, last = stage_flags(groups)
-    config = transformer_config(cfg, parallel, device=device, params_dtype=params_dtype)
+    config = config or transformer_config(cfg, parallel, device=device, params_dtype=params_dtype)
     with torch.device(device):
         model = VideoARModel(cfg, config, groups, vp_stage=vp_stage, cp_chunk=parallel.context_parallel_chunk,
                              pre_process=first if pre_process is None else pre_process,
@@ -236,3 +237,20 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig, groups: ProcessGroup
     model = model.to(device)
     model.probe_kernels(device)
     return model
+
+
+def build_model_chunks(cfg: ModelConfig, parallel: ParallelConfig, groups: ProcessGroupCollection, *,
+                       device: torch.device | str = "cpu",
+                       params_dtype: torch.dtype = torch.float32) -> list[VideoARModel]:
+    """This rank's model chunks: one model, or with ``parallel.virtual_pipeline_stages`` = v > 1 the v
+    chunks of Megatron's interleaved schedule (chunk i = virtual stage i x PP + pipeline rank, its layers
+    placed by Megatron's ``get_transformer_layer_offset``; only chunk 0 of the first rank embeds and only
+    the last chunk of the last rank has the head). The chunks share one Megatron config, which the
+    schedule reads from the first."""
+    v = parallel.virtual_pipeline_stages
+    if v == 1:
+        return [build_model(cfg, parallel, groups, device=device, params_dtype=params_dtype)]
+    config = transformer_config(cfg, parallel, device=torch.device(device), params_dtype=params_dtype)
+    first, last = stage_flags(groups)
+    return [build_model(cfg, parallel, groups, device=device, params_dtype=params_dtype, vp_stage=i, config=config,
+                        pre_process=first and i == 0, post_process=last and i == v - 1) for i in range(v)]

@@ -48,6 +48,7 @@ def init_model_parallel(ctx: DistContext, parallel: ParallelConfig, seed: int = 
     # the attention's. Folding CP into the (unused) expert-parallel dimension makes them equal.
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor_parallel,
                                              pipeline_model_parallel_size=parallel.pipeline_parallel,
+                                             virtual_pipeline_model_parallel_size=parallel.megatron_virtual_stages,
                                              context_parallel_size=parallel.context_parallel,
                                              expert_model_parallel_size=parallel.context_parallel,
                                              order=order)

@@ -202,6 +202,14 @@ class CheckpointConfig:
     """Keep the newest this many committed checkpoints (0 = keep all)."""
     save_at_end: bool = True
     """Save after the last step."""
+    async_save: bool = True
+    """Write checkpoints in the background (Megatron dist_checkpointing's asynchronous save): the step
+    loop stalls only to plan the save and copy the state to host memory; a forked process per rank writes
+    the files while training goes on, and the commit marker is written once every rank's files are whole
+    (checked once per step). A stop (signal, time limit) and the end of the run wait for the commit; a
+    crash before it leaves the previous checkpoint the newest committed. Same files as a synchronous
+    save (false: the loop waits for the whole write). Needs the fork start method (Linux) and a launching
+    script guarded by if __name__ == "__main__" (videoar and python -m videoar_megatron.cli are)."""
     resume: bool = True
     """At start, resume from the newest committed checkpoint of the run directory if there is one. false
     = start fresh, refused in a run directory that already holds committed checkpoints (use a new one)."""
@@ -267,6 +275,16 @@ class DebugConfig:
     crash_in_save_at_step: int = 0
     """Kill the process (os._exit) after the checkpoint of this step is written but before it is
     committed (0 = off)."""
+    crash_in_async_save_at_step: int = 0
+    """With checkpoint.async_save: kill the job (the process and its background writer) at the end of
+    the step after this one while this step's checkpoint is still being written (uncommitted); 0 = off."""
+    slow_async_save_s: float = 0.0
+    """With checkpoint.async_save: the background writer waits this long before writing each checkpoint
+    (drills of a slow file system: training goes on meanwhile, a stop or the end of the run waits)."""
+
+    def __post_init__(self) -> None:
+        if self.slow_async_save_s < 0 or self.crash_in_async_save_at_step < 0:
+            raise ValueError("slow_async_save_s and crash_in_async_save_at_step must be >= 0")
 
 
 @dataclass(kw_only=True)
@@ -311,6 +329,10 @@ class TrainConfig:
         if self.model.num_layers % p.pipeline_parallel:
             raise ValueError(f"model.num_layers={self.model.num_layers} is not divisible by "
                              f"parallel.pipeline_parallel={p.pipeline_parallel}")
+        if self.model.num_layers % (p.pipeline_parallel * p.virtual_pipeline_stages):
+            raise ValueError(f"model.num_layers={self.model.num_layers} is not divisible by "
+                             f"parallel.pipeline_parallel={p.pipeline_parallel} x parallel.virtual_pipeline_stages="
+                             f"{p.virtual_pipeline_stages} (every virtual stage holds the same number of layers)")
         heads, groups = self.model.num_attention_heads, self.model.num_query_groups or self.model.num_attention_heads
         if heads % p.tensor_parallel or groups % p.tensor_parallel:
             raise ValueError(f"model.num_attention_heads={heads} and num_query_groups={groups} must be "
@@ -358,6 +380,13 @@ class TrainConfig:
             raise ValueError(f"{accum} micro-batches per step{at} < parallel.pipeline_parallel="
                              f"{self.parallel.pipeline_parallel}: raise train.global_batch_size or lower "
                              f"train.micro_batch_size (the pipeline would be mostly idle)")
+        if p.virtual_pipeline_stages > 1 and accum % p.pipeline_parallel:
+            # Megatron's interleaved schedule runs micro-batches in groups of PP per virtual stage; a
+            # smaller last group would stall the pipeline, and Megatron refuses it.
+            raise ValueError(f"{accum} micro-batches per step{at} is not a multiple of parallel.pipeline_parallel="
+                             f"{p.pipeline_parallel}, which parallel.virtual_pipeline_stages="
+                             f"{p.virtual_pipeline_stages} needs: change train.global_batch_size or "
+                             f"train.micro_batch_size")
         return BatchLayout(world_size=world_size, tp=p.tensor_parallel, pp=p.pipeline_parallel, dp=dp,
                            cp=p.context_parallel,
                            micro_batch_size=self.train.micro_batch_size, accumulation=accum,

@@ -19,7 +19,15 @@ The redirects, who opens them, and the Megatron calls that need them:
   ``get_grad_norm_fp32`` with its non-CUDA fallback ``local_multi_tensor_l2_norm`` (overflow flag,
   result), ``clip_grad_by_total_norm_fp32`` (overflow flag; asserts ``grad.type() ==
   'torch.cuda.FloatTensor'``).
-- :func:`emulated_cuda`: both of the above, ``Tensor.cuda()`` returns the tensor itself and
+- :func:`host_async_checkpointing`: ``torch.cuda.current_device()`` returns ``"cpu"`` and
+  ``torch.cuda.synchronize`` does nothing. Opened by ``dist_ckpt.AsyncCheckpointer`` when the run's
+  device is the CPU (the local engine, and the emulated Megatron engine) around Megatron's
+  asynchronous-save calls: ``TemporalAsyncCaller.schedule_async_call`` and
+  ``FileSystemWriterAsync.preload_tensors`` wait for the (here nonexistent) device copies with
+  ``torch.cuda.synchronize()``; ``sync_all_async_calls`` and
+  ``AsyncCallsQueue.maybe_finalize_async_calls`` all-reduce their done flags and call counters in
+  tensors made on ``torch.cuda.current_device()`` (gloo needs them on the host).
+- :func:`emulated_cuda`: the first two above, ``Tensor.cuda()`` returns the tensor itself and
   ``torch.cuda.synchronize`` does nothing. CI only: ``tests/dist_scripts/emulated_megatron_train.py``
   opens it around the production ``videoar train`` with ``train.engine=megatron``, so the Megatron
   engine runs end to end on gloo (DDP grad buffers, schedule token counters, distributed optimizer,
@@ -80,6 +88,10 @@ def _skip_synchronize(*args, **kwargs) -> None:
     """Nothing to wait for on the host (and the marker that :func:`emulated_cuda` is open)."""
 
 
+def _no_device_copies(*args, **kwargs) -> None:
+    """Nothing to wait for on the host (:func:`host_async_checkpointing`; not the emulation's marker)."""
+
+
 def _cuda_type_name(tensor_type):
     """``Tensor.type()`` (no arguments) names CPU tensors as CUDA ones; with arguments it converts as usual."""
     def type_name(self, *args, **kwargs):
@@ -109,6 +121,14 @@ def host_allocations() -> Iterator[None]:
         for name in ("zeros", "empty", "tensor"):
             stack.enter_context(_replaced(torch, name, _on_host(getattr(torch, name))))
         stack.enter_context(_replaced(torch.Tensor, "type", _cuda_type_name(torch.Tensor.type)))
+        yield
+
+
+@contextlib.contextmanager
+def host_async_checkpointing() -> Iterator[None]:
+    """``torch.cuda.current_device()`` returns ``"cpu"`` and ``torch.cuda.synchronize()`` does nothing
+    inside the block (Megatron's asynchronous checkpoint calls on a host)."""
+    with host_current_device(), _replaced(torch.cuda, "synchronize", _no_device_copies):
         yield
 
 

@@ -8,15 +8,31 @@ Layout under the run's checkpoint root::
         COMMITTED             written last, by rank 0, after every rank finished writing
     latest is found by the markers, never by modification times.
 
-Design decision: on CUDA the stock ``torch_dist`` strategy is used. On CPU it cannot be: its writer
-pre-loads tensors with ``non_blocking=True`` and then calls ``torch.cuda.synchronize()``, and its
-worker processes re-import the launching script. :class:`SyncTorchDistSaveStrategy` writes the same
-``torch_dist`` format with PyTorch's synchronous ``FileSystemWriter`` and Megatron's own planner, so
-checkpoints from CPU and GPU runs are interchangeable and load through the same code.
+Design decision (synchronous saves, :func:`save_checkpoint`): on CUDA the stock ``torch_dist`` strategy
+is used. On CPU it cannot be as such: its writer pre-loads tensors with ``non_blocking=True`` and then
+calls ``torch.cuda.synchronize()``, and the manager of its results queue is a spawned process that
+re-imports the launching script. :class:`SyncTorchDistSaveStrategy` writes the same ``torch_dist``
+format with PyTorch's synchronous ``FileSystemWriter`` and Megatron's own planner, so checkpoints from
+CPU and GPU runs are interchangeable and load through the same code.
+
+Asynchronous saves (:class:`AsyncCheckpointer`, the trainer's default) are Megatron's own: the stock
+``torch_dist`` strategy's ``async_save`` (``dist_checkpointing.save(..., async_sharded_save=True)``)
+plans the save and returns an ``AsyncRequest``; Megatron's ``AsyncCallsQueue`` copies the tensors to
+host memory (on CUDA; the only part the step loop waits for besides planning) and forks a process that
+writes them (``FileSystemWriterAsync``); the queue's finalization, collective and polled once per step,
+writes DCP's ``.metadata`` and ``metadata.json`` once every rank's writer is done, and then our commit
+(:func:`videoar_common.atomic.commit_step_dir`) writes the marker. The same files as a synchronous
+save, on CPU and CUDA alike, so both kinds of checkpoint load through :func:`load_checkpoint`. On a
+host without CUDA the queue's CUDA calls go to the host in a scoped redirect
+(:func:`.cuda_compat.host_async_checkpointing`); on CPU the forked writer's copy-on-write memory is the
+snapshot. The launching script must guard its entry (``if __name__ == "__main__"``), as ``videoar`` and
+``python -m videoar_megatron.cli`` do: Megatron's writer starts its results queue's manager with spawn.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -26,9 +42,10 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
 from torch.distributed import checkpoint as torch_dcp
 
-from videoar_common.atomic import (atomic_write_json, is_committed, latest_committed,
-                                   save_committed_step)
+from videoar_common.atomic import (atomic_write_json, commit_step_dir, is_committed, latest_committed,
+                                   open_step_dir, save_committed_step)
 from videoar_common.distributed import DistContext
+from videoar_megatron.training.cuda_compat import host_async_checkpointing
 
 TRAIN_STATE_FILE = "train_state.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -73,6 +90,76 @@ def save_checkpoint(root: str | Path, step: int, sharded_state_dict: dict, train
     return save_committed_step(root, step, ctx, write, keep_last=keep_last, before_commit=before_commit)
 
 
+class AsyncCheckpointer:
+    """Checkpoints written in the background (see the module docstring), committed by the protocol of
+    :func:`save_checkpoint`; at most one in flight. Every method is collective (all ranks, same order).
+
+    ``write_delay_s`` holds each background write that long before it starts (``debug.slow_async_save_s``:
+    drills of a slow file system; the step loop goes on meanwhile)."""
+
+    def __init__(self, ctx: DistContext, *, write_delay_s: float = 0.0):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+        self.ctx, self.write_delay_s = ctx, write_delay_s
+        self.queue = AsyncCallsQueue(persistent=False)  # a forked writer per save (Megatron's default)
+        self.in_flight: Path | None = None
+        """The step directory being written, uncommitted (None when nothing is in flight)."""
+        self._started = 0.0
+        self._committed: list[tuple[Path, float]] = []
+
+    def _host_scope(self):
+        return contextlib.nullcontext() if self.ctx.device.type == "cuda" else host_async_checkpointing()
+
+    def save(self, root: str | Path, step: int, sharded_state_dict: dict, train_state: dict, *,
+             keep_last: int = 0, before_commit=None) -> Path:
+        """Wait for the previous save's commit, then plan this one, copy it to host memory and hand it to
+        a background writer; returns the (uncommitted) step directory. ``before_commit`` as in
+        :func:`save_checkpoint`, run at the commit."""
+        from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+        self.wait()
+        path = open_step_dir(root, step, self.ctx)
+        request = dist_checkpointing.save(sharded_state_dict, str(path), async_sharded_save=True,
+                                          sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1))
+        if self.ctx.is_main:
+            atomic_write_json(path / TRAIN_STATE_FILE, train_state)
+        request.add_finalize_fn(lambda: self._commit(root, step, keep_last, before_commit))
+        if self.write_delay_s and request.async_fn is not None:
+            request = request._replace(async_fn=_delayed(request.async_fn, self.write_delay_s))
+        with self._host_scope():
+            self.queue.schedule_async_request(request)
+        self.in_flight, self._started = path, time.perf_counter()
+        return path
+
+    def _commit(self, root, step: int, keep_last: int, before_commit) -> None:
+        path = commit_step_dir(root, step, self.ctx, keep_last=keep_last, before_commit=before_commit)
+        self._committed.append((path, time.perf_counter() - self._started))
+        self.in_flight = None
+
+    def poll(self) -> list[tuple[Path, float]]:
+        """Commit the save in flight if every rank's writer is done (one small all-reduce while a save
+        is in flight, none otherwise); returns what was committed now, with the seconds since it was handed
+        to the writer."""
+        return self._finalize(blocking=False)
+
+    def wait(self) -> list[tuple[Path, float]]:
+        """Block until the save in flight (if any) is committed: before the next save, a requeue exit
+        or the end of the run."""
+        return self._finalize(blocking=True)
+
+    def _finalize(self, blocking: bool) -> list[tuple[Path, float]]:
+        if self.queue.get_num_unfinalized_calls():
+            with self._host_scope():
+                self.queue.maybe_finalize_async_calls(blocking=blocking)
+        done, self._committed = self._committed, []
+        return done
+
+
+def _delayed(write, seconds: float):
+    def delayed_write(*args, **kwargs):
+        time.sleep(seconds)
+        return write(*args, **kwargs)
+    return delayed_write
+
+
 def load_checkpoint(path: str | Path, sharded_state_dict: dict) -> tuple[dict, dict]:
     """Load into the layout described by ``sharded_state_dict``; returns (state dict, train_state)."""
     path = Path(path)
@@ -107,29 +194,50 @@ MODEL_KEY = "model"
 OPTIMIZER_KEY = "optimizer"
 
 
+def model_chunks(model) -> list:
+    """``model`` as a list of chunks (a model, or the chunks of an interleaved pipeline)."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def chunk_key(index: int) -> str:
+    """Top-level key of virtual-pipeline chunk ``index`` in a state dict (more than one chunk only)."""
+    return f"{MODEL_KEY}{index}"
+
+
 def model_sharded_state_dict(model, ctx: DistContext) -> dict:
-    """The model's Megatron sharded state dict under the checkpoint's ``model.`` prefix."""
+    """The model's Megatron sharded state dict under the checkpoint's ``model.`` prefix. The chunks of an
+    interleaved pipeline go under ``model0``, ``model1``, ... (their module paths repeat: each has its own
+    ``decoder.layers.0``), but their sharded keys are global (``model.decoder.layers`` stacked at each
+    layer's global index), so the checkpoint is the same as at PP = 1 and reshards to any layout."""
     from megatron.core import parallel_state
     metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
-    return model.sharded_state_dict(prefix=f"{MODEL_KEY}.", metadata=metadata)
+    chunks = model_chunks(model)
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict(prefix=f"{MODEL_KEY}.", metadata=metadata)
+    return {chunk_key(i): c.sharded_state_dict(prefix=f"{MODEL_KEY}.", metadata=metadata) for i, c in enumerate(chunks)}
 
 
 def load_model_weights(path: str | Path, model, ctx: DistContext) -> dict:
-    """Load only the model weights of a committed checkpoint into ``model`` (any TP/PP layout);
-    returns the checkpoint's train_state (which holds the resolved config)."""
+    """Load only the model weights of a committed checkpoint into ``model`` (a model or its chunks, any
+    TP/PP layout); returns the checkpoint's train_state (which holds the resolved config)."""
     state, train_state = load_checkpoint(path, model_sharded_state_dict(model, ctx))
     apply_model_state(model, state, path)
     return train_state
 
 
 def apply_model_state(model, state: dict, path: str | Path = "checkpoint") -> None:
-    """Copy the ``model.``-prefixed entries of a loaded state dict into ``model`` (strict)."""
-    model_state = {k: v for k, v in state.items() if k.startswith(f"{MODEL_KEY}.")}
-    missing, unexpected = model.load_state_dict(_strip_prefix(model_state, f"{MODEL_KEY}."), strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise RuntimeError(f"{path}: checkpoint does not fit the model: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+    """Copy the ``model.``-prefixed entries of a loaded state dict into ``model`` (strict; each chunk
+    its own ``model<i>`` entry when there are several)."""
+    chunks = model_chunks(model)
+    for i, chunk in enumerate(chunks):
+        loaded = state if len(chunks) == 1 else state[chunk_key(i)]
+        model_state = {k: v for k, v in loaded.items() if k.startswith(f"{MODEL_KEY}.")}
+        missing, unexpected = chunk.load_state_dict(_strip_prefix(model_state, f"{MODEL_KEY}."), strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            where = "" if len(chunks) == 1 else f" (virtual pipeline chunk {i})"
+            raise RuntimeError(f"{path}: checkpoint does not fit the model{where}: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
 
 
 def _strip_prefix(state: dict, prefix: str) -> dict:

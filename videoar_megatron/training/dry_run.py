@@ -5,8 +5,9 @@ layout arithmetic at ``target.nodes x target.gpus_per_node`` (TP x PP divides th
 query groups by TP, layers by PP, global batch by micro-batch x DP, enough micro-batches for the
 pipeline, sequence length padded for sequence parallelism), derives each data source's sequence from
 its shard manifest when it is readable (else from its ``num_frames`` / ``scale_schedule``), and prints
-the parameters per pipeline stage and an analytic memory estimate per GPU of the first and last stage
-(at the longest sequence of the recipe's data sources).
+the pipeline bubble of its micro-batches per step ((PP-1)/(v m), a warning above 10%), the parameters
+per pipeline stage and an analytic memory estimate per GPU of the first and last stage (at the longest
+sequence of the recipe's data sources).
 
 Memory model (bytes per GPU; N = parameters of the stage on one TP rank; Megatron's accounting):
 
@@ -17,7 +18,9 @@ Memory model (bytes per GPU; N = parameters of the stage on one TP rank; Megatro
   replicated over TP (4·s·b·h: two norm inputs, QKV and FC1 inputs; divided by TP under sequence
   parallelism) plus TP-split (s·b·(2h + 2·kv·hd + 3f)/TP: q/k/v, attention output, SwiGLU gate+up and
   product). Full recompute keeps only each layer's input (s·b·h) plus one layer's working set.
-  Under 1F1B the first stage holds PP micro-batches in flight, the last one;
+  Under 1F1B the first stage holds PP micro-batches of its layers in flight, the last one; interleaved
+  (v virtual stages), stage s holds 2(PP-s-1) + (v-1)PP + 1 chunk forwards of num_layers/(PP v) layers
+  (Megatron's warm-up count + 1; :func:`in_flight_layers`);
 - the optimizer step's working list: torch's foreach AdamW holds one fp32 temporary per main weight
   (sqrt(exp_avg_sq) + eps), 4N (/DP when distributed). Activations are freed by then, so the peak is
   the larger of the two, not their sum. Without this term the estimate ran 5%, 9% and 12% under the
@@ -51,6 +54,8 @@ PAPER_SPATIAL_FACTOR = 16
 """Tokenizer spatial compression (paper)."""
 RUNTIME_OVERHEAD_GIB = 3.0
 """CUDA context, NCCL buffers, allocator fragmentation."""
+BUBBLE_WARN = 0.10
+"""The dry run warns when the pipeline bubble is above this share of the compute time."""
 GIB = 2**30
 
 
@@ -144,19 +149,52 @@ def layer_activation_bytes(cfg: TrainConfig, layout: TokenLayout) -> tuple[float
     return elem * (replicated + split), elem * layer_input
 
 
+def in_flight_layers(cfg: TrainConfig, stage: int, accumulation: int) -> float:
+    """Layers' worth of one micro-batch's activations that pipeline ``stage`` holds at its peak: the
+    chunk forwards Megatron's schedule runs before the stage's first backward (its warm-up count + 1),
+    each over num_layers / (PP x v) layers. Plain 1F1B: PP - stage micro-batches of the stage's layers;
+    interleaved: 2 (PP - stage - 1) + (v - 1) PP + 1 chunk forwards, capped by the step's m x v."""
+    pp, v, layers = cfg.parallel.pipeline_parallel, cfg.parallel.virtual_pipeline_stages, cfg.model.num_layers
+    if pp == 1:
+        return layers
+    warmup = pp - stage - 1 if v == 1 else 2 * (pp - stage - 1) + (v - 1) * pp
+    return min(warmup + 1, accumulation * v) * layers / (pp * v)
+
+
+def pipeline_bubble(cfg: TrainConfig, accumulation: int) -> float:
+    """Idle share of a 1F1B step relative to its compute, (PP - 1) / (v x m) for m micro-batches per step
+    and v virtual stages (Narayanan et al. 2021, eq. 1 and section 2.2.2); 0 without a pipeline."""
+    pp, v = cfg.parallel.pipeline_parallel, cfg.parallel.virtual_pipeline_stages
+    return (pp - 1) / (v * accumulation)
+
+
+def bubble_report(cfg: TrainConfig, accumulation: int) -> list[str]:
+    """The dry run's pipeline-bubble line, and a warning line above :data:`BUBBLE_WARN`."""
+    pp, v = cfg.parallel.pipeline_parallel, cfg.parallel.virtual_pipeline_stages
+    if pp == 1:
+        return ["pipeline bubble: none (parallel.pipeline_parallel=1)"]
+    bubble = pipeline_bubble(cfg, accumulation)
+    kind = "interleaved" if v > 1 else "plain"
+    lines = [f"pipeline bubble: (PP-1)/(v x m) = {pp - 1}/({v} x {accumulation}) = {bubble:.1%} of the compute "
+             f"time ({kind} 1F1B, {v} virtual stage(s), {accumulation} micro-batches per step)"]
+    if bubble > BUBBLE_WARN:
+        lines.append(f"WARNING: the pipeline bubble {bubble:.1%} is above {BUBBLE_WARN:.0%}: raise the micro-batches "
+                     f"per step (train.global_batch_size / train.micro_batch_size) or "
+                     f"parallel.virtual_pipeline_stages, or lower parallel.pipeline_parallel")
+    return lines
+
+
 def stage_memory(cfg: TrainConfig, layout: TokenLayout, stage: int, dp: int, accumulation: int) -> StageMemory:
     """``dp``: the ranks the distributed optimizer shards over (data x context parallel)."""
     n = stage_parameters(cfg, stage)
     bf16 = cfg.train.precision == "bf16"
     weights = (2 if bf16 else 4) * n
     optimizer = (12 if bf16 else 8) * n
-    pp = cfg.parallel.pipeline_parallel
-    in_flight = min(pp - stage, accumulation) if pp > 1 else 1
-    layers = cfg.model.num_layers // pp
+    in_flight = in_flight_layers(cfg, stage, accumulation)
     full, layer_input = layer_activation_bytes(cfg, layout)
     return StageMemory(stage=stage, params=n, weights=weights, grads=4 * n, optimizer=optimizer,
-                       optimizer_distributed=optimizer / dp, activations=in_flight * layers * full,
-                       activations_recompute=in_flight * layers * layer_input + full,
+                       optimizer_distributed=optimizer / dp, activations=in_flight * full,
+                       activations_recompute=in_flight * layer_input + full,
                        optimizer_step=4 * n, optimizer_step_distributed=4 * n / dp)
 
 
@@ -175,6 +213,7 @@ def dry_run(cfg: TrainConfig) -> tuple[bool, str]:
     lines = [f"recipe layout at {t.nodes} x {t.gpus_per_node} GPUs ({t.gpu_memory_gib:g} GiB each): "
              f"TP={layout.tp}{cp} PP={layout.pp} DP={layout.dp}, micro-batch {layout.micro_batch_size} x "
              f"{layout.accumulation} accumulation x {layout.dp} = global batch {layout.global_batch_size}",
+             *bubble_report(cfg, layout.accumulation),
              *[f"sequence of {name} ({origin}): {lay.prefix_len} prefix + {lay.frames} frames x "
                f"{lay.tokens_per_frame} tokens ({len(lay.scales)} scales, last {lay.scales[-1]}) + {lay.pad} pad = "
                f"{lay.seq_len} tokens" for name, (lay, origin) in layouts.items()],
@@ -257,6 +296,7 @@ def _base_recipe_report(cfg: TrainConfig, layout) -> str:
     return (f"base recipe (no data.path): model and layout checks only\n"
             f"layout at {cfg.target.nodes} x {cfg.target.gpus_per_node} GPUs: TP={layout.tp} PP={layout.pp} "
             f"DP={layout.dp}, micro-batch {layout.micro_batch_size} x {layout.accumulation} accumulation\n"
+            + "".join(f"{line}\n" for line in bubble_report(cfg, layout.accumulation)) +
             f"model: {cfg.model.size} {cfg.model.num_layers} x {cfg.model.hidden_size} x "
             f"{cfg.model.num_attention_heads} heads; parameters per GPU ({per_stage})")
 

@@ -10,10 +10,11 @@ x context parallel ranks (``dp_cp``), which is the data-parallel mean of the uns
 Megatron's schedules and DDP do; :mod:`videoar_megatron.model.context_parallel`). The optimizer step is not theirs (see :mod:`.optim`). ``train.engine``
 picks one (:func:`select_engine`; ``auto``: Megatron on CUDA, local on CPU).
 
-- :class:`MegatronEngine` (production, CUDA): the model wrapped in Megatron ``DistributedDataParallel``
-  (fp32 gradient buffers, reduce-scatter into the distributed optimizer), ``get_forward_backward_func()``
-  (no pipelining for PP = 1, 1F1B for PP > 1: every stage builds the same micro-batches, since the
-  mask and RoPE need the layout), ``finalize_model_grads`` for the DP/SP reductions. CI runs it on
+- :class:`MegatronEngine` (production, CUDA): each model chunk wrapped in Megatron
+  ``DistributedDataParallel`` (fp32 gradient buffers, reduce-scatter into the distributed optimizer),
+  ``get_forward_backward_func()`` (no pipelining for PP = 1, 1F1B for PP > 1, interleaved 1F1B over the
+  chunks with ``parallel.virtual_pipeline_stages`` > 1: every stage builds the same micro-batches, since
+  the mask and RoPE need the layout), ``finalize_model_grads`` for the DP/SP reductions. CI runs it on
   CPU/gloo inside :func:`.cuda_compat.emulated_cuda` (``tests/test_train_emulated.py`` and the
   engine-parametrized resume tests).
 - :class:`LocalEngine` (CPU, PP = 1): only what Megatron cannot do on a host. Megatron's DDP allocates
@@ -147,27 +148,34 @@ class MegatronEngine:
 
     name = "megatron"
 
-    def __init__(self, model, loss_cfg: LossConfig, *, distributed_optimizer: bool):
+    def __init__(self, chunks: list, loss_cfg: LossConfig, *, distributed_optimizer: bool):
+        """``chunks``: this rank's model chunks (one, or the virtual pipeline stages sharing one config)."""
         from megatron.core import tensor_parallel
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-        for p in model.parameters():  # as Megatron's get_model: replicated params get TP attributes
-            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(p)
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=distributed_optimizer)
-        self.model, self.loss_cfg = model, loss_cfg
-        self.ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
-        self.model_chunks = [self.ddp]
-        model.config.no_sync_func = self.ddp.no_sync
-        model.config.finalize_model_grads_func = finalize_model_grads
+        self.loss_cfg, self.config = loss_cfg, chunks[0].config
+        self.head_chunk = chunks[-1]  # the chunk with the bit head on the last pipeline rank (loss_func's)
+        self.model_chunks = []
+        for i, chunk in enumerate(chunks):
+            for p in chunk.parameters():  # as Megatron's get_model: replicated params get TP attributes
+                tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(p)
+            # As Megatron's get_model: only the first chunk's buffers are bucketed (overlap is off here).
+            self.model_chunks.append(DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                                             disable_bucketing=i > 0))
+        no_sync = [ddp.no_sync for ddp in self.model_chunks]
+        self.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        self.config.finalize_model_grads_func = finalize_model_grads
 
     def attach_optimizer(self, optimizer) -> None:
         """Loss scaling (fp16) goes through the optimizer, as in Megatron's training loop."""
         self.optimizer = optimizer
-        self.model.config.grad_scale_func = optimizer.scale_loss
+        self.config.grad_scale_func = optimizer.scale_loss
 
     def zero_grad(self) -> None:
-        self.ddp.zero_grad_buffer()
+        for ddp in self.model_chunks:
+            ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
 
     def forward_backward(self, microbatches: list[VideoARBatch], inject_nan: bool = False) -> list[LossOutput]:
@@ -179,7 +187,7 @@ class MegatronEngine:
             mb = next(data_iterator)
 
             def loss_func(logits):
-                out = micro_batch_loss(self.model, logits, mb, self.loss_cfg)
+                out = micro_batch_loss(self.head_chunk, logits, mb, self.loss_cfg)
                 loss = _poison(out.loss, inject_nan)
                 outs.append(_record(out, loss))
                 # The schedule multiplies the returned loss in place by CP and divides it by the number
@@ -188,7 +196,11 @@ class MegatronEngine:
             return model(mb), loss_func
 
         layout = microbatches[0].layout
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(microbatches),
+        # The interleaved schedule wants one iterator per chunk; every chunk runs every micro-batch in
+        # order and needs the batch itself (mask and RoPE come from its layout).
+        data = (iter(microbatches) if len(self.model_chunks) == 1
+                else [iter(microbatches) for _ in self.model_chunks])
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=data,
                                     model=self.model_chunks, num_microbatches=len(microbatches),
                                     seq_length=layout.seq_len, micro_batch_size=microbatches[0].batch_size,
                                     forward_only=False)

@@ -13,14 +13,20 @@ One step, every rank in the same order (each numbered line is collective):
 4. gradient norm → numerics guard verdict (any rank bad ⇒ all skip) → clip → update → LR schedule
    (:func:`.optim.guarded_step`); a bad step changes nothing and is never checkpointed;
 5. sample ids gathered on rank 0 (``sample_ids.jsonl``, the audit trail), metrics logged;
-6. stop decision (signal on any rank, wall-clock limit) all-reduced; save if due or stopping;
-   on a stop, write the requeue marker and return :data:`REQUEUE_EXIT_CODE`.
+6. a checkpoint written in the background is committed once every rank's writer is done (polled);
+7. stop decision (signal on any rank, wall-clock limit) all-reduced; save if due or stopping;
+   on a stop, wait for the save's commit, write the requeue marker and return :data:`REQUEUE_EXIT_CODE`.
+
+Saves (``checkpoint.async_save``, default on): the loop stalls while the save is planned and copied to
+host memory, a forked writer writes the files, and the commit marker follows once every rank's files
+are whole (:class:`.dist_ckpt.AsyncCheckpointer`); a stop and the end of the run wait for that commit.
 """
 from __future__ import annotations
 
 import datetime
 import gc
 import json
+import multiprocessing
 import os
 import signal
 import time
@@ -29,16 +35,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from videoar_common.atomic import step_dir_name
 from videoar_common.compile_cache import CompileCache, configure_compile_cache
 from videoar_common.config import config_to_dict, save_resolved_config
 from videoar_common.distributed import DistContext, init_distributed, shutdown_distributed
 from videoar_common.exit_codes import REQUEUE_EXIT_CODE
 from videoar_common.lr_schedule import schedule_changes
-from videoar_common.numerics import NumericsGuard
+from videoar_common.numerics import NumericsError, NumericsGuard
 from videoar_common.preemption import PreemptionWatcher, clear_requeue, request_requeue
 from videoar_common.run_logging import METRICS_FILE, RunLogger, get_logger, plot_metrics
 from videoar_megatron.model.context_parallel import sequence_multiple
-from videoar_megatron.model.model import build_model
+from videoar_megatron.model.model import build_model_chunks
 from videoar_megatron.model.parallel import REPLICA_CONSECUTIVE_ORDER, destroy_model_parallel, init_model_parallel
 from videoar_megatron.training import checkpoint as ckpt
 from videoar_megatron.training import dist_ckpt
@@ -92,7 +99,7 @@ class Trainer:
         self.engine_name = select_engine(cfg.train.engine, ctx.device, cfg.parallel)
         self.groups = init_model_parallel(ctx, cfg.parallel, seed=cfg.train.seed, order=REPLICA_CONSECUTIVE_ORDER)
         check_replicas_are_consecutive(self.groups)
-        self.model = self._build_model()
+        self.model_chunks = self._build_model()
         self.engine, self.optimizer = self._build_engine()
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.decay_steps)
         self.guard = NumericsGuard(cfg.numerics)
@@ -100,6 +107,8 @@ class Trainer:
                               pad_to_multiple=sequence_multiple(cfg.parallel))
         self.step = self.consumed_samples = self.skipped_steps = self.steps_this_job = 0
         self.last_saved = -1
+        self.checkpointer = (dist_ckpt.AsyncCheckpointer(ctx, write_delay_s=cfg.debug.slow_async_save_s)
+                             if cfg.checkpoint.async_save else None)
         self._last_skipped = False
         self.run_id: str | None = None
         self.logger: RunLogger | None = None
@@ -113,10 +122,11 @@ class Trainer:
             return
         if self.compile_cache is not None:
             self.log.info("%s", self.compile_cache.describe())
-        backend = self.model.backend(self.ctx.device)
+        model = self.model_chunks[0]  # every chunk has the same attention settings
+        backend = model.backend(self.ctx.device)
         for source in self.data.sources:
             layout = source.sequence_layout
-            kernel = self.model.flex_kernel_for(layout.seq_len)
+            kernel = model.flex_kernel_for(layout.seq_len)
             what = "dense-mask SDPA" if backend == "sdpa" else f"FlexAttention, {kernel.name} kernel ({kernel.reason})"
             self.log.info("attention for data source %s (%d tokens): %s", source.cfg.name, layout.seq_len, what)
 
@@ -128,17 +138,23 @@ class Trainer:
     def dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32
 
-    def _build_model(self):
+    def _build_model(self) -> list:
         # Same seed on every rank: replicated weights agree across TP/DP ranks; TP-split weights come
         # from Megatron's per-TP-rank CUDA streams (GPU) or from full host weights split (CPU).
         torch.manual_seed(self.cfg.train.seed)
-        return build_model(self.cfg.model, self.cfg.parallel, self.groups, device=self.ctx.device,
-                           params_dtype=self.dtype)
+        return build_model_chunks(self.cfg.model, self.cfg.parallel, self.groups, device=self.ctx.device,
+                                  params_dtype=self.dtype)
+
+    @property
+    def model(self):
+        """This rank's model: the one chunk, or the list of virtual-pipeline chunks."""
+        return self.model_chunks[0] if len(self.model_chunks) == 1 else self.model_chunks
 
     def _build_engine(self):
         cfg = self.cfg
         if self.engine_name == "megatron":
-            engine = MegatronEngine(self.model, cfg.model.loss, distributed_optimizer=cfg.optim.distributed_optimizer)
+            engine = MegatronEngine(self.model_chunks, cfg.model.loss,
+                                    distributed_optimizer=cfg.optim.distributed_optimizer)
             optimizer = build_megatron_optimizer(engine.model_chunks, cfg.optim, bf16=cfg.train.precision == "bf16")
             engine.attach_optimizer(optimizer)
             return engine, optimizer
@@ -313,14 +329,22 @@ class Trainer:
                 while self.step < cfg.train.steps:
                     record = self.train_step()
                     self._after_step(record, bar)
+                    self._poll_saves()
                     stop = watcher.should_stop(self.ctx)
                     if not record["skipped"] and (stop or self._save_due()):
                         self.save()
                     if stop:
+                        self.wait_for_saves()
                         return self._stop(watcher.local_reason() or "a signal or time limit on another rank",
                                           saved=not record["skipped"])
             if cfg.checkpoint.save_at_end and self.last_saved != self.step and not self._last_skipped:
                 self.save()
+            self.wait_for_saves()
+        except NumericsError:
+            # Every rank gives up at the same step (the guard's verdict is collective): commit the save
+            # of the last good step that is still being written, as a synchronous save would have.
+            self.wait_for_saves()
+            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -360,7 +384,10 @@ class Trainer:
         return REQUEUE_EXIT_CODE
 
     def save(self) -> Path:
-        """Collective: write and commit the checkpoint of the current step."""
+        """Collective: write and commit the checkpoint of the current step. Asynchronously: hand it to the
+        background writer (after the previous one's commit); the loop's :meth:`_poll_saves` or
+        :meth:`wait_for_saves` commits it."""
+        self.wait_for_saves()
         t0 = time.perf_counter()
         state = ckpt.sharded_state(self.model, self.optimizer, self.ctx, is_loading=False)
         meta = ckpt.train_state(step=self.step, consumed_samples=self.consumed_samples, cfg=self.cfg,
@@ -369,11 +396,40 @@ class Trainer:
                                 run_id=self.run_id, scheduler=self.scheduler, guard=self.guard,
                                 optimizer=self.optimizer, skipped_steps=self.skipped_steps)
         hook = _crash_before_commit if self.cfg.debug.crash_in_save_at_step == self.step else None
-        path = dist_ckpt.save_checkpoint(self.checkpoint_root, self.step, state, meta, self.ctx,
-                                         keep_last=self.cfg.checkpoint.keep_last, before_commit=hook)
+        keep = self.cfg.checkpoint.keep_last
+        if self.checkpointer is None:
+            path = dist_ckpt.save_checkpoint(self.checkpoint_root, self.step, state, meta, self.ctx, keep_last=keep,
+                                             before_commit=hook)
+            self.log.info("saved %s in %.1fs", path, time.perf_counter() - t0)
+        else:
+            path = self.checkpointer.save(self.checkpoint_root, self.step, state, meta, keep_last=keep,
+                                          before_commit=hook)
+            self.log.info("checkpoint %s: the step loop stalled %.2fs (plan, copy to host); the files are written in "
+                          "the background and committed once every rank's are whole", path.name,
+                          time.perf_counter() - t0)
         self.last_saved = self.step
-        self.log.info("saved %s in %.1fs", path, time.perf_counter() - t0)
         return path
+
+    def _poll_saves(self) -> None:
+        """Collective, once per step: commit the background save if every rank's writer is done."""
+        if self.checkpointer is None:
+            return
+        crash_at = self.cfg.debug.crash_in_async_save_at_step
+        pending = self.checkpointer.in_flight
+        if crash_at and pending is not None and pending.name == step_dir_name(crash_at) and self.step > crash_at:
+            _kill_job(f"debug.crash_in_async_save_at_step: killing the job at step {self.step} while {pending} is "
+                      f"written in the background (not committed)")
+        self._log_commits(self.checkpointer.poll())
+
+    def wait_for_saves(self) -> None:
+        """Collective: block until the background save (if any) is committed (the loop does this before
+        a requeue exit and at the end; a caller of :meth:`save` outside :meth:`train` does it itself)."""
+        if self.checkpointer is not None:
+            self._log_commits(self.checkpointer.wait())
+
+    def _log_commits(self, committed) -> None:
+        for path, seconds in committed:
+            self.log.info("committed %s (%.1fs after it went to the background writer)", path, seconds)
 
     def save_seed(self) -> Path:
         """Write the initial weights (model only) as ``<run_dir>/seed/step_00000000``: runs at other
@@ -421,6 +477,10 @@ class Trainer:
             plot_metrics(path, self.run_dir / LOSS_CURVES_FILE, keys=keys, title=f"{self.run_dir.name}")
 
     def close(self) -> None:
+        """Not collective: a background save still in flight (an exception other than the numerics guard's
+        collective stop ended the loop) is left uncommitted, the previous checkpoint stays the newest."""
+        if self.checkpointer is not None and self.checkpointer.in_flight is not None:
+            self.log.warning("%s was still being written and is not committed", self.checkpointer.in_flight)
         if self.logger is not None:
             self.logger.close()
             self.logger = None
@@ -431,7 +491,16 @@ class Trainer:
 
 
 def _crash_before_commit(path: Path) -> None:
-    get_logger().error("debug.crash_in_save_at_step: killing the process before %s is committed", path)
+    _kill_job(f"debug.crash_in_save_at_step: killing the job before {path} is committed")
+
+
+def _kill_job(reason: str) -> None:
+    """Fault injection: die at once, as a job killed by the scheduler does. Our child processes (a
+    background checkpoint writer, Megatron's results-queue manager) die with us, as they would in the
+    job's cgroup, rather than writing on as orphans."""
+    get_logger().error(reason)
+    for child in multiprocessing.active_children():
+        child.kill()
     os._exit(17)
 
 
