@@ -15,15 +15,19 @@ a benchmark times what a recipe trains, never a hand-copied schedule:
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from videoar_common.config import load_config
+from videoar_common.distributed import DistContext, init_distributed, shutdown_distributed
+from videoar_megatron.model.config import ParallelConfig
 from videoar_megatron.model.layout import TokenLayout
+from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel
 from videoar_megatron.training.config import TrainConfig
 from videoar_megatron.training.dry_run import longest
 
@@ -53,6 +57,21 @@ def layout_origin(name: str) -> str:
 
 
 LAYOUTS: dict[str, TokenLayout] = {name: recipe_layout(*spec) for name, spec in layout_recipes().items()}
+
+
+@contextlib.contextmanager
+def one_process_groups(device: str) -> Iterator[tuple[DistContext, object]]:
+    """``(ctx, groups)`` of a one-process benchmark (every parallel size 1) on ``device``; Megatron's
+    groups and the process group are torn down on the way out, also after an error."""
+    ctx = init_distributed(device=device)
+    try:
+        groups = init_model_parallel(ctx, ParallelConfig())
+        try:
+            yield ctx, groups
+        finally:
+            destroy_model_parallel(ctx)
+    finally:
+        shutdown_distributed()
 
 
 def cuda_time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:

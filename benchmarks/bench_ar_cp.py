@@ -23,13 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.ar_common import LAYOUTS, time_ms  # noqa: E402
+from benchmarks.ar_common import LAYOUTS, one_process_groups, time_ms  # noqa: E402
 from tokenizer.quantizer import MultiScaleBSQ  # noqa: E402
 from videoar_common.config import build_dataclass  # noqa: E402
-from videoar_common.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from videoar_megatron.model.config import ModelConfig, ParallelConfig  # noqa: E402
 from videoar_megatron.model.model import build_model  # noqa: E402
-from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel  # noqa: E402
 from videoar_megatron.model.sequence import build_batch  # noqa: E402
 from videoar_megatron.training.engine import micro_batch_loss  # noqa: E402
 
@@ -105,17 +103,12 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_ar_cp needs a CUDA GPU (or --device cpu for a smoke test)", file=sys.stderr)
         return 2
-    ctx = init_distributed(device=args.device)
-    try:
-        groups = init_model_parallel(ctx, ParallelConfig())
+    with one_process_groups(args.device) as (ctx, groups):
         name_dev = torch.cuda.get_device_name() if ctx.device.type == "cuda" else "cpu"
         print(f"device: {name_dev}, torch {torch.__version__}")
         for name in args.layouts.split(","):
             measure(args, name, groups, ctx.device)
             sys.stdout.flush()
-        destroy_model_parallel(ctx)
-    finally:
-        shutdown_distributed()
     return 0
 
 

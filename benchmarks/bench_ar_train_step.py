@@ -31,17 +31,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.ar_common import LAYOUTS, attention_flops, layout_origin, row, time_ms  # noqa: E402
+from benchmarks.ar_common import (LAYOUTS, attention_flops, layout_origin, one_process_groups, row,  # noqa: E402
+                                   time_ms)
 from tokenizer.quantizer import MultiScaleBSQ  # noqa: E402
 from videoar_common.config import build_dataclass  # noqa: E402
-from videoar_common.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from videoar_megatron.model.attention import VideoARCoreAttention  # noqa: E402
 from videoar_megatron.model.config import ModelConfig, ParallelConfig  # noqa: E402
 from videoar_megatron.model.layer_spec import transformer_config  # noqa: E402
 from videoar_megatron.model.loss import bit_loss  # noqa: E402
 from videoar_megatron.model.model import build_model  # noqa: E402
 from videoar_megatron.model.params import layer_parameters  # noqa: E402
-from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel  # noqa: E402
 from videoar_megatron.model.sequence import build_batch  # noqa: E402
 from videoar_megatron.training.metrics import attended_pairs  # noqa: E402
 
@@ -205,9 +204,7 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_ar_train_step needs a CUDA GPU (or --device cpu for a smoke test)", file=sys.stderr)
         return 2
-    ctx = init_distributed(device=args.device)
-    try:
-        groups = init_model_parallel(ctx, ParallelConfig())
+    with one_process_groups(args.device) as (ctx, groups):
         name_dev = torch.cuda.get_device_name() if ctx.device.type == "cuda" else "cpu"
         print(f"device: {name_dev}, torch {torch.__version__}, peak {args.peak_tflops} TFLOP/s for MFU")
         summary = []
@@ -223,9 +220,6 @@ def main(argv=None) -> int:
                     gc.collect()
                     torch.cuda.empty_cache()
         print("\nsummary (VideoAR / GPT tokens/s, goal >= 1.0; MFU VideoAR / GPT):", *summary, sep="\n  ")
-        destroy_model_parallel(ctx)
-    finally:
-        shutdown_distributed()
     return 0
 
 

@@ -53,20 +53,16 @@ def child(args) -> dict:
     import torch
     from torch._dynamo.utils import counters
 
-    from benchmarks.ar_common import LAYOUTS
+    from benchmarks.ar_common import LAYOUTS, one_process_groups
     from benchmarks.bench_ar_train_step import videoar_config
     from tokenizer.quantizer import MultiScaleBSQ
-    from videoar_common.distributed import init_distributed, shutdown_distributed
     from videoar_megatron.model.config import ParallelConfig
     from videoar_megatron.model.loss import bit_loss
     from videoar_megatron.model.model import build_model
-    from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel
     from videoar_megatron.model.sequence import build_batch
 
-    ctx = init_distributed(device=args.device)
-    try:
+    with one_process_groups(args.device) as (ctx, groups):
         device, layout = ctx.device, LAYOUTS[args.layout]
-        groups = init_model_parallel(ctx, ParallelConfig())
         settings = argparse.Namespace(latent_dim=48, p_mask=0.0, flex_kernel=args.flex_kernel)
         cfg = videoar_config(settings, args.size, layout)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -90,9 +86,6 @@ def child(args) -> dict:
         first_s = step()
         to_first_step_s = time.time() - args.launched
         steady = [step() for _ in range(args.steps)]
-        destroy_model_parallel(ctx)
-    finally:
-        shutdown_distributed()
     return {"time_to_first_step_s": to_first_step_s, "first_step_s": first_s,
             "steady_step_ms": statistics.median(steady) * 1e3 if steady else float("nan"),
             "cache_was_warm": cache.warm, "cache": str(cache.path),

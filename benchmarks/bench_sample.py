@@ -31,13 +31,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.ar_common import one_process_groups  # noqa: E402
 from tokenizer.config import TokenizerModelConfig  # noqa: E402
 from tokenizer.model import VideoTokenizer  # noqa: E402
 from videoar_common.config import build_dataclass  # noqa: E402
-from videoar_common.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from videoar_megatron.model.config import ModelConfig, ParallelConfig  # noqa: E402
 from videoar_megatron.model.model import build_model  # noqa: E402
-from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel  # noqa: E402
 from videoar_megatron.sampling.config import SamplingConfig  # noqa: E402
 from videoar_megatron.sampling.extend import decode_latent, generate_videos, window_keys  # noqa: E402
 from videoar_megatron.sampling.sampler import Conditions, VideoARSampler  # noqa: E402
@@ -170,9 +169,7 @@ def checks(rows: list[dict]) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    ctx = init_distributed(device=args.device)
-    groups = init_model_parallel(ctx, ParallelConfig())
-    try:
+    with one_process_groups(args.device) as (ctx, groups):
         if ctx.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         model, cfg, tokenizer, quantizer = build(args, ctx, groups)
@@ -190,9 +187,6 @@ def main(argv=None) -> int:
             plain = [{k: v for k, v in r.items() if k not in ("bits", "first_bits")} for r in rows]
             Path(args.json).write_text(json.dumps({"device": device_name, "args": vars(args), "rows": plain,
                                                    "report": text}, indent=2))
-    finally:
-        destroy_model_parallel(ctx)
-        shutdown_distributed()
     return 0
 
 

@@ -20,11 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.ar_common import one_process_groups  # noqa: E402
 from benchmarks.bench_sample import build  # noqa: E402
 from videoar_common.config import build_dataclass  # noqa: E402
-from videoar_common.distributed import init_distributed, shutdown_distributed  # noqa: E402
-from videoar_megatron.model.config import ParallelConfig  # noqa: E402
-from videoar_megatron.model.parallel import destroy_model_parallel, init_model_parallel  # noqa: E402
 from videoar_megatron.sampling.config import SamplingConfig  # noqa: E402
 from videoar_megatron.sampling.extend import window_keys  # noqa: E402
 from videoar_megatron.sampling.sampler import Conditions, VideoARSampler  # noqa: E402
@@ -113,10 +111,8 @@ def main(argv=None) -> int:
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    ctx = init_distributed(device=args.device)
-    groups = init_model_parallel(ctx, ParallelConfig())
     mismatch = False
-    try:
+    with one_process_groups(args.device) as (ctx, groups):
         model, cfg, _, quantizer = build(args, ctx, groups)
         backend = None
         if args.sdpa_backend:
@@ -150,9 +146,6 @@ def main(argv=None) -> int:
                       flush=True)
         if backend is not None:
             backend.__exit__(None, None, None)
-    finally:
-        destroy_model_parallel(ctx)
-        shutdown_distributed()
     print("REPRODUCIBLE" if not mismatch else "NOT REPRODUCIBLE")
     return 1 if mismatch else 0
 
