@@ -92,7 +92,8 @@ def measure(args, size: str, gpus: int, gpu_gib: float, shards: Path, runs: Path
         sets = sets_for(args, size, tp, shards, gpu_gib)
         total, core = estimate_gib(REPO / "recipes/ar/stage3.yaml", sets)
         if total > FIT_MARGIN * gpu_gib:
-            print(f"  {size} at TP={tp}: estimate {total:.1f} GiB > {FIT_MARGIN:.0%} of {gpu_gib:.0f} GiB, trying more GPUs")
+            print(f"  {size} at TP={tp}: estimate {total:.1f} GiB > {FIT_MARGIN:.0%} of {gpu_gib:.0f} GiB, "
+                  "trying more GPUs")
             continue
         run = runs / f"{size}_tp{tp}"
         rc, err = run_layout(REPO / "recipes/ar/stage3.yaml", run, tp, sets)

@@ -14,7 +14,8 @@ each layout trains that recipe with the benchmark's parallel layout, batch and m
 name another sequence (`cp2@stage3_65f`: CP=2 at 65 frames against the baseline at --sequence). Every
 layout does the same work per GPU: a replica's micro-batch holds --micro samples x TP x CP, scaled by
 the baseline sequence's length over its own (rounded, at least 1 sample), with --accumulation
-micro-batches per step (default 2 x PP; `recipe`: the recipe's own number at its target size).
+micro-batches per step (default 2 x PP; `recipe`: the recipe's own number at its target size), and
+one attention kernel for all (--flex-kernel, default triton).
 
 After the table, for issue 27:
 - each CP layout's tokens/s per GPU against the baseline (goal: CP=2 at 65 frames >= 0.85 of CP=1 at
@@ -94,7 +95,8 @@ def parse(argv):
                                                  f"(default: all that fit; 1gpu is always added as the baseline)")
     p.add_argument("--sequence", default="ucf", choices=list(SEQUENCES),
                    help="the recipe whose sequence every layout trains (benchmarks/ar_common.py)")
-    p.add_argument("--gpus", type=int, default=0, help="GPUs to use (default: all on this host, at most 4; cpu: 2 gloo ranks)")
+    p.add_argument("--gpus", type=int, default=0,
+                   help="GPUs to use (default: all on this host, at most 4; cpu: 2 gloo ranks)")
     p.add_argument("--size", default="L", help="VideoAR size (tiny, L, XL, 4B)")
     p.add_argument("--micro", type=int, default=16, help="micro-batch per data-parallel rank at --sequence "
                                                          "(x TP x CP for a replica spanning TP x CP GPUs)")
@@ -104,6 +106,9 @@ def parse(argv):
     p.add_argument("--steps", type=int, default=30, help="steps per layout")
     p.add_argument("--warmup", type=int, default=10, help="steps excluded from the medians (compilation)")
     p.add_argument("--recompute", default="none", choices=["none", "full", "core_attn"])
+    p.add_argument("--flex-kernel", default="triton", choices=["auto", "triton", "flash"],
+                   help="model.flex_kernel for every layout of the call (one kernel, so ratios compare layouts; "
+                        "FLASH has not been run with context parallelism's index tables: docs/training.md)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU for MFU")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: smoke test of this script")
     p.add_argument("--gpu-gib", type=float, default=0, help="memory per GPU for the fit check (default: this "
@@ -192,6 +197,7 @@ def run_sets(args, run: Run, shards: Path) -> list[str]:
     micro = replica_micro(args, run)
     _, overrides = layout_recipes()[run.sequence]
     return [*overrides, f"data.path={shards}", "data.mix=[]", "checkpoint.load=", *model_sets(args, run),
+            f"model.flex_kernel={args.flex_kernel}",
             f"parallel.tensor_parallel={par.tp}", f"parallel.pipeline_parallel={par.pp}",
             f"parallel.context_parallel={par.cp}",
             *([f"parallel.virtual_pipeline_stages={par.vpp}"] if par.vpp > 1 else []),
@@ -200,7 +206,8 @@ def run_sets(args, run: Run, shards: Path) -> list[str]:
             f"train.global_batch_size={micro * par.dp * accumulation(args, run)}", f"train.steps={args.steps}",
             f"optim.warmup_steps={min(1, args.steps - 1)}", f"metrics.peak_tflops={args.peak_tflops}",
             f"train.device={args.device}",
-            f"train.precision={'fp32' if cpu else 'bf16'}", "data.num_canonical_nodes=1", "data.num_workers=2",
+            f"train.precision={'fp32' if cpu else 'bf16'}", "data.num_canonical_nodes=1",
+            f"data.num_workers={0 if cpu else 2}",
             f"target.gpus_per_node={par.gpus}", "target.nodes=1"]
 
 
@@ -255,7 +262,8 @@ def main(argv=None) -> int:
     base_seq = SEQUENCES[args.sequence]
     print(f"device: {device} x {gpus}, torch {torch.__version__}; VideoAR-{args.size} at {args.sequence} "
           f"({layout_origin(args.sequence)}: {base_seq.seq_len} tokens), {'fp32' if args.device == 'cpu' else 'bf16'}, "
-          f"recompute {args.recompute}, {args.steps} steps (median after {args.warmup})")
+          f"recompute {args.recompute}, flex kernel {args.flex_kernel}, {args.steps} steps "
+          f"(median after {args.warmup})")
     work = Path(args.work_dir or ("." if args.plan else tempfile.mkdtemp(prefix="bench_ar_train_")))
     runs = prepare(args, runnable(parse_runs(args.layouts, args.sequence, gpus), gpus), work, gpu_gib)
     if args.plan:

@@ -78,16 +78,17 @@ say "multi-GPU session (issue 27), $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git 
 say "NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE TORCH_SYMM_MEM_DISABLE_MULTICAST=$TORCH_SYMM_MEM_DISABLE_MULTICAST NVSHMEM_DISABLE_NVLS=$NVSHMEM_DISABLE_NVLS"
 { nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader && nvidia-smi topo -m; echo "host cores: $(nproc)"; } 2>&1 | tee -a "$LOG"
 timeout 90 "$PY" - <<'EOF' 2>&1 | grep -v -i "warn" | tee -a "$LOG"
-import importlib
-for name in ("torch", "megatron.core", "numpy"):
+from importlib import metadata
+for dist in ("torch", "megatron-core", "numpy"):
     try:
-        print(f"{name} {getattr(importlib.import_module(name), '__version__', '?')}")
-    except Exception as e:  # a missing package is named, the steps that need it will fail on their own
-        print(f"{name} MISSING: {e!r}")
+        print(dist, metadata.version(dist))
+    except metadata.PackageNotFoundError:  # named here; the steps that need it fail on their own
+        print(dist, "MISSING")
 import torch
 if torch.cuda.is_available():
-    print("cuda", torch.version.cuda, "nccl", ".".join(map(str, torch.cuda.nccl.version())),
-          "GPUs:", torch.cuda.device_count(), "x", torch.cuda.get_device_name())
+    nccl = ".".join(map(str, torch.cuda.nccl.version()))
+    print("torch", torch.__version__, "cuda", torch.version.cuda, "nccl", nccl, "GPUs:", torch.cuda.device_count(),
+          "x", torch.cuda.get_device_name())
 else:
     print("cuda: not available")
 EOF
