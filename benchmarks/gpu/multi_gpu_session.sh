@@ -14,8 +14,9 @@
 #   run3_XL, run3_4B (4 GPUs, ~6 and ~9 min) run 3: DP=4, TP=2 x DP=2, TP=2 x PP=2, CP=2 x TP=2 at the
 #                    stage-III recipe (full recompute, as it trains), scaling efficiency >= 0.85 against 1 GPU,
 #                    or against TP=2 where the dry run says one GPU cannot hold the model (4B on 80 GB);
-#   gpu_tests_train  (2 GPUs, ~6 min; 4 GPUs add TP=2 x PP=2) tests/test_train_gpu.py: TP=2, PP=2 (and
-#                    TP=2 x PP=2) = TP=1 over 20 steps, and resume across layouts (TP=2 -> PP=2, PP=2 -> DP=2).
+#   gpu_tests_train  (2 GPUs, ~8 min; 4 GPUs add TP=2 x PP=2) tests/test_train_gpu.py: TP=2, PP=2 (and
+#                    TP=2 x PP=2) = TP=1 over 20 steps, CP=2 = CP=1 in bf16 through the trainer with and
+#                    without Random Frame Mask (run 1), resume across layouts (TP=2 -> PP=2, PP=2 -> DP=2).
 # A step that needs more GPUs than the host has is skipped and named. Every step has a time limit, the
 # session a budget (BUDGET_S, default 570 s: one command of a lent GPU host is limited to 10 minutes);
 # a step is started only when its whole limit fits in what is left, otherwise it is skipped, and the last
@@ -112,7 +113,7 @@ step run3_XL 4 480 "${BENCH[@]}" "${STAGE3[@]}" --size XL --recompute full --ste
     --layouts 1gpu,dp4,tp2dp2,tp2pp2,cp2tp2
 step run3_4B 4 560 "${BENCH[@]}" "${STAGE3[@]}" --size 4B --recompute full --steps 6 --warmup 2 \
     --layouts 1gpu,tp2,dp4,tp2dp2,tp2pp2,cp2tp2
-step gpu_tests_train 2 480 "${TESTS[@]}" tests/test_train_gpu.py
+step gpu_tests_train 2 540 "${TESTS[@]}" tests/test_train_gpu.py
 
 say "session done in $(( $(date +%s) - T0 ))s; logs in $OUT"
 if (( ${#NOT_RUN[@]} )); then
