@@ -325,10 +325,12 @@ def cp_line(run: Run, base: Run, ratio: float) -> str:
 def pipeline_line(run: Run, base: Run, efficiency: float, m: int) -> str:
     """Megatron's bubble: (PP-1)/(v m) of the compute time idle, so at best 1 / (1 + that) of the baseline."""
     p, v = run.par.pp, run.par.vpp
-    bound = 1 / (1 + (p - 1) / (v * m))
+    bubble = (p - 1) / (v * m)
+    bound = 1 / (1 + bubble)
     return (f"=> {run.label}: pipeline efficiency {efficiency:.3f} (tokens/s per GPU vs {base.label}) against the "
             f"bubble bound 1/(1 + (PP-1)/(v m)) = 1/(1 + {p - 1}/({v} x {m})) = {bound:.3f}: "
-            f"{efficiency / bound:.3f} of the bound ({verdict(efficiency / bound, PIPELINE_GOAL)})")
+            f"{efficiency / bound:.3f} of the bound ({verdict(efficiency / bound, PIPELINE_GOAL)}); idle share "
+            f"measured 1/efficiency - 1 = {1 / efficiency - 1:.3f}, bubble {bubble:.3f}")
 
 
 if __name__ == "__main__":

@@ -148,7 +148,8 @@ def test_training_benchmark_reports_cp_against_the_baseline_and_pipelines_agains
     assert "=> cp2@stage3_65f (CP=2, stage3_65f: 43499 tokens) vs 1gpu (stage3: 23059 tokens): tokens/s per GPU " \
            "ratio 0.900 (goal >= 0.85: met)" in out
     assert "=> pp2: pipeline efficiency 0.850 (tokens/s per GPU vs 1gpu) against the bubble bound " \
-           "1/(1 + (PP-1)/(v m)) = 1/(1 + 1/(1 x 8)) = 0.889: 0.956 of the bound (goal >= 0.95: met)" in out
+           "1/(1 + (PP-1)/(v m)) = 1/(1 + 1/(1 x 8)) = 0.889: 0.956 of the bound (goal >= 0.95: met); idle share " \
+           "measured 1/efficiency - 1 = 0.176, bubble 0.125" in out
     assert "=> pp2v2: pipeline efficiency 0.900 (tokens/s per GPU vs 1gpu) against the bubble bound " \
            "1/(1 + (PP-1)/(v m)) = 1/(1 + 1/(2 x 8)) = 0.941: 0.956 of the bound (goal >= 0.95: met)" in out
     assert "=> tp2pp2" not in out
