@@ -214,6 +214,7 @@ def test_multi_gpu_session_plans_every_step_on_four_gpus(tmp_path):
     for name in ("gpu_tests_cp", "runs_1_2", "run3_XL", "run3_4B", "gpu_tests_train"):
         assert f"== {name}: exit 0 after" in log, name
     assert "test_cp2_equals_cp1_with_flex_attention_on_nccl" in log
+    assert "test_tp2_with_sequence_parallelism_times_cp2_equals_the_unsplit_model_on_four_gpus" in log
     assert "test_save_at_one_layout_resume_at_another[tp2-pp2]" in log
     assert "test_cp2_matches_cp1_losses_and_grad_norms_for_20_steps_bf16[rfm]" in log
     assert "cp2@stage3_65f: 2 GPU(s), TPxCPxPPxDP 1x2x1x1, 1 x 8 micro-batches per step, 43499 tokens" in log

@@ -2,7 +2,8 @@
 # Issue 27's GPU session, the multi-GPU proof, on a host with 2 or 4 GPUs (H100 or H200):
 #   gpu_tests_cp     (2 GPUs, ~2 min) the marked GPU tests of tests/test_model_context_parallel.py: CP=2 =
 #                    CP=1 in loss and every gradient on NCCL with compiled FlexAttention, with and without
-#                    Random Frame Mask (run 1's parity), and the 1-GPU kernel tests beside it;
+#                    Random Frame Mask (run 1's parity), on 4 GPUs TP=2+SP x CP=2 too, and the 1-GPU kernel
+#                    tests beside them;
 #   runs_1_2         (2 GPUs, ~5 min) benchmarks/bench_ar_train.py, VideoAR-L at the stage-III sequence
 #                    (recipes/ar/stage3.yaml, 23,059 tokens) with the recipe's 8 micro-batches per step,
 #                    every ratio against the 1-GPU run of the same call:
