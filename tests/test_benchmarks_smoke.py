@@ -190,6 +190,7 @@ def test_training_benchmark_refuses_unknown_layouts_and_sequences():
 
 
 def run_session(tmp_path, **env) -> str:
+    """The session's PLAN=1 output: session.log, then every step's log (tmp_path/out/NAME.log)."""
     import os
     import subprocess
     import sys
@@ -211,12 +212,15 @@ def test_multi_gpu_session_plans_every_step_on_four_gpus(tmp_path):
     collect, each benchmark call's runs and dry-run estimates), so a GPU host cannot find a config error."""
     log = run_session(tmp_path, GPUS="4", BUDGET_S="100000")
     assert "NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1" in log
-    for name in ("gpu_tests_cp", "runs_1_2", "run3_XL", "run3_4B", "gpu_tests_train"):
+    for name in ("gpu_tests_cp", "runs_1_2", "gpu_tests_train_cp", "run3_XL", "run3_4B", "gpu_tests_train"):
         assert f"== {name}: exit 0 after" in log, name
     assert "test_cp2_equals_cp1_with_flex_attention_on_nccl" in log
     assert "test_tp2_with_sequence_parallelism_times_cp2_equals_the_unsplit_model_on_four_gpus" in log
     assert "test_save_at_one_layout_resume_at_another[tp2-pp2]" in log
-    assert "test_cp2_matches_cp1_losses_and_grad_norms_for_20_steps_bf16[rfm]" in log
+    train_cp, train_rest = ((tmp_path / "out" / f"{name}.log").read_text()
+                            for name in ("gpu_tests_train_cp", "gpu_tests_train"))
+    assert "test_cp2_matches_cp1_losses_and_grad_norms_for_20_steps_bf16[rfm]" in train_cp
+    assert "test_save_at_one_layout_resume_at_another[tp2-pp2]" in train_rest and "cp2" not in train_rest
     assert "cp2@stage3_65f: 2 GPU(s), TPxCPxPPxDP 1x2x1x1, 1 x 8 micro-batches per step, 43499 tokens" in log
     assert "pp2: 2 GPU(s), TPxCPxPPxDP 1x1x2x1, 1 x 8 micro-batches per step" in log
     assert "pp2v2: " in log
