@@ -21,12 +21,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.train_common import REPO, run_layout, summarise, write_synthetic_shards  # noqa: E402
+from benchmarks.train_common import (FIT_MARGIN, REPO, estimate_gib, run_layout, summarise,  # noqa: E402
+                                     write_synthetic_shards)
 
 STAGE3_SCHEDULE = [[1, 1], [2, 3], [4, 7], [8, 14], [12, 21], [16, 28], [20, 35], [24, 42]]
 TEXT = (64, 2048)
-MARGIN = 0.85
-"""Run a layout only when its estimate is below this share of the GPU memory (the estimate is not a profile)."""
 
 
 def parse(argv):
@@ -51,16 +50,6 @@ def sets_for(args, size: str, tp: int, shards: Path, gpu_gib: float) -> list[str
             f"train.device={args.device}", f"train.precision={'fp32' if cpu else 'bf16'}", "target.nodes=1",
             f"target.gpus_per_node={tp}", f"target.gpu_memory_gib={gpu_gib}", f"metrics.peak_tflops={args.peak_tflops}",
             *(["model.latent_dim=8", "model.condition.feature_dim=16", "model.condition.text_len=4"] if cpu else [])]
-
-
-def estimate(sets: list[str]) -> tuple[float, float]:
-    """(dry-run estimate, the same without the fixed runtime allowance) in GiB for the recipe as run."""
-    from videoar_common.config import load_config
-    from videoar_megatron.training.config import TrainConfig
-    from videoar_megatron.training.dry_run import RUNTIME_OVERHEAD_GIB, estimate_gib
-    cfg = load_config(TrainConfig, REPO / "recipes/ar/stage3.yaml", sets)
-    total = estimate_gib(cfg)
-    return total, total - RUNTIME_OVERHEAD_GIB
 
 
 def main(argv=None) -> int:
@@ -101,9 +90,10 @@ def measure(args, size: str, gpus: int, gpu_gib: float, shards: Path, runs: Path
         if tp > gpus:
             break
         sets = sets_for(args, size, tp, shards, gpu_gib)
-        total, core = estimate(sets)
-        if total > MARGIN * gpu_gib:
-            print(f"  {size} at TP={tp}: estimate {total:.1f} GiB > {MARGIN:.0%} of {gpu_gib:.0f} GiB, trying more GPUs")
+        total, core = estimate_gib(REPO / "recipes/ar/stage3.yaml", sets)
+        if total > FIT_MARGIN * gpu_gib:
+            print(f"  {size} at TP={tp}: estimate {total:.1f} GiB > {FIT_MARGIN:.0%} of {gpu_gib:.0f} GiB, "
+                  "trying more GPUs")
             continue
         run = runs / f"{size}_tp{tp}"
         rc, err = run_layout(REPO / "recipes/ar/stage3.yaml", run, tp, sets)

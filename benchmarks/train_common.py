@@ -1,5 +1,6 @@
 """Shared by the training benchmarks: synthetic token shards in the real format, running
-``videoar train`` at a layout under torchrun, and summarising its metrics.
+``videoar train`` at a layout under torchrun, the dry run's memory estimate of the same run, and
+summarising its metrics.
 
 Synthetic shards: random latents quantized by the real ``MultiScaleBSQ`` (so stored bits and latents
 agree exactly, as the shard contract requires), class labels, optional random text features. The
@@ -20,6 +21,9 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+FIT_MARGIN = 0.85
+"""A benchmark runs a layout only when the dry run's estimate is below this share of the GPU memory (the
+estimate is not a profile: docs/BENCHMARKS.md has it 0-2% under measured peaks)."""
 
 
 def write_synthetic_shards(out: Path, *, num: int, frames: int, schedule: list[list[int]], latent_dim: int = 48,
@@ -83,6 +87,17 @@ def run_layout(recipe: Path, run_dir: Path, nproc: int, sets: list[str], timeout
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     return proc.returncode, proc.stderr[-3000:]
+
+
+def estimate_gib(recipe: Path, sets: list[str]) -> tuple[float, float]:
+    """(dry-run estimate per GPU, the same without its fixed runtime allowance) in GiB for ``recipe`` with
+    the ``--set`` items of a run: ``videoar train --dry-run``'s estimator, in process, at the run's
+    ``target`` (set it to the run's GPUs). The second is comparable to the allocator's peak."""
+    from videoar_common.config import load_config
+    from videoar_megatron.training.config import TrainConfig
+    from videoar_megatron.training.dry_run import RUNTIME_OVERHEAD_GIB, estimate_gib as dry_run_estimate
+    total = dry_run_estimate(load_config(TrainConfig, recipe, sets))
+    return total, total - RUNTIME_OVERHEAD_GIB
 
 
 def summarise(run_dir: Path, skip: int) -> dict:

@@ -117,3 +117,154 @@ def test_context_parallel_balance_table_prints_every_split(capsys):
     assert main(["--frames", "3", "--cp", "2", "--windows", "0,1"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
     assert len(rows) == 2 and all(len(r) == 7 and float(r[4]) <= 1.1 for r in rows)
+
+
+# --- bench_ar_train.py and the multi-GPU session (issue 27) ------------------------------------------
+
+def test_training_benchmark_runs_context_parallel_at_another_sequence_on_two_gloo_ranks(capsys, tmp_path):
+    """The real trainer under torchrun on CPU: the 1-rank baseline at the UCF-101 layout, CP=2 on 2 gloo
+    ranks at stage I's (text-conditioned, 2,669 tokens); each row carries the dry run's estimate, and the
+    CP line compares tokens/s per GPU with the baseline's."""
+    import yaml
+
+    from benchmarks.bench_ar_train import main
+    assert main(["--device", "cpu", "--size", "tiny", "--layouts", "cp2@stage1", "--steps", "1", "--warmup", "0",
+                 "--micro", "2", "--work-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("1gpu ", "cp2@stage1 "))}
+    assert rows["1gpu"][1:4] == ["1", "1x1x1x1", "2"] and rows["cp2@stage1"][1:4] == ["2", "1x2x1x1", "1"]
+    for row in rows.values():
+        assert float(row[11]) > 0 and float(row[12]) > 0   # the dry run's estimate, and without its allowance
+    assert "=> cp2@stage1 (CP=2, stage1: 2669 tokens) vs 1gpu (ucf: 651 tokens): tokens/s per GPU ratio " in out
+    (config,) = tmp_path.glob("runs-*/cp2_at_stage1/config.yaml")
+    cfg = yaml.safe_load(config.read_text())   # what the launched trainer resolved: CP=2 on stage I's shards
+    assert cfg["parallel"]["context_parallel"] == 2 and cfg["data"]["path"].endswith("shards_stage1_d8_text4x16")
+
+
+def fake_result(per_gpu: float, gpus: int) -> dict:
+    return {"tokens_per_s": per_gpu * gpus, "tokens_per_s_per_gpu": per_gpu, "mfu": 0.3, "step_time_s": 1.0,
+            "data_time_s": 0.1, "mem_peak_gib": 40.0}
+
+
+def test_training_benchmark_reports_cp_against_the_baseline_and_pipelines_against_their_bubble(capsys):
+    """The lines after the rows, with measured figures given: a CP layout gets its tokens/s per GPU over the
+    baseline's; a pure pipeline its efficiency over 1 / (1 + (PP-1)/(v m)), here m = 8 (stage III's
+    micro-batches at its target: 128 samples / (1 x 16 replicas)): 1/(1 + 1/8) = 0.889 plain, 1/(1 + 1/16)
+    = 0.941 interleaved; TP x PP gets no pipeline line (TP's cost is not bubble)."""
+    from benchmarks.bench_ar_train import LAYOUTS, Run, accumulation, parse, replica_micro, report
+    args = parse(["--sequence", "stage3", "--micro", "1", "--accumulation", "recipe"])
+    base = Run("1gpu", "1gpu", LAYOUTS["1gpu"], "stage3", estimate=(50.0, 47.0))
+    runs = {name: Run(label, name, LAYOUTS[name], seq, estimate=(40.0, 37.0)) for label, name, seq in [
+        ("cp2@stage3_65f", "cp2", "stage3_65f"), ("pp2", "pp2", "stage3"), ("pp2v2", "pp2v2", "stage3"),
+        ("tp2pp2", "tp2pp2", "stage3")]}
+    assert [accumulation(args, r) for r in runs.values()] == [8, 8, 8, 8]
+    assert replica_micro(args, runs["cp2"]) == 1          # 2 x 23,059 / 43,499 = 1.06 samples of 65 frames
+    assert replica_micro(args, runs["tp2pp2"]) == 2
+    for run, per_gpu in zip(runs.values(), [9000, 8500, 9000, 8000]):
+        report(args, run, fake_result(per_gpu, run.par.gpus), base, 10000)
+    out = capsys.readouterr().out
+    assert "=> cp2@stage3_65f (CP=2, stage3_65f: 43499 tokens) vs 1gpu (stage3: 23059 tokens): tokens/s per GPU " \
+           "ratio 0.900 (goal >= 0.85: met)" in out
+    assert "=> pp2: pipeline efficiency 0.850 (tokens/s per GPU vs 1gpu) against the bubble bound " \
+           "1/(1 + (PP-1)/(v m)) = 1/(1 + 1/(1 x 8)) = 0.889: 0.956 of the bound (goal >= 0.95: met); idle share " \
+           "measured 1/efficiency - 1 = 0.176, bubble 0.125" in out
+    assert "=> pp2v2: pipeline efficiency 0.900 (tokens/s per GPU vs 1gpu) against the bubble bound " \
+           "1/(1 + (PP-1)/(v m)) = 1/(1 + 1/(2 x 8)) = 0.941: 0.956 of the bound (goal >= 0.95: met)" in out
+    assert "=> tp2pp2" not in out
+    row = next(line.split() for line in out.splitlines() if line.startswith("pp2v2 "))
+    assert row[2:5] == ["1x1x2v2x1", "1", "x"] and row[5] == "8" and row[-1] == "0.900"
+    assert row[-2] == f"{40.0 / 37.0:.3f}"                 # peak / the estimate without its runtime allowance
+
+
+def test_interleaved_layouts_are_skipped_with_the_reason_until_the_knob_exists(capsys, monkeypatch):
+    """pp2v2 needs parallel.virtual_pipeline_stages: while ParallelConfig has no such field it is skipped and
+    named, once it has (stand-ins for both checkouts) it runs; a layout of more GPUs than the host is named."""
+    import dataclasses
+
+    from benchmarks.bench_ar_train import parse_runs, runnable
+    from videoar_megatron.model import config
+    runs = parse_runs("pp2v2", "ucf", gpus=2)
+    assert [r.label for r in runs] == ["1gpu", "pp2v2"]
+    without = dataclasses.make_dataclass("ParallelConfig", [("pipeline_parallel", int, 1)])
+    with_knob = dataclasses.make_dataclass("ParallelConfig", [("pipeline_parallel", int, 1),
+                                                              ("virtual_pipeline_stages", int, 1)])
+    monkeypatch.setattr(config, "ParallelConfig", without)
+    assert [r.label for r in runnable(runs, gpus=2)] == ["1gpu"]
+    assert "pp2v2: skipped, parallel.virtual_pipeline_stages is not a config field" in capsys.readouterr().out
+    monkeypatch.setattr(config, "ParallelConfig", with_knob)
+    assert [r.label for r in runnable(runs, gpus=2)] == ["1gpu", "pp2v2"]
+    assert [r.label for r in runnable(parse_runs("cp2tp2", "ucf", gpus=2), gpus=2)] == ["1gpu"]
+    assert "cp2tp2: skipped, needs 4 GPUs (this host: 2)" in capsys.readouterr().out
+
+
+def test_training_benchmark_refuses_unknown_layouts_and_sequences():
+    import pytest
+
+    from benchmarks.bench_ar_train import parse_runs
+    with pytest.raises(SystemExit, match="--layouts: unknown layout 'cp3'"):
+        parse_runs("cp3", "ucf", gpus=4)
+    with pytest.raises(SystemExit, match="--layouts: unknown sequence 'stage9' in 'cp2@stage9'"):
+        parse_runs("cp2@stage9", "ucf", gpus=4)
+
+
+def run_session(tmp_path, **env) -> str:
+    """The session's PLAN=1 output: session.log, then every step's log (tmp_path/out/NAME.log)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.subprocess_env import child_env
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(repo / "benchmarks/gpu/multi_gpu_session.sh")], capture_output=True, text=True,
+                          timeout=300, env={**child_env(), "OUT": str(out), "PLAN": "1", "PYTHON": sys.executable,
+                                            "WORK": str(tmp_path / "work"), **env}, cwd=os.getcwd())
+    assert proc.returncode == 0, proc.stderr
+    return (out / "session.log").read_text() + "".join(p.read_text() for p in sorted(out.glob("*.log"))
+                                                       if p.name != "session.log")
+
+
+def test_multi_gpu_session_plans_every_step_on_four_gpus(tmp_path):
+    """PLAN=1 on this CPU machine, pretending 4 GPUs: every step runs its plan (the GPU tests it would
+    collect, each benchmark call's runs and dry-run estimates), so a GPU host cannot find a config error."""
+    log = run_session(tmp_path, GPUS="4", BUDGET_S="100000")
+    assert "NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1" in log
+    for name in ("gpu_tests_cp", "runs_1_2", "gpu_tests_train_cp", "run3_XL", "run3_4B", "gpu_tests_train"):
+        assert f"== {name}: exit 0 after" in log, name
+    assert "test_cp2_equals_cp1_with_flex_attention_on_nccl" in log
+    assert "test_tp2_with_sequence_parallelism_times_cp2_equals_the_unsplit_model_on_four_gpus" in log
+    assert "test_save_at_one_layout_resume_at_another[tp2-pp2]" in log
+    train_cp, train_rest = ((tmp_path / "out" / f"{name}.log").read_text()
+                            for name in ("gpu_tests_train_cp", "gpu_tests_train"))
+    assert "test_cp2_matches_cp1_losses_and_grad_norms_for_20_steps_bf16[rfm]" in train_cp
+    assert "test_save_at_one_layout_resume_at_another[tp2-pp2]" in train_rest and "cp2" not in train_rest
+    assert "cp2@stage3_65f: 2 GPU(s), TPxCPxPPxDP 1x2x1x1, 1 x 8 micro-batches per step, 43499 tokens" in log
+    assert "pp2: 2 GPU(s), TPxCPxPPxDP 1x1x2x1, 1 x 8 micro-batches per step" in log
+    assert "pp2v2: " in log
+    # 4B cannot train on one 80 GB GPU (the dry run says so): TP=2 is run 3's baseline there
+    assert "VideoAR-4B" in log and "1gpu: 1 GPU(s), TPxCPxPPxDP 1x1x1x1, 1 x 2 micro-batches per step, 23059 tokens, " \
+           "dry-run estimate 80.5 GiB per GPU: skipped, > 85% of 80 GiB" in log
+    assert log.count("cp2tp2: 4 GPU(s), TPxCPxPPxDP 2x2x1x1, 4 x 2 micro-batches per step") == 2
+
+
+def test_multi_gpu_session_names_what_it_skips_and_the_command_for_the_rest(tmp_path):
+    """Two GPUs and a budget that holds none of these steps' limits: the 4-GPU step is skipped for the GPUs,
+    the others are not started (never cut by the budget) and the last line gives the command for them."""
+    log = run_session(tmp_path, GPUS="2", BUDGET_S="300", STEPS="runs_1_2 run3_XL gpu_tests_train")
+    assert "== run3_XL: skipped, needs 4 GPUs (this host: 2)" in log
+    assert "== runs_1_2: not run, its limit 420s >" in log and "== gpu_tests_train: not run" in log
+    assert "next command: OUT=" in log and 'STEPS="runs_1_2 gpu_tests_train" bash benchmarks/gpu/multi_gpu_session.sh' \
+        in log
+
+
+def test_gpu_session_scripts_are_shellcheck_clean():
+    import subprocess
+    from pathlib import Path
+
+    from tests.test_pretokenize_slurm import shellcheck
+    repo = Path(__file__).resolve().parents[1]
+    scripts = sorted(str(p.relative_to(repo)) for p in (repo / "benchmarks/gpu").glob("*.sh"))
+    assert "benchmarks/gpu/multi_gpu_session.sh" in scripts
+    proc = subprocess.run([shellcheck(), "-x", "--shell=bash", *scripts], capture_output=True, text=True, cwd=repo)
+    assert proc.returncode == 0, proc.stdout

@@ -54,6 +54,14 @@ def test_cp2_equals_cp1_with_flex_attention_on_nccl(torchrun, tmp_path):
     check(tmp_path, modes, 2, 1)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs")
+def test_tp2_with_sequence_parallelism_times_cp2_equals_the_unsplit_model_on_four_gpus(torchrun, tmp_path):
+    """Issue 27's CP=2 x TP=2 layout on NCCL: sequence-parallel norms, GQA and the gathered keys/values."""
+    torchrun(SCRIPTS / "cp_parity.py", 4, tmp_path, "cuda", 2, "text_weights")
+    check(tmp_path, ("text_weights",), 4, 2)
+
+
 # --- the split ------------------------------------------------------------------------------------
 
 def random_layout(rng: random.Random, multiple: int) -> TokenLayout:

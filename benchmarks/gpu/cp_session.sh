@@ -14,7 +14,7 @@
 #   OUT=/tmp/cp-session bash benchmarks/gpu/cp_session.sh
 # Fill docs/BENCHMARKS.md's "not measured" rows of the context-parallelism section from the logs.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 2
 OUT=${OUT:-runs/cp-session-$(date +%Y%m%d-%H%M%S)}
 BUDGET_S=${BUDGET_S:-500}
 PY=${PYTHON:-python}

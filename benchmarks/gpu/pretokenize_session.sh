@@ -19,7 +19,7 @@
 #   OUT=/tmp/pretok-session bash benchmarks/gpu/pretokenize_session.sh
 # Fill docs/BENCHMARKS.md's "not measured" rows of session 8 from the logs (each names its GPU).
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 2
 OUT=${OUT:-runs/pretokenize-session-$(date +%Y%m%d-%H%M%S)}
 BUDGET_S=${BUDGET_S:-480}
 PY=${PYTHON:-python}
