@@ -44,7 +44,6 @@ for _entry in "${_entries[@]}"; do
     [[ -d $_entry/nvidia_cutlass_dsl/python_packages ]] && PYTHONPATH="$PYTHONPATH:$_entry/nvidia_cutlass_dsl/python_packages"
 done
 mkdir -p "$OUT"
-LOG="$OUT/session.log"
 T0=$(date +%s)
 # One compile cache for the session, outside $OUT (it is large and is not a result), empty at the start
 # so that step 2's first run is cold (bench_compile_cache.py refuses a non-empty one). A CACHE given by
@@ -55,31 +54,20 @@ if [[ -z ${CACHE:-} ]]; then
     OWN_CACHE=$CACHE
 fi
 
-say() { echo "$*" | tee -a "$LOG"; }
+# shellcheck source=benchmarks/gpu/session_common.sh
+source benchmarks/gpu/session_common.sh
 
-# step NAME LIMIT_S CMD...: run CMD under min(LIMIT_S, budget left) seconds, output tee'd to $OUT/NAME.log
+# step NAME LIMIT_S CMD...: run CMD under min(LIMIT_S, budget left) seconds, output tee'd to $OUT/NAME.log,
+# unless NAME is in $SKIP
 step() {
-    local name=$1 limit=$2 left
-    shift 2
-    if [[ " $SKIP " == *" $name "* ]]; then
-        say "== $name: skipped (SKIP)"
+    if [[ " $SKIP " == *" $1 "* ]]; then
+        say "== $1: skipped (SKIP)"
         return
     fi
-    left=$(( BUDGET_S - ($(date +%s) - T0) ))
-    (( limit > left )) && limit=$left
-    if (( limit < 20 )); then
-        say "== $name: skipped, ${left}s of the ${BUDGET_S}s budget left"
-        return
-    fi
-    say "== $name (limit ${limit}s): $*"
-    local start rc
-    start=$(date +%s)
-    timeout --signal=INT --kill-after=10 "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
-    rc=$?
-    say "== $name: exit $rc after $(( $(date +%s) - start ))s$([[ $rc == 124 || $rc == 137 ]] && echo ' (time limit)')"
+    step_in_budget "$@"
 }
 
-say "AR GPU session (issue 26), $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), budget ${BUDGET_S}s"
+session_header "AR GPU session (issue 26)"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; echo "host cores: $(nproc)"; } 2>&1 | tee -a "$LOG"
 
 # 0. Versions, and FLASH: installed? usable here? what auto picks per size and recipe length.

@@ -49,36 +49,32 @@ export PYTHONUNBUFFERED=1
 # The lent hosts need NVLink multicast off (NVLS in NCCL, multicast in torch symmetric memory and NVSHMEM).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 mkdir -p "$OUT" "$WORK"
-LOG="$OUT/session.log"
 T0=$(date +%s)
 NOT_RUN=()
 
-say() { echo "$*" | tee -a "$LOG"; }
+# shellcheck source=benchmarks/gpu/session_common.sh
+source benchmarks/gpu/session_common.sh
 
 # step NAME GPUS LIMIT_S CMD...: run CMD under LIMIT_S seconds, output tee'd to $OUT/NAME.log, if NAME is in
 # $STEPS, the host has GPUS GPUs and the whole limit fits in the budget left (else it is named as not run).
 step() {
-    local name=$1 need=$2 limit=$3 left start rc
+    local name=$1 need=$2 limit=$3 left
     shift 3
     [[ " $STEPS " == *" $name "* ]] || return 0
     if (( need > GPU_COUNT )); then
         say "== $name: skipped, needs $need GPUs (this host: $GPU_COUNT)"
         return 0
     fi
-    left=$(( BUDGET_S - ($(date +%s) - T0) ))
+    left=$(budget_left)
     if (( limit > left )); then
         say "== $name: not run, its limit ${limit}s > the ${left}s left of the ${BUDGET_S}s budget"
         NOT_RUN+=("$name")
         return 0
     fi
-    say "== $name (limit ${limit}s): $*"
-    start=$(date +%s)
-    timeout --signal=INT --kill-after=10 "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
-    rc=$?
-    say "== $name: exit $rc after $(( $(date +%s) - start ))s$([[ $rc == 124 || $rc == 137 ]] && echo ' (time limit)')"
+    run_limited "$name" "$limit" "$@"
 }
 
-say "multi-GPU session (issue 27), $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), budget ${BUDGET_S}s, steps: $STEPS${PLAN:+ (PLAN: nothing runs on a GPU)}"
+session_header "multi-GPU session (issue 27)" ", steps: $STEPS${PLAN:+ (PLAN: nothing runs on a GPU)}"
 say "NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE TORCH_SYMM_MEM_DISABLE_MULTICAST=$TORCH_SYMM_MEM_DISABLE_MULTICAST NVSHMEM_DISABLE_NVLS=$NVSHMEM_DISABLE_NVLS"
 { nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader && nvidia-smi topo -m; echo "host cores: $(nproc)"; } 2>&1 | tee -a "$LOG"
 timeout 90 "$PY" - <<'EOF' 2>&1 | grep -v -i "warn" | tee -a "$LOG"

@@ -26,30 +26,15 @@ PY=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
-LOG="$OUT/session.log"
 T0=$(date +%s)
 
-say() { echo "$*" | tee -a "$LOG"; }
+# shellcheck source=benchmarks/gpu/session_common.sh
+source benchmarks/gpu/session_common.sh
 
 # step NAME LIMIT_S CMD...: run CMD under min(LIMIT_S, budget left) seconds, output tee'd to $OUT/NAME.log
-step() {
-    local name=$1 limit=$2 left
-    shift 2
-    left=$(( BUDGET_S - ($(date +%s) - T0) ))
-    (( limit > left )) && limit=$left
-    if (( limit < 20 )); then
-        say "== $name: skipped, ${left}s of the ${BUDGET_S}s budget left"
-        return
-    fi
-    say "== $name (limit ${limit}s): $*"
-    local start rc
-    start=$(date +%s)
-    timeout --signal=INT --kill-after=10 "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
-    rc=$?
-    say "== $name: exit $rc after $(( $(date +%s) - start ))s$([[ $rc == 124 || $rc == 137 ]] && echo ' (time limit)')"
-}
+step() { step_in_budget "$@"; }
 
-say "pretokenize GPU session, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), budget ${BUDGET_S}s"
+session_header "pretokenize GPU session"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; echo "host cores: $(nproc)"; } 2>&1 | tee -a "$LOG"
 timeout 60 "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
 import importlib
