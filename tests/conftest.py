@@ -20,6 +20,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(autouse=True)
+def compile_cache_environment_restored():
+    """A run in this process (a CLI or benchmark called in-process) points Inductor's and Triton's caches
+    at its run directory through the environment (videoar_common.compile_cache); restore it after each
+    test, so a later test's subprocesses do not inherit an earlier test's directory as a site setting."""
+    from videoar_common.compile_cache import INDUCTOR_ENV, TRITON_ENV
+    saved = {name: os.environ.get(name) for name in (INDUCTOR_ENV, TRITON_ENV)}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def pytest_addoption(parser):
     parser.addoption("--skip-slurm", action="store_true",
                      help="skip tests that start a real SLURM controller (never skipped in CI)")

@@ -8,13 +8,16 @@ steps and DP=2 with 1 see the same clips in the same micro-batches (per-micro-ba
 as the quantizer's codebook entropy included). The corpus has no bad videos (a reject would shift one
 rank's stream). The run includes GAN steps (LeCAM).
 
-Tolerance: none, the runs are equal bit for bit (every logged term of every step, every exported
-weight). What differs between the layouts is where two addends meet: DP averages two ranks' gradients
-in an all-reduce where DP=1 adds two micro-batches scaled by 1/2, and ZeRO-2 reduce-scatters gradients
-into partitions where ZeRO-1 all-reduces them. With two addends the order cannot matter (a + b = b + a
-in floating point) and halving is exact in binary, so any difference is a real one; measured, all
-three pairs were identical. (With more ranks or accumulation steps the sum order would change and a
-tolerance of ~1e-5 would be needed.) A rank reading the other rank's clips, a gradient left unreduced
+Tolerance. The gradients themselves agree bit for bit: DP averages two ranks' gradients in an
+all-reduce where DP=1 adds two micro-batches scaled by 1/2, and ZeRO-2 reduce-scatters gradients into
+partitions where ZeRO-1 all-reduces them; with two addends the order cannot matter (a + b = b + a in
+floating point) and halving is exact in binary. The gradient norm is another matter: DeepSpeed sums
+the squares per ZeRO partition and then over ranks, so its summation order follows the number of
+partitions, and DP=1 (one partition) and DP=2 (two) may differ in the last bit; with clipping on, that
+bit reaches the weights through the clip coefficient. Measured: DP=1 vs DP=2 differ by at most 7.6e-8
+relative (the gradient norm at step 5; the exported weights by up to 4.1e-8), so they are held to 1e-6;
+ZeRO-1 vs ZeRO-2 (two partitions both) were identical in every run and are held to exactly equal. (With more ranks or accumulation steps the gradient sum order would change too
+and ~1e-5 would be needed.) A rank reading the other rank's clips, a gradient left unreduced
 or a partition updated from the wrong slice changes the first step's loss or the weights by far more
 than rounding: another data seed, the control below, differs by more than 1e-3.
 """
@@ -72,12 +75,13 @@ def runs(tmp_path_factory, corpus):  # noqa: F811
             "dp2_zero2": train(root, corpus, "dp2_zero2", 2, 2)}
 
 
-@pytest.mark.parametrize("a,b", [("dp1", "dp2_zero1"), ("dp1", "dp2_zero2"), ("dp2_zero1", "dp2_zero2")],
+@pytest.mark.parametrize("a,b,rtol", [("dp1", "dp2_zero1", 1e-6), ("dp1", "dp2_zero2", 1e-6),
+                                      ("dp2_zero1", "dp2_zero2", 0.0)],
                          ids=["dp2-equals-dp1-zero1", "dp2-equals-dp1-zero2", "zero1-equals-zero2"])
-def test_layouts_train_the_same_tokenizer(runs, a, b):
+def test_layouts_train_the_same_tokenizer(runs, a, b, rtol):
     worst, where = max_rel_diff(runs[a], runs[b])
     print(f"\n{a} vs {b}: max relative difference {worst:.2e} at {where}")
-    assert worst == 0.0, f"{a} vs {b}: {worst:.2e} at {where}"
+    assert worst <= rtol, f"{a} vs {b}: {worst:.2e} at {where}"
 
 
 def test_the_comparison_sees_a_different_run(runs, tmp_path, corpus):  # noqa: F811
