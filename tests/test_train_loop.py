@@ -143,16 +143,16 @@ def test_kill_during_an_async_save_resumes_from_the_previous_and_equals_uninterr
 
 
 def test_a_stop_and_the_end_of_the_run_wait_for_the_background_write(tiny_shards, tmp_path):
-    """Each background write waits 4 s before it starts: the step loop does not (the save of step 5
+    """Each background write waits 2 s before it starts: the step loop does not (the save of step 5
     stalls it for less than that), but the stop at step 7 (SIGUSR1) exits 75 only once steps 5 and 7 are
     committed, and the resumed run's last step is committed when it exits 0. A synchronous run from the
     same start reads those asynchronous checkpoints and computes the same losses."""
     run = tmp_path / "run"
     sets = ("train.steps=12", "checkpoint.save_every=5", "checkpoint.keep_last=0", "optim.warmup_steps=2",
-            "debug.slow_async_save_s=4")
+            "debug.slow_async_save_s=2")
     proc = run_train(1, run, tiny_shards, *sets, "debug.signal_at_step=7", expect_rc=75)
     stalls = [float(s) for s in re.findall(r"step_00000005: the step loop stalled ([0-9.]+)s", proc.stderr)]
-    assert len(stalls) == 1 and stalls[0] < 4, proc.stderr[-3000:]
+    assert len(stalls) == 1 and stalls[0] < 2, proc.stderr[-3000:]
     assert committed_steps(run / "checkpoints") == [5, 7]
     assert json.loads((run / "REQUEUE_REQUESTED").read_text())["step"] == 7
     run_train(1, run, tiny_shards, *sets)
