@@ -16,6 +16,7 @@ a benchmark times what a recipe trains, never a hand-copied schedule:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -45,9 +46,14 @@ def layout_recipes() -> dict[str, tuple[Path, tuple[str, ...]]]:
             "stage3_65f": (own_65f, ()) if own_65f.is_file() else (RECIPES / "stage3.yaml", ("data.num_frames=65",))}
 
 
+def recipe_config(recipe: Path, overrides: tuple[str, ...] = ()) -> TrainConfig:
+    """A recipe as one GPU trains it (TP = CP = 1)."""
+    return load_config(TrainConfig, recipe, [*overrides, *SINGLE_GPU])
+
+
 def recipe_layout(recipe: Path, overrides: tuple[str, ...] = ()) -> TokenLayout:
     """The longest sequence a recipe trains, at TP = 1."""
-    return longest(load_config(TrainConfig, recipe, [*overrides, *SINGLE_GPU]))
+    return longest(recipe_config(recipe, overrides))
 
 
 def layout_origin(name: str) -> str:
@@ -56,7 +62,12 @@ def layout_origin(name: str) -> str:
     return " ".join([f"recipes/ar/{recipe.name}", *(f"+ {o}" for o in overrides)])
 
 
-LAYOUTS: dict[str, TokenLayout] = {name: recipe_layout(*spec) for name, spec in layout_recipes().items()}
+_RECIPE_CONFIGS = {name: recipe_config(*spec) for name, spec in layout_recipes().items()}
+LAYOUTS: dict[str, TokenLayout] = {name: longest(cfg) for name, cfg in _RECIPE_CONFIGS.items()}
+MASKS: dict[str, dict] = {name: dataclasses.asdict(cfg.model.mask) for name, cfg in _RECIPE_CONFIGS.items()}
+"""The Random Frame Mask each layout's recipe trains with (``model.mask``: window, drop, anchor). It is
+part of what a recipe trains: it sets the attended pairs, and ``flex_kernel: auto`` keeps Triton when the
+mask reads the frame table (a window or a drop: stage III and 65 frames)."""
 
 
 @contextlib.contextmanager

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.ar_common import (LAYOUTS, attention_flops, layout_origin, one_process_groups, row,  # noqa: E402
-                                   time_ms)
+from benchmarks.ar_common import (LAYOUTS, MASKS, attention_flops, layout_origin, one_process_groups,  # noqa: E402
+                                   row, time_ms)
 from tokenizer.quantizer import MultiScaleBSQ  # noqa: E402
 from videoar_common.config import build_dataclass  # noqa: E402
 from videoar_megatron.model.attention import VideoARCoreAttention  # noqa: E402
@@ -65,7 +65,10 @@ def parse(argv):
     p.add_argument("--batch", default="ucf=16",
                    help="samples per step: one number, or per size/layout, layout or size (others 1), e.g. ucf=16")
     p.add_argument("--latent-dim", type=int, default=48, help="bits per token d (paper 48)")
-    p.add_argument("--p-mask", type=float, default=0.0, help="Random Frame Mask drop probability")
+    p.add_argument("--p-mask", type=float, default=None,
+                   help="Random Frame Mask drop probability with no window (default: each recipe's model.mask, "
+                        "window and drop, as it trains; stage III and 65 frames read the frame table, so auto "
+                        "picks Triton there: docs/training.md#attention-kernels)")
     p.add_argument("--recompute", default="none",
                    help="activation recompute (none, full, core_attn): one value, or per size/layout, layout or "
                         "size (others none), e.g. XL=full,4B=full,stage3_65f=full")
@@ -90,12 +93,16 @@ def per_pair(value: str, size: str, name: str, default: str) -> str:
     return next((table[k] for k in (f"{size}/{name}", name, size) if k in table), default)
 
 
-def videoar_config(args, size: str, layout, split_tokens: int | None = None) -> ModelConfig:
+def videoar_config(args, size: str, name: str, split_tokens: int | None = None) -> ModelConfig:
+    """VideoAR-``size`` at benchmark layout ``name``, with the Random Frame Mask of its recipe unless
+    ``args.p_mask`` sets a drop (no window)."""
+    layout = LAYOUTS[name]
     split = {} if split_tokens is None else {"attention_split_tokens": split_tokens}
+    mask = MASKS[name] if args.p_mask is None else {"rfm_window": 0, "rfm_p_mask": args.p_mask}
     return build_dataclass(ModelConfig, {
         "size": size, "latent_dim": args.latent_dim, "max_scales": max(16, layout.num_scales),
         "condition": {"kind": "text_features", "text_len": layout.prefix_len, "feature_dim": 1024},
-        "mask": {"rfm_window": 0, "rfm_p_mask": args.p_mask}, "flex_kernel": args.flex_kernel, **split})
+        "mask": mask, "flex_kernel": args.flex_kernel, **split})
 
 
 def matmul_params(cfg: ModelConfig, head_width: int) -> int:
@@ -104,9 +111,10 @@ def matmul_params(cfg: ModelConfig, head_width: int) -> int:
     return cfg.num_layers * (layer_parameters(cfg) - norms) + cfg.hidden_size * head_width
 
 
-def videoar_step(args, size, layout, batch_size, groups, device, recompute, split_tokens=None):
+def videoar_step(args, size, name, batch_size, groups, device, recompute, split_tokens=None):
     """(median step ms, config, attended pairs per sample, the flex kernel chosen) of VideoAR."""
-    cfg = videoar_config(args, size, layout, split_tokens)
+    layout = LAYOUTS[name]
+    cfg = videoar_config(args, size, name, split_tokens)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(cfg, ParallelConfig(recompute=recompute), groups, device=device, params_dtype=dtype)
     kernel = model.flex_kernel_for(layout.seq_len)
@@ -166,7 +174,7 @@ def report(name, layout, batch_size, cfg, pairs, kernel, recompute, ours_ms, gpt
     print(f"\n[{name}] {cfg.size}: {cfg.num_layers} x {cfg.hidden_size} x {cfg.num_attention_heads} "
           f"(head_dim {cfg.head_dim}), S={layout.seq_len} from {layout_origin(name)}, batch {batch_size} "
           f"({tokens} tokens/step), recompute {recompute}, attention_split_tokens={cfg.attention_split_tokens}, "
-          f"VideoAR mask density {pairs / layout.seq_len ** 2:.3f} vs causal {causal_pairs / layout.seq_len ** 2:.3f}")
+          f"Random Frame Mask window {cfg.mask.rfm_window} drop {cfg.mask.rfm_p_mask}, VideoAR mask density {pairs / layout.seq_len ** 2:.3f} vs causal {causal_pairs / layout.seq_len ** 2:.3f}")
     print(f"  flex kernel: {kernel.name} ({kernel.reason})")
     print(row("step time", ours_ms, gpt_ms))
     print(row("tokens/s", tokens / ours_ms * 1e3, tokens / gpt_ms * 1e3, "tok/s", lower_is_better=False))
@@ -186,12 +194,12 @@ def run_pair(args, size, name, groups, device) -> list[str]:
     layout = LAYOUTS[name]
     batch_size = int(per_pair(args.batch, size, name, "1"))
     recompute = per_pair(args.recompute, size, name, "none")
-    gpt_ms = gpt_step(args, videoar_config(args, size, layout), layout, batch_size, groups, device, recompute)
+    gpt_ms = gpt_step(args, videoar_config(args, size, name), layout, batch_size, groups, device, recompute)
     print(f"[{name}] {size}: GPT baseline step {gpt_ms:.1f} ms", flush=True)
     lines = []
     for split in [int(x) for x in args.split_tokens.split(",") if x] or [None]:
         torch.cuda.empty_cache() if device.type == "cuda" else None
-        ours_ms, cfg, pairs, kernel = videoar_step(args, size, layout, batch_size, groups, device, recompute, split)
+        ours_ms, cfg, pairs, kernel = videoar_step(args, size, name, batch_size, groups, device, recompute, split)
         lines.append(report(name, layout, batch_size, cfg, pairs, kernel, recompute, ours_ms, gpt_ms,
                             args.peak_tflops))
         sys.stdout.flush()

@@ -63,8 +63,8 @@ def child(args) -> dict:
 
     with one_process_groups(args.device) as (ctx, groups):
         device, layout = ctx.device, LAYOUTS[args.layout]
-        settings = argparse.Namespace(latent_dim=48, p_mask=0.0, flex_kernel=args.flex_kernel)
-        cfg = videoar_config(settings, args.size, layout)
+        settings = argparse.Namespace(latent_dim=48, p_mask=None, flex_kernel=args.flex_kernel)
+        cfg = videoar_config(settings, args.size, args.layout)   # the recipe's mask, as it trains
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = build_model(cfg, ParallelConfig(recompute=args.recompute), groups, device=device, params_dtype=dtype)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")

@@ -19,7 +19,21 @@ def test_train_step_benchmark_runs_with_and_without_split_attention(capsys):
     assert "attention_split_tokens=0" in out and "attention_split_tokens=16" in out
     assert out.count("=> VideoAR / GPT tokens/s") == 2 and "S=651 from recipes/ar/ucf101_L.yaml" in out
     assert out.count("flex kernel: triton (auto: ") == 2   # the default, named with its reason
+    assert out.count("Random Frame Mask window 0 drop 0.0") == 2   # ucf101_L.yaml's: full temporal context
     assert out.split("summary")[1].count(" ratio ") == 2
+
+
+def test_train_step_benchmark_trains_each_recipes_random_frame_mask():
+    """The benchmark's VideoAR carries its recipe's Random Frame Mask (stage III: window 4, drop 0.1),
+    which sets the attended pairs and auto's kernel; --p-mask sets a drop without a window instead."""
+    import argparse
+    from benchmarks.bench_ar_train_step import videoar_config
+    as_recipe = argparse.Namespace(latent_dim=8, p_mask=None, flex_kernel="auto")
+    stage3 = videoar_config(as_recipe, "tiny", "stage3").mask
+    assert (stage3.rfm_window, stage3.rfm_p_mask) == (4, 0.1) and stage3.reads_frame_table
+    assert not videoar_config(as_recipe, "tiny", "ucf").mask.reads_frame_table
+    chosen = videoar_config(argparse.Namespace(latent_dim=8, p_mask=0.2, flex_kernel="auto"), "tiny", "stage3").mask
+    assert (chosen.rfm_window, chosen.rfm_p_mask) == (0, 0.2)
 
 
 def test_checkpoint_benchmark_times_both_saves_through_the_trainer(capsys, tmp_path):
@@ -44,7 +58,8 @@ def test_benchmark_layouts_are_the_recipes_sequences():
     """Each benchmark layout is the longest sequence of its recipe at TP = 1, counted here from the recipe's
     own num_frames and scale_schedule (1 + 4k frames -> 1 + k latent frames, prefix from the condition):
     the stage-III recipe trains 23,059 tokens, 65 frames 43,499."""
-    from benchmarks.ar_common import LAYOUTS, layout_recipes
+    import dataclasses
+    from benchmarks.ar_common import LAYOUTS, MASKS, layout_recipes
     from videoar_common.config import load_config
     from videoar_megatron.training.config import TrainConfig
     for name, (recipe, overrides) in layout_recipes().items():
@@ -54,6 +69,7 @@ def test_benchmark_layouts_are_the_recipes_sequences():
         tokens = cfg.model.condition.prefix_len + frames * sum(h * w for h, w in video.scale_schedule)
         assert (LAYOUTS[name].seq_len, LAYOUTS[name].pad) == (tokens, 0), name
         assert LAYOUTS[name].scales == tuple(map(tuple, video.scale_schedule)), name
+        assert MASKS[name] == dataclasses.asdict(cfg.model.mask), name
     assert [LAYOUTS[n].seq_len for n in ("ucf", "stage1", "stage2", "stage3", "stage3_65f")] == \
         [651, 2669, 12839, 23059, 43499]
 

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,9 +35,15 @@ from tests.process_groups import single_process_groups
 pytestmark = pytest.mark.gpu
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 UCF_SCALES = ((1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (8, 8))  # 130 tokens per latent frame
-FA4_BLOCK_SIZE_ERROR = r"(?is)block size \d+.*must be a multiple of \d+"
-"""FA4 4.0's message where the BlockMask's query block does not fit its Hopper tiles (seen on an H200:
-"Block sparse tensors forward have block size 128, which must be a multiple of 192", docs/BENCHMARKS.md)."""
+FA4_BLOCK_SIZE_ERROR = (r"(?is)block size \d+.*must be a multiple of \d+"
+                        r"|block sparsity requires sparse_block_size\[\d\]=\d+ to match tile_n")
+"""FA4 4.0's messages where the BlockMask's blocks do not fit its Hopper tiles (seen on an H200: "Block
+sparse tensors forward have block size 128, which must be a multiple of 192"; on an H100 in session 10,
+head_dim 80: "Block sparsity requires sparse_block_size[1]=144 to match tile_n", docs/BENCHMARKS.md)."""
+FLASH_FRAME_TABLE_CRASH_SIGNATURE = (r"operation not supported on global/shared address space"
+                                     r"|cudaErrorInvalidAddressSpace|CUBLAS_STATUS_EXECUTION_FAILED")
+"""How the crash of FLASH with the frame table showed (H100, session 10): the kernel's invalid address
+space error, surfacing at the next cuBLAS call after the attention."""
 
 
 def ucf_case(batch=2, frames=5, prefix=8, rfm=True):
@@ -191,13 +201,14 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_4b_heads_through_the_model_flash_equals_sdpa(groups):
     """VideoAR-4B's head dim (80) through the whole model, bf16: model.flex_kernel=flash (padded heads on
     Hopper) against the dense SDPA path, logits and every gradient within bf16 rounding (relative L2;
-    a wrong softmax scale moves them by tens of percent)."""
+    a wrong softmax scale moves them by tens of percent). The full frame context: FLASH is refused with
+    the Random Frame Mask's frame table (next test)."""
     skip_without_flash()
     from videoar_megatron.model.model import build_model
     from videoar_megatron.model.sequence import build_batch
     cfg = build_dataclass(ModelConfig, {"size": "custom", "num_layers": 2, "hidden_size": 320,
                                         "num_attention_heads": 4, "latent_dim": 16, "flex_kernel": "flash",
-                                        "attention_backend": "flex", "mask": {"rfm_window": 2, "rfm_p_mask": 0.3}})
+                                        "attention_backend": "flex", "mask": {"rfm_window": 0, "rfm_p_mask": 0.0}})
     q = MultiScaleBSQ(dim=16, scales=UCF_SCALES)
     batch = build_batch(q, cfg, latent_BdTHW=torch.randn(2, 16, 5, 8, 8, device="cuda"), cond=torch.tensor([3, 4]),
                         training=True, generator=torch.Generator("cuda").manual_seed(0))
@@ -216,6 +227,24 @@ def test_4b_heads_through_the_model_flash_equals_sdpa(groups):
     assert rel_l2(flash_logits, sdpa_logits) < 1e-2
     for name in flash_grads:
         assert rel_l2(flash_grads[name], sdpa_grads[name]) < 3e-2, name
+
+
+def test_flash_with_the_frame_table_still_crashes_in_the_model():
+    """The sentinel of FLASH_FRAME_TABLE_CRASH (videoar_megatron/model/attention.py): FLASH through the
+    model on a batch whose mask reads the Random Frame Mask's frame table, in its own process
+    (tests/dist_scripts/flash_frame_table.py), still crashes the CUDA context. When this test fails
+    because the script ran, a FlashAttention-4 or torch release fixed it: check flash against SDPA
+    through the model with the frame table (the test above with the mask on), then lift the refusal
+    in check_flex_kernel and choose_flex_kernel's Triton rule, and re-measure stage III."""
+    skip_without_flash()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = subprocess.run([sys.executable, str(SCRIPTS / "flash_frame_table.py")], capture_output=True,
+                         text=True, timeout=600, env=env)
+    out = run.stdout + run.stderr
+    assert run.returncode != 0, ("FLASH ran the model with the frame table: lift FLASH_FRAME_TABLE_CRASH's "
+                                 "refusal after checking it against SDPA\n" + out[-2000:])
+    assert "flex kernel: flash" in out, out[-3000:]
+    assert re.search(FLASH_FRAME_TABLE_CRASH_SIGNATURE, out), out[-3000:]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from videoar_megatron.model.attention import (FLASH_MIN_TOKENS, FlexKernel, attend_with_padded_heads,
-                                              choose_flex_kernel, flash_head_padding)
+                                              check_flex_kernel, choose_flex_kernel, flash_head_padding)
+from videoar_megatron.model.config import MaskConfig
 from videoar_megatron.model.layout import TokenLayout
 from videoar_megatron.model.mask import dense_mask, draw_frame_visibility
 
@@ -99,6 +100,22 @@ def test_auto_keeps_triton_under_context_parallelism_and_flash_stays_explicit():
     assert choose_flex_kernel("auto", STAGE3, 128, HOPPER, None, context_parallel=False).name == "flash"
 
 
+def test_frame_table_masks_stay_on_triton_and_an_explicit_flash_is_refused():
+    """FLASH crashed the CUDA context through the model whenever the mask read the Random Frame Mask's
+    frame table (H100, session 10): auto keeps Triton under a window or a random drop and says why, an
+    explicit flash is refused before building, naming the knobs; the full frame context keeps FLASH."""
+    assert MaskConfig(rfm_window=4).reads_frame_table and MaskConfig(rfm_p_mask=0.1).reads_frame_table
+    assert not MaskConfig().reads_frame_table and not MaskConfig(rfm_anchor_first=True).reads_frame_table
+    kernel = choose_flex_kernel("auto", STAGE3, 80, HOPPER, None, frame_table=True)
+    assert (kernel.name, kernel.pad_head_dim) == ("triton", None)
+    assert "frame table" in kernel.reason and "rfm_window" in kernel.reason
+    assert choose_flex_kernel("auto", STAGE3, 80, HOPPER, None, frame_table=False).name == "flash"
+    with pytest.raises(ValueError, match=r"model\.flex_kernel=flash with model\.mask\.rfm_window > 0 or "
+                                         r"model\.mask\.rfm_p_mask > 0: .*crashed.*set model\.flex_kernel=auto"):
+        check_flex_kernel("flash", torch.device("cuda"), 128, frame_table=True)
+    check_flex_kernel("flash", torch.device("cpu"), 128, frame_table=True)   # the CPU runs dense SDPA
+
+
 def test_model_hands_the_chosen_kernel_to_its_attention(monkeypatch):
     """The model's flex kernel per layout follows the probe of its device (here a Hopper with FA4, faked:
     the choice only reads the capability and the blocker) and reaches AttentionInputs."""
@@ -117,6 +134,9 @@ def test_model_hands_the_chosen_kernel_to_its_attention(monkeypatch):
         model.probe_kernels(torch.device("cuda"))
         assert model.flex_kernel_for(STAGE3) == choose_flex_kernel("auto", STAGE3, 16, HOPPER, None)
         assert model.flex_kernel_for(STAGE3).name == "flash"
+        model.cfg.mask = MaskConfig(rfm_window=4)   # the mask now reads the frame table: Triton
+        assert model.flex_kernel_for(STAGE3) == choose_flex_kernel("auto", STAGE3, 16, HOPPER, None, frame_table=True)
+        model.cfg.mask = MaskConfig()
         model.always_split = True   # the one-rank context-parallel path
         assert model.flex_kernel_for(STAGE3).name == "triton"
         model.always_split = False

@@ -171,6 +171,14 @@ def test_flash_kernel_without_flash_attn_is_refused_before_building(groups):
     model_of(make_cfg(flex_kernel="flash"), groups)
 
 
+def test_flash_kernel_with_the_frame_table_is_refused_before_building(groups):
+    """model.flex_kernel=flash with a Random Frame Mask window or drop is refused before anything touches
+    the GPU (it crashed the CUDA context in the first step, docs/training.md#attention-kernels)."""
+    for mask in ({"rfm_window": 2, "rfm_p_mask": 0.0}, {"rfm_window": 0, "rfm_p_mask": 0.1}):
+        with pytest.raises(ValueError, match=r"model\.flex_kernel=flash with model\.mask\.rfm_window"):
+            build_model(make_cfg(flex_kernel="flash", mask=mask), ParallelConfig(), groups, device="cuda")
+
+
 @pytest.mark.parametrize("window", [0, 1])
 def test_kv_cached_steps_equal_the_teacher_forced_forward(groups, window):
     """Sampling's path: prefix, then one forward per (frame, scale) writing into the KV cache."""

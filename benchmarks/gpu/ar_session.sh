@@ -79,7 +79,8 @@ for name in ("torch", "megatron.core", "triton", "flash_attn", "cutlass", "quack
     except Exception as e:  # a missing package is named; what needs it says so below
         print(f"{name} MISSING: {type(e).__name__}: {e}")
 import torch
-from benchmarks.ar_common import LAYOUTS
+from benchmarks.ar_common import LAYOUTS, MASKS
+from videoar_megatron.model.config import MaskConfig
 from videoar_megatron.model.attention import choose_flex_kernel, flash_blocker, flash_installed
 from videoar_megatron.model.config import SIZES
 device = torch.device("cuda")
@@ -90,13 +91,14 @@ for size in ("L", "XL", "4B"):
     blocker = flash_blocker(device, head_dim)
     print(f"{size} (head_dim {head_dim}): FLASH {'usable' if blocker is None else 'NOT usable: ' + blocker}")
     for name, layout in LAYOUTS.items() if blocker is None else ():
-        k = choose_flex_kernel("auto", layout.seq_len, head_dim, torch.cuda.get_device_capability(), blocker)
+        k = choose_flex_kernel("auto", layout.seq_len, head_dim, torch.cuda.get_device_capability(), blocker,
+                               frame_table=MaskConfig(**MASKS[name]).reads_frame_table)
         print(f"  auto at {name} ({layout.seq_len} tokens): {k.name} ({k.reason})")
 EOF
 
 # 1. GPU tests of this issue's kernel changes (FLASH ones skip without flash-attn-4).
 step gpu_tests 110 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rA tests/test_model_gpu.py \
-    -k "auto_kernel or flash_kernel or unpadded or 4b_heads"
+    -k "auto_kernel or flash_kernel or unpadded or 4b_heads or frame_table"
 
 export TORCHINDUCTOR_CACHE_DIR="$CACHE" TRITON_CACHE_DIR="$CACHE/triton"
 

@@ -89,11 +89,28 @@ def flash_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None and importlib.util.find_spec("flash_attn.cute") is not None
 
 
-def check_flex_kernel(kernel: str, device: torch.device, head_dim: int | None = None) -> None:
+FLASH_FRAME_TABLE_CRASH = (
+    "FlashAttention-4 crashed the CUDA context through the model whenever the mask reads the Random Frame "
+    "Mask's frame table (cudaErrorInvalidAddressSpace in the first step; H100, session 10, "
+    "docs/training.md#attention-kernels)")
+"""Why FLASH is not used with a windowed or randomly dropped frame context
+(``MaskConfig.reads_frame_table``): with VideoAR-4B's heads (padded) and XL's (unpadded) the model's
+first forward crashed, while the same kernels ran through the model with the full frame context, and
+equal dense SDPA at the attention level with the frame table (the cause is not found yet). The GPU
+test ``test_flash_with_the_frame_table_still_crashes_in_the_model`` (tests/test_model_gpu.py) says
+when a FlashAttention-4 or torch release no longer crashes."""
+
+
+def check_flex_kernel(kernel: str, device: torch.device, head_dim: int | None = None,
+                      frame_table: bool = False) -> None:
     """Refuse ``model.flex_kernel=flash`` where it cannot run, before anything is built (else the
-    first step would fail inside Inductor's lowering or FlashAttention-4's block-sparse checks)."""
+    first step would fail inside Inductor's lowering or FlashAttention-4's block-sparse checks, or crash
+    the CUDA context: ``frame_table``, the mask reads the Random Frame Mask's frame table)."""
     if kernel != "flash" or device.type != "cuda":
         return
+    if frame_table:
+        raise ValueError(f"model.flex_kernel=flash with model.mask.rfm_window > 0 or model.mask.rfm_p_mask > 0: "
+                         f"{FLASH_FRAME_TABLE_CRASH}; set model.flex_kernel=auto (Triton here) or triton")
     if not flash_installed():
         raise ValueError("model.flex_kernel=flash needs FlashAttention-4 (module flash_attn.cute): install "
                          "the 'flash' extra (pip install -e '.[flash]', see docs/training.md) or set "
@@ -136,12 +153,15 @@ class FlexKernel:
 
 
 def choose_flex_kernel(setting: str, seq_len: int, head_dim: int, capability: tuple[int, int] | None,
-                       flash_blocker: str | None, context_parallel: bool = False) -> FlexKernel:
+                       flash_blocker: str | None, context_parallel: bool = False,
+                       frame_table: bool = False) -> FlexKernel:
     """The flex kernel for ``model.flex_kernel=setting`` at ``seq_len`` tokens. ``flash_blocker`` says why
     FLASH cannot run here (None: it can; an explicit ``flash`` was checked by :func:`check_flex_kernel`).
     ``context_parallel``: the attention runs a rank's queries against gathered keys through index tables
     (:mod:`.context_parallel`); ``auto`` keeps Triton there, since FLASH has not been run with those
-    tables on a GPU yet (its CuTe code generator refused int64 gathers before, docs/training.md)."""
+    tables on a GPU yet (its CuTe code generator refused int64 gathers before, docs/training.md).
+    ``frame_table``: the mask reads the Random Frame Mask's frame table; ``auto`` keeps Triton
+    (:data:`FLASH_FRAME_TABLE_CRASH`)."""
     if setting == "triton":
         return FlexKernel("triton", None, "model.flex_kernel=triton")
     pad = flash_head_padding(capability, head_dim) if capability else None
@@ -153,6 +173,10 @@ def choose_flex_kernel(setting: str, seq_len: int, head_dim: int, capability: tu
     if context_parallel:
         return FlexKernel("triton", None, "auto: FLASH not yet verified with context parallelism's index tables "
                                           "(set model.flex_kernel=flash to try it)")
+    if frame_table:
+        return FlexKernel("triton", None, "auto: the mask reads the Random Frame Mask's frame table (model.mask."
+                                          "rfm_window / rfm_p_mask), with which FLASH crashed through the model "
+                                          "(docs/training.md#attention-kernels)")
     if seq_len < FLASH_MIN_TOKENS:
         return FlexKernel("triton", None, f"auto: {seq_len} tokens < {FLASH_MIN_TOKENS}, where FLASH is not "
                                           "faster (docs/training.md#attention-kernels)")

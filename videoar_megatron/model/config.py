@@ -64,6 +64,12 @@ class MaskConfig:
     anchor, like the first-frame condition of InfinityStar's interactive mode). False (default) is
     Eq. 9 as written: frame 0 is windowed and dropped like any earlier frame."""
 
+    @property
+    def reads_frame_table(self) -> bool:
+        """Whether the mask looks up the per-sample frame table (``frame_visible_BTT``) for earlier frames:
+        under a window or a random drop; without either every earlier frame is visible (a range test)."""
+        return self.rfm_window > 0 or self.rfm_p_mask > 0
+
     def __post_init__(self):
         if self.rfm_window < 0:
             raise ValueError(f"mask.rfm_window must be >= 0 (0 = unlimited), got {self.rfm_window}")
@@ -201,9 +207,11 @@ class ModelConfig:
     dependency). 'flash': FlexAttention's FlashAttention-4 backend (``BACKEND: FLASH``, CuTe DSL): needs
     the ``flash`` extra (flash-attn-4) and a Hopper or newer GPU (on Hopper head_dim <= 128; heads below
     97, such as 4B's 80, run zero-padded to 128 with their own softmax scale: exact); refused before
-    building where it cannot run. 'auto': the fastest valid one per sequence layout: flash where it can
-    run and the sequence has at least 4,096 tokens (it is 1.8x faster at stage-III length, slower at
-    UCF-101 length), else triton; the choice and its reason are logged at start. Same mask, same
+    building where it cannot run, and with a Random Frame Mask window or drop (mask.rfm_window /
+    rfm_p_mask), with which it crashed through the model. 'auto': the fastest valid one per sequence
+    layout: flash where it can run and the sequence has at least 4,096 tokens (it is 1.8x faster at
+    stage-III length, slower at UCF-101 length), else triton; the choice and its reason are logged at
+    start. Same mask, same
     BlockMask, results equal within bf16 rounding (GPU tests). A kernel choice: a run may resume with
     another value. Figures: docs/BENCHMARKS.md."""
     attention_split_tokens: int = 0

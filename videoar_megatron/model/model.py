@@ -102,7 +102,8 @@ class VideoARModel(MegatronModule):
     def flex_kernel_for(self, seq_len: int) -> FlexKernel:
         """The flex kernel of a ``seq_len``-token layout (``model.flex_kernel``; logged by the trainer)."""
         return choose_flex_kernel(self.cfg.flex_kernel, seq_len, self.cfg.head_dim, self._capability,
-                                  self._flash_blocker, context_parallel=self.cp_size > 1 or self.always_split)
+                                  self._flash_blocker, context_parallel=self.cp_size > 1 or self.always_split,
+                                  frame_table=self.cfg.mask.reads_frame_table)
 
     def rope(self, layout: TokenLayout, device: torch.device) -> torch.Tensor:
         r = self.cfg.rope
@@ -220,7 +221,7 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig, groups: ProcessGroup
     """This rank's VideoAR model (stage flags from the pipeline rank unless given), on ``device``.
     ``config``: the Megatron config to share with this rank's other chunks (default: a new one)."""
     device = torch.device(device)
-    check_flex_kernel(cfg.flex_kernel, device, cfg.hidden_size // cfg.num_attention_heads)
+    check_flex_kernel(cfg.flex_kernel, device, cfg.hidden_size // cfg.num_attention_heads, cfg.mask.reads_frame_table)
     sizes = (groups.tp.size(), groups.cp.size(), groups.pp.size())
     if sizes != (parallel.tensor_parallel, parallel.context_parallel, parallel.pipeline_parallel):
         raise ValueError(f"process groups (tp={sizes[0]}, cp={sizes[1]}, pp={sizes[2]}) do not match "

@@ -1,0 +1,54 @@
+"""One process, one GPU: VideoAR through ``model.flex_kernel=flash`` on a batch whose mask reads the Random
+Frame Mask's frame table (window 2, drop 0.3), forward and backward. It runs in a process of its own
+because what it watches for, a crash in the first forward (``FLASH_FRAME_TABLE_CRASH`` in
+videoar_megatron/model/attention.py), takes the CUDA context with it. Prints "forward and backward
+ran" and exits 0 when the model runs; tests/test_model_gpu.py starts it.
+
+The model is built with the full frame context (an explicit flash with the frame table is refused at
+build) and the batch is drawn under the windowed, dropped mask: the same attention path the refusal
+guards. The configuration is the one that crashed on an H100 in session 10: VideoAR-4B's head dim 80
+(padded to 128 on Hopper), 4 heads, 2 layers, 2 samples of 5 latent frames.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from tests.process_groups import single_process_groups  # noqa: E402
+from tokenizer.quantizer import MultiScaleBSQ  # noqa: E402
+from videoar_common.config import build_dataclass  # noqa: E402
+from videoar_megatron.model.config import MaskConfig, ModelConfig, ParallelConfig  # noqa: E402
+from videoar_megatron.model.loss import bit_loss  # noqa: E402
+from videoar_megatron.model.mask import is_full_context  # noqa: E402
+from videoar_megatron.model.model import build_model  # noqa: E402
+from videoar_megatron.model.sequence import build_batch  # noqa: E402
+
+UCF_SCALES = ((1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (8, 8))
+
+
+def main() -> None:
+    cfg = build_dataclass(ModelConfig, {"size": "custom", "num_layers": 2, "hidden_size": 320,
+                                        "num_attention_heads": 4, "latent_dim": 16, "flex_kernel": "flash",
+                                        "attention_backend": "flex"})
+    windowed = dataclasses.replace(cfg, mask=MaskConfig(rfm_window=2, rfm_p_mask=0.3))
+    with single_process_groups("cuda") as groups:
+        model = build_model(cfg, ParallelConfig(), groups, device="cuda", params_dtype=torch.bfloat16)
+        quantizer = MultiScaleBSQ(dim=16, scales=UCF_SCALES)
+        batch = build_batch(quantizer, windowed, latent_BdTHW=torch.randn(2, 16, 5, 8, 8, device="cuda"),
+                            cond=torch.tensor([3, 4]), training=True,
+                            generator=torch.Generator("cuda").manual_seed(0))
+        assert not is_full_context(batch.frame_visible_BTT), "the drawn mask must read the frame table"
+        kernel = model.flex_kernel_for(batch.layout.seq_len)
+        print(f"flex kernel: {kernel.name} ({kernel.reason})", flush=True)
+        bit_loss(model(batch).float(), batch.targets_BNd, batch.layout, cfg.loss).loss.backward()
+        torch.cuda.synchronize()
+    print("forward and backward ran")
+
+
+if __name__ == "__main__":
+    main()
