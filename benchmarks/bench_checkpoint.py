@@ -100,18 +100,25 @@ def one_round(trainer, async_checkpointer, args) -> dict:
     """A synchronous save, a step, an asynchronous save, steps while it is written, its commit."""
     trainer.checkpointer = None  # checkpoint.async_save=false: Trainer.save writes and commits in full
     sync_s = timed(trainer.save)
+    sync_phases = dict(trainer.last_save_phases)
     size = measured_and_removed(trainer)
     step_s = timed(trainer.train_step)
     trainer.checkpointer = async_checkpointer
     t0 = time.perf_counter()
     stall_s = timed(trainer.save)
+    stall_phases = dict(trainer.last_save_phases)
     during = [timed(trainer.train_step) for _ in range(args.steps_while_writing)]
     trainer.wait_for_saves()
     commit_s = time.perf_counter() - t0
     async_size = measured_and_removed(trainer)
     return {"sync_save_s": sync_s, "async_stall_s": stall_s, "stall_over_sync": stall_s / sync_s,
             "async_commit_s": commit_s, "step_s": step_s, "step_while_writing_s": statistics.median(during),
-            "checkpoint_gib": size / 2**30, "async_checkpoint_gib": async_size / 2**30}
+            "checkpoint_gib": size / 2**30, "async_checkpoint_gib": async_size / 2**30,
+            "sync_phases_s": sync_phases, "stall_phases_s": stall_phases}
+
+
+def phases(seconds: dict) -> str:
+    return ", ".join(f"{name.replace('_', ' ')} {s:.2f}s" for name, s in seconds.items())
 
 
 def main(argv=None) -> int:
@@ -164,9 +171,11 @@ def main(argv=None) -> int:
                   f"{row['async_stall_s']:.2f}s = {row['stall_over_sync']:.3f} of the synchronous save, committed "
                   f"after {row['async_commit_s']:.2f}s | step {row['step_s']:.2f}s, while writing "
                   f"{row['step_while_writing_s']:.2f}s | checkpoint {row['checkpoint_gib']:.2f} GiB")
+            print(f"  where the time went: synchronous ({phases(row['sync_phases_s'])}); asynchronous stall "
+                  f"({phases(row['stall_phases_s'])})")
     finally:
         trainer.close()
-    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if not k.endswith("_phases_s")}
     print(f"\nmedian of {len(rows)} round(s): synchronous save {med['sync_save_s']:.2f}s (baseline) | asynchronous "
           f"save stalls the loop {med['async_stall_s']:.2f}s => stall / synchronous = {med['stall_over_sync']:.3f}; "
           f"committed after {med['async_commit_s']:.2f}s; step {med['step_s']:.2f}s without a save, "

@@ -51,6 +51,12 @@ def test_checkpoint_benchmark_times_both_saves_through_the_trainer(capsys, tmp_p
     assert "=> stall / synchronous =" in out
     (row,) = json.loads(out_json.read_text())["rounds"]
     assert row["checkpoint_gib"] > 0 and abs(row["async_checkpoint_gib"] / row["checkpoint_gib"] - 1) < 0.01
+    # the stall's phases, timed inside Trainer.save, account for no more than the stall timed around it
+    assert list(row["stall_phases_s"]) == ["state_dict", "previous_commit", "plan", "copy_and_fork"]
+    assert list(row["sync_phases_s"]) == ["state_dict", "write_and_commit"]
+    for name, total in (("stall_phases_s", row["async_stall_s"]), ("sync_phases_s", row["sync_save_s"])):
+        assert all(s >= 0 for s in row[name].values()) and sum(row[name].values()) <= total, (name, row)
+    assert "where the time went: synchronous (state dict " in out and "copy and fork " in out
     assert not list(tmp_path.glob("run-*/checkpoints/step_*"))  # each removed once measured
 
 

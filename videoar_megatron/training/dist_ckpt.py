@@ -105,6 +105,10 @@ class AsyncCheckpointer:
         """The step directory being written, uncommitted (None when nothing is in flight)."""
         self._started = 0.0
         self._committed: list[tuple[Path, float]] = []
+        self.last_stall: dict[str, float] = {}
+        """Where the step loop's wait in the last :meth:`save` went, seconds: ``previous_commit`` (waiting for
+        the save before it), ``plan`` (Megatron's planning and metadata exchange), ``copy_and_fork`` (the
+        tensors copied to host memory, the writer process forked)."""
 
     def _host_scope(self):
         return contextlib.nullcontext() if self.ctx.device.type == "cuda" else host_async_checkpointing()
@@ -115,7 +119,9 @@ class AsyncCheckpointer:
         a background writer; returns the (uncommitted) step directory. ``before_commit`` as in
         :func:`save_checkpoint`, run at the commit."""
         from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+        t0 = time.perf_counter()
         self.wait()
+        t1 = time.perf_counter()
         path = open_step_dir(root, step, self.ctx)
         request = dist_checkpointing.save(sharded_state_dict, str(path), async_sharded_save=True,
                                           sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1))
@@ -124,9 +130,11 @@ class AsyncCheckpointer:
         request.add_finalize_fn(lambda: self._commit(root, step, keep_last, before_commit))
         if self.write_delay_s and request.async_fn is not None:
             request = request._replace(async_fn=_delayed(request.async_fn, self.write_delay_s))
+        t2 = time.perf_counter()
         with self._host_scope():
             self.queue.schedule_async_request(request)
         self.in_flight, self._started = path, time.perf_counter()
+        self.last_stall = {"previous_commit": t1 - t0, "plan": t2 - t1, "copy_and_fork": self._started - t2}
         return path
 
     def _commit(self, root, step: int, keep_last: int, before_commit) -> None:

@@ -107,6 +107,10 @@ class Trainer:
                               pad_to_multiple=sequence_multiple(cfg.parallel))
         self.step = self.consumed_samples = self.skipped_steps = self.steps_this_job = 0
         self.last_saved = -1
+        self.last_save_phases: dict[str, float] = {}
+        """Seconds of the last save by phase: ``state_dict`` (the sharded state built), then for a synchronous
+        save ``write_and_commit``, for an asynchronous one what the step loop waited for besides
+        (:attr:`.dist_ckpt.AsyncCheckpointer.last_stall`)."""
         self.checkpointer = (dist_ckpt.AsyncCheckpointer(ctx, write_delay_s=cfg.debug.slow_async_save_s)
                              if cfg.checkpoint.async_save else None)
         self._last_skipped = False
@@ -390,6 +394,7 @@ class Trainer:
         self.wait_for_saves()
         t0 = time.perf_counter()
         state = ckpt.sharded_state(self.model, self.optimizer, self.ctx, is_loading=False)
+        state_s = time.perf_counter() - t0
         meta = ckpt.train_state(step=self.step, consumed_samples=self.consumed_samples, cfg=self.cfg,
                                 layout=self.layout, data_state=self.data.state_dict(),
                                 manifests=self.data.manifests(), schedule=self.data.main.schedule,
@@ -400,13 +405,15 @@ class Trainer:
         if self.checkpointer is None:
             path = dist_ckpt.save_checkpoint(self.checkpoint_root, self.step, state, meta, self.ctx, keep_last=keep,
                                              before_commit=hook)
+            self.last_save_phases = {"state_dict": state_s, "write_and_commit": time.perf_counter() - t0 - state_s}
             self.log.info("saved %s in %.1fs", path, time.perf_counter() - t0)
         else:
             path = self.checkpointer.save(self.checkpoint_root, self.step, state, meta, keep_last=keep,
                                           before_commit=hook)
-            self.log.info("checkpoint %s: the step loop stalled %.2fs (plan, copy to host); the files are written in "
-                          "the background and committed once every rank's are whole", path.name,
-                          time.perf_counter() - t0)
+            self.last_save_phases = {"state_dict": state_s, **self.checkpointer.last_stall}
+            self.log.info("checkpoint %s: the step loop stalled %.2fs (%s); the files are written in the background "
+                          "and committed once every rank's are whole", path.name, time.perf_counter() - t0,
+                          ", ".join(f"{k.replace('_', ' ')} {v:.2f}s" for k, v in self.last_save_phases.items()))
         self.last_saved = self.step
         return path
 
