@@ -98,7 +98,7 @@ def test_preemption_drill_requeues_and_resumes(cluster, tmp_path, tiny_shards):
     resumes from that checkpoint and finishes, with one logger run id and no sample skipped or repeated."""
     from videoar_megatron.training.audit import consumed_samples
     run_dir = tmp_path / "run"
-    steps = 400  # far past where the stop lands (~step 30) on a 2-core host; each step is re-run time after the requeue
+    steps = 200  # far past where the stop lands (~step 30) on a 2-core host; each step is re-run time after the requeue
     job = cluster.sbatch(*TRAIN_SMALL, f"--chdir={tmp_path}", str(REPO / "slurm/train_ar.sbatch"),
                          env=_train_env(tmp_path, tiny_shards, run_dir, steps=steps))
     progressed = lambda: (run_dir / "metrics.jsonl").is_file() and sum(
