@@ -243,12 +243,14 @@ def run_pipeline(args, preset: Preset, tok: Path, manifest: Path, work: Path, ro
         stats = pretok.run()[0]
         wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
         del pretok
+        handoff = [json.loads(f.read_text()).get("decode_process_handoff_s") for f in (out / "logs").glob("*.json")]
         shutil.rmtree(out, ignore_errors=True)
         release_memory()  # the DALI pipelines and the encoder's graph, before the next run builds its own
     return {"clips": stats.clips, "rejects": stats.rejects, "clips_per_s": round(stats.clips_per_s, 2),
             "host_cores_busy": round(cpu / wall, 2), "total_s": round(stats.total_s, 3),
             "decode_lane_s": round(stats.decode_s, 3), "encoder_waited_for_frames_s": round(stats.wait_s, 3),
-            "encode_s": round(stats.encode_s, 3), "write_s": round(stats.write_s, 3)}
+            "encode_s": round(stats.encode_s, 3), "write_s": round(stats.write_s, 3),
+            **({"decode_process_handoff_s": handoff[0]} if handoff and handoff[0] else {})}
 
 
 def clip_plans(preset: Preset, manifest: Path, device: str) -> list:
@@ -426,7 +428,9 @@ def decode_beside_encoder(args, preset: Preset, tok: Path, manifest: Path, devic
     try:
         warm_plans, warm_codecs = clip_jobs(preset, args._warm_manifest, device)
         lanes_decode_rate(lanes, warm_plans, warm_codecs, bs)  # builds every lane's DALI pipeline
+        handoff0 = dict(getattr(lanes, "handoff_s", {}))
         alone = lanes_decode_rate(lanes, plans, codecs, bs)
+        handoff = {k: round(v - handoff0[k], 3) for k, v in getattr(lanes, "handoff_s", {}).items()}
         thread = threading.Thread(target=encode_forever, args=(enc, frames), daemon=True, name="bench-encoder")
         t0 = time.perf_counter()
         thread.start()
@@ -443,7 +447,8 @@ def decode_beside_encoder(args, preset: Preset, tok: Path, manifest: Path, devic
     del enc, frames
     release_memory()
     return {"decode_alone_clips_per_s": round(alone, 2), "decode_clips_per_s": round(decode, 2),
-            "encoder_clips_per_s": round(encode, 2)}
+            "encoder_clips_per_s": round(encode, 2),
+            **({"decode_alone_process_handoff_s": handoff} if handoff else {})}
 
 
 # -- where the encoder's time goes -------------------------------------------------------------------

@@ -211,6 +211,13 @@ def test_decoders_in_a_process_of_their_own_write_the_same_bytes(tmp_path, tok, 
     assert sum(lanes.values()) == 12 and set(lanes) == {"dali-cpu-0", "pyav-0"}
     logs = [json.loads(f.read_text()) for f in (there / shards.LOG_DIR).glob("part-*.json")]
     assert logs and all(log["decode_process"] for log in logs)
+    # what the hand-off cost, per partition: the child's stacking and the parent's receiving, positive
+    # where the partition received batches; absent without a decode process
+    assert all(set(log["decode_process_handoff_s"]) == {"stack", "receive"} for log in logs)
+    assert sum(log["decode_process_handoff_s"]["receive"] for log in logs) > 0
+    assert all(v >= 0 for log in logs for v in log["decode_process_handoff_s"].values())
+    here_logs = [json.loads(f.read_text()) for f in (here / shards.LOG_DIR).glob("part-*.json")]
+    assert here_logs and all(log["decode_process_handoff_s"] is None for log in here_logs)
 
 
 def test_a_killed_decode_process_fails_the_partition_and_a_rerun_redoes_it(tmp_path, tok):

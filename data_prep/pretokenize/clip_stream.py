@@ -152,6 +152,10 @@ class ClipStream:
         """Clips each decoder lane has decoded since the lanes started."""
         return dict(self._lanes.clips_by_lane) if self._lanes is not None else {}
 
+    def handoff_s(self) -> dict[str, float] | None:
+        """The decode process's hand-off seconds so far (:attr:`.DecodeProcess.handoff_s`); None without one."""
+        return dict(self.decode_process.handoff_s) if self.decode_process is not None else None
+
     def close(self) -> None:
         """Stop the decoder lanes and drop their decoders (DALI pipelines, GPU memory)."""
         if self._lanes is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 import traceback
 from typing import Sequence
 
@@ -58,6 +59,11 @@ class DecodeProcess:
         self.lane_specs = list(lane_specs)
         self.clips_by_lane = {lane.name: 0 for lane in self.lane_specs}
         """Clips each lane (in the child) has decoded so far, as of the last batch received."""
+        self.handoff_s = {"stack": 0.0, "receive": 0.0}
+        """Seconds the hand-off of the batches received so far took: ``stack``, the child stacking a batch's
+        frames into one tensor and waiting for it; ``receive``, the parent taking a message off the pipe
+        (for CUDA frames: opening the IPC memory, waiting for the child's copy). Decoding itself is not
+        in it: what the process route costs beyond the lanes' own work."""
         ctx = mp.get_context("spawn")  # never fork: the parent holds a CUDA context and threads
         self._conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(target=serve, args=(child_conn, cfg, decode_device, device_id),
@@ -98,8 +104,9 @@ class DecodeProcess:
     def result(self, ticket: int) -> tuple[list[torch.Tensor | VideoUnusable], float]:
         """The batch's results in submission order (frames, or the reason a clip failed), and the
         lane-seconds the child spent on them."""
-        _, _, stacked, slots, busy_s, by_lane = self._wait_for(ticket)
+        _, _, stacked, slots, busy_s, by_lane, stack_s = self._wait_for(ticket)
         self.clips_by_lane.update(by_lane)
+        self.handoff_s["stack"] += stack_s
         return [stacked[s] if isinstance(s, int) else VideoUnusable(*s) for s in slots], busy_s
 
     def close(self) -> None:
@@ -136,8 +143,10 @@ class DecodeProcess:
                 raise DecodeProcessFailed("the decode process (decode_process: true) was closed")
             try:
                 ready = self._conn.poll(POLL_S)
+                t0 = time.perf_counter()
                 with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
                     message = self._conn.recv() if ready else None
+                self.handoff_s["receive"] += time.perf_counter() - t0 if ready else 0.0
             except (EOFError, OSError) as e:  # the child's end closed: it exited
                 raise self._death(f"{type(e).__name__}: {e}") from None
             if message is None:
@@ -230,8 +239,9 @@ def _message(lanes, ticket: int, submitted, gpu: bool) -> tuple:
         if isinstance(submitted, str):  # the submit failed: its description
             raise RuntimeError(submitted)
         results, busy_s = lanes.result(submitted)
+        t0 = time.perf_counter()
         stacked, slots = _stack(results, gpu)
-        return ("done", ticket, stacked, slots, busy_s, dict(lanes.clips_by_lane))
+        return ("done", ticket, stacked, slots, busy_s, dict(lanes.clips_by_lane), time.perf_counter() - t0)
     except BaseException:  # noqa: BLE001 - handed to the parent, which fails the partition
         return ("error", ticket, _describe())
 

@@ -86,15 +86,19 @@ class Pretokenizer:
 
     def run_partition(self, p: int, progress: Progress | None = None) -> PartitionStats:
         rows = [(i, self.records[i]) for i in shards.partition_range(p, self.num_partitions, len(self.records))]
-        before = self.stream.clips_by_lane()
+        before, handoff_before = self.stream.clips_by_lane(), self.stream.handoff_s()
         stats = self.writer.write_partition(shards.partition_name(p, self.num_partitions), rows, progress)
         if not stats.skipped:
-            after = self.stream.clips_by_lane()
-            self._log(stats, {lane: n - before.get(lane, 0) for lane, n in after.items()})
+            after, handoff = self.stream.clips_by_lane(), self.stream.handoff_s()
+            if handoff is not None:  # this partition's share (the process serves every partition of the worker)
+                handoff = {k: round(v - (handoff_before or {}).get(k, 0.0), 4) for k, v in handoff.items()}
+            self._log(stats, {lane: n - before.get(lane, 0) for lane, n in after.items()}, handoff)
         return stats
 
-    def _log(self, stats: PartitionStats, clips_by_decoder: dict[str, int]) -> None:
+    def _log(self, stats: PartitionStats, clips_by_decoder: dict[str, int],
+             decode_process_handoff_s: dict[str, float] | None) -> None:
         log = {**stats.__dict__, "clips_by_decoder": clips_by_decoder, "clips_per_s": stats.clips_per_s,
+               "decode_process_handoff_s": decode_process_handoff_s,
                "host": socket.gethostname(), "pid": os.getpid(), "worker": self.worker.index,
                "workers": self.worker.count,
                "launcher": self.worker.launcher, "device": str(self.device), "decode_device": self.decode_device,
