@@ -210,10 +210,10 @@ class ModelConfig:
     building where it cannot run, and with a Random Frame Mask window or drop (mask.rfm_window /
     rfm_p_mask), with which it crashed through the model. 'auto': the fastest valid one per sequence
     layout: flash where it can run and the sequence has at least 4,096 tokens (it is 1.8x faster at
-    stage-III length, slower at UCF-101 length), else triton; the choice and its reason are logged at
-    start. Same mask, same
-    BlockMask, results equal within bf16 rounding (GPU tests). A kernel choice: a run may resume with
-    another value. Figures: docs/BENCHMARKS.md."""
+    stage-III length, slower at UCF-101 length) and the mask reads no frame table, else triton; the
+    choice and its reason are logged at start. Same mask, same BlockMask, results equal within bf16
+    rounding (GPU tests). A kernel choice: a run may resume with another value. Figures:
+    docs/BENCHMARKS.md."""
     attention_split_tokens: int = 0
     """Split attention: (frame, scale) blocks of at least this many tokens run as unmasked SDPA calls
     over the keys before their end (FlashAttention kernels on GPU) and only the other queries go through
