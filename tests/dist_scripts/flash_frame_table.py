@@ -6,11 +6,17 @@ ran" and exits 0 when the model runs; tests/test_model_gpu.py starts it.
 
 The model is built with the full frame context (an explicit flash with the frame table is refused at
 build) and the batch is drawn under the windowed, dropped mask: the same attention path the refusal
-guards. The configuration is the one that crashed on an H100 in session 10: VideoAR-4B's head dim 80
-(padded to 128 on Hopper), 4 heads, 2 layers, 2 samples of 5 latent frames.
+guards. The defaults are the configuration that crashed on an H100 in session 10: VideoAR-4B's head
+dim 80 (padded to 128 on Hopper), 4 heads, 2 layers, 2 samples of 5 latent frames, window 2, drop 0.3.
+The options vary one thing at a time, to find what the crash needs (one process per case, since a
+crash ends the process's CUDA context), e.g. on a GPU host with the 'flash' extra:
+
+    for a in "" "--head-dim 128" "--batch 1" "--window 0" "--p-mask 0" "--window 0 --p-mask 0"; do
+        python tests/dist_scripts/flash_frame_table.py $a; echo "$a -> exit $?"; done
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -31,18 +37,28 @@ from videoar_megatron.model.sequence import build_batch  # noqa: E402
 UCF_SCALES = ((1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (8, 8))
 
 
-def main() -> None:
-    cfg = build_dataclass(ModelConfig, {"size": "custom", "num_layers": 2, "hidden_size": 320,
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--head-dim", type=int, default=80, help="head width (4 heads; 80: VideoAR-4B's)")
+    p.add_argument("--batch", type=int, default=2, help="samples")
+    p.add_argument("--window", type=int, default=2, help="model.mask.rfm_window of the batch")
+    p.add_argument("--p-mask", type=float, default=0.3, help="model.mask.rfm_p_mask of the batch")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    cfg = build_dataclass(ModelConfig, {"size": "custom", "num_layers": 2, "hidden_size": 4 * args.head_dim,
                                         "num_attention_heads": 4, "latent_dim": 16, "flex_kernel": "flash",
                                         "attention_backend": "flex"})
-    windowed = dataclasses.replace(cfg, mask=MaskConfig(rfm_window=2, rfm_p_mask=0.3))
+    drawn = dataclasses.replace(cfg, mask=MaskConfig(rfm_window=args.window, rfm_p_mask=args.p_mask))
     with single_process_groups("cuda") as groups:
         model = build_model(cfg, ParallelConfig(), groups, device="cuda", params_dtype=torch.bfloat16)
         quantizer = MultiScaleBSQ(dim=16, scales=UCF_SCALES)
-        batch = build_batch(quantizer, windowed, latent_BdTHW=torch.randn(2, 16, 5, 8, 8, device="cuda"),
-                            cond=torch.tensor([3, 4]), training=True,
+        batch = build_batch(quantizer, drawn, latent_BdTHW=torch.randn(args.batch, 16, 5, 8, 8, device="cuda"),
+                            cond=torch.arange(3, 3 + args.batch), training=True,
                             generator=torch.Generator("cuda").manual_seed(0))
-        assert not is_full_context(batch.frame_visible_BTT), "the drawn mask must read the frame table"
+        print(f"frame table read: {not is_full_context(batch.frame_visible_BTT)}", flush=True)
         kernel = model.flex_kernel_for(batch.layout.seq_len)
         print(f"flex kernel: {kernel.name} ({kernel.reason})", flush=True)
         bit_loss(model(batch).float(), batch.targets_BNd, batch.layout, cfg.loss).loss.backward()
