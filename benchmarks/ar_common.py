@@ -67,7 +67,7 @@ LAYOUTS: dict[str, TokenLayout] = {name: longest(cfg) for name, cfg in _RECIPE_C
 MASKS: dict[str, dict] = {name: dataclasses.asdict(cfg.model.mask) for name, cfg in _RECIPE_CONFIGS.items()}
 """The Random Frame Mask each layout's recipe trains with (``model.mask``: window, drop, anchor). It is
 part of what a recipe trains: it sets the attended pairs, and ``flex_kernel: auto`` keeps Triton when the
-mask reads the frame table (a window or a drop: stage III and 65 frames)."""
+mask reads the frame table (a window or a drop: every paper recipe, stages I–III and 65 frames)."""
 
 
 @contextlib.contextmanager

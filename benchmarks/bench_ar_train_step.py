@@ -67,7 +67,7 @@ def parse(argv):
     p.add_argument("--latent-dim", type=int, default=48, help="bits per token d (paper 48)")
     p.add_argument("--p-mask", type=float, default=None,
                    help="Random Frame Mask drop probability with no window (default: each recipe's model.mask, "
-                        "window and drop, as it trains; stage III and 65 frames read the frame table, so auto "
+                        "window and drop, as it trains; stages I-III and 65 frames read the frame table, so auto "
                         "picks Triton there: docs/training.md#attention-kernels)")
     p.add_argument("--recompute", default="none",
                    help="activation recompute (none, full, core_attn): one value, or per size/layout, layout or "
@@ -174,7 +174,8 @@ def report(name, layout, batch_size, cfg, pairs, kernel, recompute, ours_ms, gpt
     print(f"\n[{name}] {cfg.size}: {cfg.num_layers} x {cfg.hidden_size} x {cfg.num_attention_heads} "
           f"(head_dim {cfg.head_dim}), S={layout.seq_len} from {layout_origin(name)}, batch {batch_size} "
           f"({tokens} tokens/step), recompute {recompute}, attention_split_tokens={cfg.attention_split_tokens}, "
-          f"Random Frame Mask window {cfg.mask.rfm_window} drop {cfg.mask.rfm_p_mask}, VideoAR mask density {pairs / layout.seq_len ** 2:.3f} vs causal {causal_pairs / layout.seq_len ** 2:.3f}")
+          f"Random Frame Mask window {cfg.mask.rfm_window} drop {cfg.mask.rfm_p_mask}, "
+          f"VideoAR mask density {pairs / layout.seq_len ** 2:.3f} vs causal {causal_pairs / layout.seq_len ** 2:.3f}")
     print(f"  flex kernel: {kernel.name} ({kernel.reason})")
     print(row("step time", ours_ms, gpt_ms))
     print(row("tokens/s", tokens / ours_ms * 1e3, tokens / gpt_ms * 1e3, "tok/s", lower_is_better=False))

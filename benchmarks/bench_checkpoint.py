@@ -117,9 +117,6 @@ def one_round(trainer, async_checkpointer, args) -> dict:
             "sync_phases_s": sync_phases, "stall_phases_s": stall_phases}
 
 
-def phases(seconds: dict) -> str:
-    return ", ".join(f"{name.replace('_', ' ')} {s:.2f}s" for name, s in seconds.items())
-
 
 def main(argv=None) -> int:
     args = parse(argv)
@@ -130,7 +127,7 @@ def main(argv=None) -> int:
         return 2
     from videoar_common.config import load_config
     from videoar_megatron.training.config import TrainConfig
-    from videoar_megatron.training.trainer import build_trainer
+    from videoar_megatron.training.trainer import build_trainer, describe_phases
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_checkpoint_"))
     recipe, overrides = layout_recipes()[args.layout]
     layout = LAYOUTS[args.layout]
@@ -171,8 +168,8 @@ def main(argv=None) -> int:
                   f"{row['async_stall_s']:.2f}s = {row['stall_over_sync']:.3f} of the synchronous save, committed "
                   f"after {row['async_commit_s']:.2f}s | step {row['step_s']:.2f}s, while writing "
                   f"{row['step_while_writing_s']:.2f}s | checkpoint {row['checkpoint_gib']:.2f} GiB")
-            print(f"  where the time went: synchronous ({phases(row['sync_phases_s'])}); asynchronous stall "
-                  f"({phases(row['stall_phases_s'])})")
+            print(f"  where the time went: synchronous ({describe_phases(row['sync_phases_s'])}); asynchronous "
+                  f"stall ({describe_phases(row['stall_phases_s'])})")
     finally:
         trainer.close()
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if not k.endswith("_phases_s")}

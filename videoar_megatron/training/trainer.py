@@ -86,6 +86,11 @@ def build_trainer(cfg: TrainConfig, run_dir: str | Path) -> "Trainer":
     return Trainer(cfg, run_dir, ctx, compile_cache=cache, started=started)
 
 
+def describe_phases(seconds: dict[str, float]) -> str:
+    """``state dict 1.20s, plan 0.30s, ...``: a save's seconds by phase (:attr:`Trainer.last_save_phases`)."""
+    return ", ".join(f"{name.replace('_', ' ')} {s:.2f}s" for name, s in seconds.items())
+
+
 class Trainer:
     """Model, engine, optimizer, schedule, data and guards of one rank; see the module docstring."""
 
@@ -413,7 +418,7 @@ class Trainer:
             self.last_save_phases = {"state_dict": state_s, **self.checkpointer.last_stall}
             self.log.info("checkpoint %s: the step loop stalled %.2fs (%s); the files are written in the background "
                           "and committed once every rank's are whole", path.name, time.perf_counter() - t0,
-                          ", ".join(f"{k.replace('_', ' ')} {v:.2f}s" for k, v in self.last_save_phases.items()))
+                          describe_phases(self.last_save_phases))
         self.last_saved = self.step
         return path
 
