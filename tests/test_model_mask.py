@@ -201,3 +201,42 @@ def test_index_tables_let_the_rule_see_sequence_positions_in_any_token_order():
         rule = mask_mod(tables, vis, text_len, q_positions=q_pos, kv_positions=kv_pos)
         assert torch.equal(create_mask(rule, B, 1, len(q_pos), S, device="cpu"), want)
         assert torch.equal(dense_mask(tables, vis, text_len, kv_positions=kv_pos), whole[:, :, :, kv_pos])
+
+
+def test_the_rule_past_the_sequence_end_reads_only_the_tables_own_slack():
+    """FlashAttention-4 evaluates the mask rule on whole tiles, up to a tile past the sequence end, and
+    reads the index tables there (``layout.INDEX_SLACK``): every table the rule reads (the layout's, the
+    split path's query table, context parallelism's query and key tables) holds harmless entries there,
+    so the frame-table lookup of those positions stays inside the frame table. The positions past the end
+    leave the in-range mask as it is."""
+    import dataclasses
+    from videoar_megatron.model.attention import split_plan
+    from videoar_megatron.model.context_parallel import context_split
+    from videoar_megatron.model.mask import mask_rule
+    overrun = 256  # FA4's largest tile: how far past the end the last tile's indices reach
+    layout = TokenLayout(8, ((1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (8, 8)), 5, pad=3)
+    S = layout.seq_len
+    tables = layout.tables("cpu")
+
+    def past_end(t):  # what a kernel reading a tile beyond the view sees (beyond the storage: an error)
+        return torch.as_strided(t, (t.shape[0] + overrun,), (1,))
+    tensors = {f.name: past_end(getattr(tables, f.name)) for f in dataclasses.fields(tables)
+               if isinstance(getattr(tables, f.name), torch.Tensor)}
+    extended = dataclasses.replace(tables, **tensors)
+    vis = draw_frame_visibility(2, layout.frames, window=2, p_mask=0.3, generator=torch.Generator().manual_seed(0))
+    assert not is_full_context(vis)
+    text_len = torch.tensor([8, 3])
+    positions = torch.arange(S + overrun)
+    rule = mask_rule(torch.arange(2)[:, None, None], positions[None, :, None], positions[None, None, :],
+                     extended, vis, text_len)  # an IndexError here: a frame index past the frame table
+    assert rule[:, :S, :S].equal(dense_mask(tables, vis, text_len)[:, 0])
+    assert extended.frame_index_S[S:].eq(0).all()
+
+    cp_layout = TokenLayout.padded(8, layout.scales, layout.frames, 2 * 16)
+    position_tables = [(split_plan(layout, 16, "cpu").rest_S, S),
+                       *((t, cp_layout.seq_len) for rank in range(2)
+                         for split in [context_split(cp_layout, 2, rank, 16, 2, "cpu")]
+                         for t in (split.mask_q_S, split.mask_kv_S))]
+    for table_S, seq_len in position_tables:
+        slack = past_end(table_S)[table_S.shape[0]:]
+        assert ((slack >= 0) & (slack < seq_len)).all()

@@ -51,7 +51,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
 from videoar_megatron.model.context_parallel import gather_sequence
-from videoar_megatron.model.layout import TokenLayout
+from videoar_megatron.model.layout import TokenLayout, index_table
 from videoar_megatron.model.mask import compiled_flex_attention
 
 FLEX_KERNEL_OPTIONS = {
@@ -244,7 +244,8 @@ class SplitPlan:
     blocks: tuple[tuple[int, int], ...]
     """``(start, end)`` query ranges; each attends to every valid key before ``end``."""
     rest_S: torch.Tensor
-    """Ascending positions of every other query (prefix, small scales, pads): the masked path."""
+    """Ascending positions of every other query (prefix, small scales, pads): the masked path's query
+    table, stored with slack (:data:`~videoar_megatron.model.layout.INDEX_SLACK`)."""
     inverse_S: torch.Tensor
     """Gather index that puts ``cat([rest, block 0, block 1, ...])`` back in sequence order."""
     prefix_len: int
@@ -261,7 +262,8 @@ def split_plan(layout: TokenLayout, min_tokens: int, device: str) -> SplitPlan |
         in_block_S[start:end] = True
     rest_S = torch.nonzero(~in_block_S).flatten()
     order_S = torch.cat([rest_S, *(torch.arange(start, end) for start, end in blocks)])
-    return SplitPlan(blocks, rest_S.to(device), torch.argsort(order_S).to(device), layout.prefix_len)
+    # rest_S is the masked path's query table (``q_positions``): stored with slack (layout.INDEX_SLACK)
+    return SplitPlan(blocks, index_table(rest_S, device), torch.argsort(order_S).to(device), layout.prefix_len)
 
 
 @dataclass

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from videoar_megatron.model.layout import VIDEO, TokenLayout
+from videoar_megatron.model.layout import VIDEO, TokenLayout, index_table
 from videoar_megatron.model.mask import dense_mask, draw_frame_visibility
 
 REPRESENTATIVE_ROWS = 64
@@ -157,7 +157,7 @@ class ContextSplit:
     """Sequence position of each key/value after the all-gather (rank after rank)."""
     mask_q_S: torch.Tensor
     """``local_S`` as int32, the mask's query table: FlexAttention's FLASH backend does not compile int64
-    indices (see ``LayoutTables.frame_index_S``)."""
+    indices (see ``LayoutTables.frame_index_S``); stored with slack (``layout.INDEX_SLACK``)."""
     mask_kv_S: torch.Tensor
     """``gathered_S`` as int32, the mask's key table."""
     video_rows_s: torch.Tensor
@@ -174,7 +174,7 @@ def context_split(layout: TokenLayout, size: int, rank: int, chunk: int, window:
     video_rows = torch.nonzero(layout.tables().kind_S[local] == VIDEO).flatten()
     gathered = torch.cat(positions)
     return ContextSplit(size=size, rank=rank, local_S=local.to(device), gathered_S=gathered.to(device),
-                        mask_q_S=local.int().to(device), mask_kv_S=gathered.int().to(device),
+                        mask_q_S=index_table(local.int(), device), mask_kv_S=index_table(gathered.int(), device),
                         video_rows_s=video_rows.to(device),
                         video_index_n=(local[video_rows] - layout.prefix_len).to(device))
 

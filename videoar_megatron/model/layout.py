@@ -24,6 +24,27 @@ Scale = tuple[int, int]
 TEXT, VIDEO, PAD = 0, 1, 2
 """Token kinds in ``LayoutTables.kind_S``."""
 
+INDEX_SLACK = 512
+"""Entries every index table the mask reads (:class:`LayoutTables`, the split path's and context
+parallelism's position tables) holds in its storage past its end, filled with harmless values (a valid
+position, frame 0, a pad token). FlashAttention-4 (``model.flex_kernel=flash``) evaluates the mask rule on
+whole tiles and, in FA4 4.0's block-sparse Hopper forward, wraps the indices of rows and columns past the
+sequence only on the first key tile it visits (``flash_attn/cute/block_sparse_utils.py``: the other tiles
+pass ``mask_seqlen=False``, which turns off ``wrap_aux_indices`` in ``mask.py``). The last query tile
+therefore reads the tables up to a tile (at most 256 positions) beyond their end. Read from whatever lies
+after the tensor, a value that becomes an index (the frame-table lookup
+``frame_visible_BTT[b, frame_index_S[q], frame_index_S[k]]``) addressed arbitrary memory: the crash of
+FLASH with the Random Frame Mask (CUDA "operation not supported on global/shared address space", sessions
+8-10). The slack makes every such read land on our own entries; the tables' shapes stay S."""
+
+
+def index_table(values: torch.Tensor, device: torch.device | str, fill: int = 0) -> torch.Tensor:
+    """``values`` (1-D) on ``device``, stored with :data:`INDEX_SLACK` entries of ``fill`` after its
+    end: a view of ``len(values)`` entries whose storage a kernel may read past (see INDEX_SLACK).
+    Copying the view (``.to``, ``.clone``, indexing) drops the slack: keep the returned tensor."""
+    stored = torch.cat([values, values.new_full((INDEX_SLACK,), fill)]).to(device)
+    return stored[:len(values)]
+
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -148,9 +169,10 @@ def _tables(layout: TokenLayout, device: str) -> LayoutTables:
     row = torch.cat([text, row_N, torch.zeros(pad, dtype=torch.long)])
     col = torch.cat([text, col_N, torch.zeros(pad, dtype=torch.long)])
     frame_start, block_end = _ranges(layout)
-    tensors = (kind, frame, scale, row, col, frame_start, block_end)
-    return LayoutTables(*(t.to(device=device, dtype=torch.long) for t in tensors),
-                        frame_index_S=frame.clamp(min=0).to(device=device, dtype=torch.int32), prefix_len=P)
+    # Slack fill per table (INDEX_SLACK): a pad token at position 0 of frame 0, seeing only itself.
+    tables = ((kind, PAD), (frame, -1), (scale, -1), (row, 0), (col, 0), (frame_start, 0), (block_end, 1))
+    return LayoutTables(*(index_table(t.long(), device, fill) for t, fill in tables),
+                        frame_index_S=index_table(frame.clamp(min=0).int(), device, 0), prefix_len=P)
 
 
 def _ranges(layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
