@@ -20,7 +20,8 @@ from data_prep import shards
 from data_prep.manifest import read_manifest
 from data_prep.pretokenize import clip_stream
 from data_prep.pretokenize.config import PretokenizeConfig, encoder_micro_batch
-from data_prep.pretokenize.decode_process import DecodeProcess, DecodeProcessFailed
+from data_prep.pretokenize.decode_process import SLOTS, DecodeProcess, DecodeProcessFailed
+from data_prep.pretokenize.decoders import DecoderLanes
 from data_prep.synth import make_corpus
 from data_prep.video import ClipPlan, DaliClipDecoder, PyAVClipDecoder
 from tests.pretok_helpers import make_tiny_tokenizer, pretok_config, pretokenizer, tree_bytes
@@ -251,3 +252,38 @@ def test_an_error_in_the_decode_process_comes_back_with_the_childs_traceback(tmp
     with pytest.raises(DecodeProcessFailed, match=r"(?s)decode process \(decode_process: true, pid \d+\) failed: "
                                                   r".*child traceback.*set_device"):
         DecodeProcess(cfg, "gpu", 99, lanes)
+
+
+def test_the_decode_process_reuses_its_batch_buffers_and_hands_over_the_lanes_frames(tmp_path, tok, corpus):
+    """Seven batches submitted at once to a decode process (DALI CPU lanes): each result equals the
+    in-process lanes' frames byte for byte, a clip past its video's end fails with the same reason, and
+    results stay intact while later batches pass through the same slots (the parent owns its copy).
+    Only SLOTS batch buffers ever crossed between the processes; the other hand-offs sent a slot number."""
+    cfg = pretok_config(tok, corpus, tmp_path, batch_size=3)
+    vp9 = [r.path for r in read_manifest(corpus) if "/vp9/" in r.path]
+    plans = [ClipPlan(path=p, start_frame=s, stride=1, num_frames=5) for s in range(7) for p in vp9]
+    plans[4] = ClipPlan(path=vp9[0], start_frame=100, stride=1, num_frames=5)  # past the end: rejected
+    batches = [plans[i:i + 3] for i in range(0, len(plans), 3)]
+    assert len(batches) == 7 > SLOTS
+
+    def decode_all(lanes):
+        tickets = [lanes.submit(batch, ["vp9"] * len(batch)) for batch in batches]
+        return [lanes.result(t)[0] for t in tickets]
+    here = DecoderLanes(clip_stream.decoder_lanes(cfg, "cpu", 0))
+    try:
+        expected = decode_all(here)
+    finally:
+        here.close()
+    there = DecodeProcess(cfg, "cpu", 0, clip_stream.decoder_lanes(cfg, "cpu", 0))
+    try:
+        got = decode_all(there)
+        assert there.buffers_received == SLOTS
+    finally:
+        there.close()
+    for batch_got, batch_expected in zip(got, expected):
+        for a, b in zip(batch_got, batch_expected):
+            if isinstance(b, torch.Tensor):
+                assert isinstance(a, torch.Tensor) and a.shape == (5, 32, 32, 3) and torch.equal(a, b)
+            else:
+                assert (a.reason, a.kind) == (b.reason, b.kind)
+    assert sum(not isinstance(r, torch.Tensor) for batch in got for r in batch) == 1

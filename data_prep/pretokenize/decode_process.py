@@ -10,10 +10,14 @@ Design decisions:
   (:func:`~data_prep.pretokenize.clip_stream.decoder_lanes` of the same config), so the frames, and
   the shards, are the bytes of in-process decoding (tested on DALI CPU; GPU test on NVDEC). Probing,
   planning and batching stay in the parent: only ``(plans, codecs)`` of a batch cross over.
-- **One transfer per batch.** The child stacks a batch's decoded clips into one tensor: a CUDA tensor
-  goes over CUDA IPC (torch.multiprocessing: the child keeps the memory until the parent drops its
-  last view, and the parent's stream waits for the child's copy), a CPU tensor over shared memory.
-  Failed clips travel as ``(reason, kind)``.
+- **Reused buffers, shared once.** The child stacks a batch's decoded clips into one of
+  :data:`SLOTS` batch buffers (CUDA memory or shared host memory) and sends only the slot's number; a
+  buffer itself crosses over (CUDA IPC / a shared-memory file, torch.multiprocessing) the first time it
+  is used. The parent copies the batch out into memory of its own and releases the slot. Session 10
+  measured the alternative, a fresh shared tensor per batch: on the CPU its creation was 58% of the
+  child's time. On NVDEC the stack runs on a non-blocking stream of the child's, which no other stream's
+  work in flight delays (the legacy default stream waits for every blocking stream). Failed clips travel
+  as ``(reason, kind)``.
 - **Same interface as the lanes.** :class:`DecodeProcess` has ``submit``/``result``/``close``/
   ``accepts``/``clips_by_lane`` of :class:`~data_prep.pretokenize.decoders.DecoderLanes`, so the clip
   stream takes either. Results come back in submission order.
@@ -42,6 +46,9 @@ POLL_S = 1.0
 """How often a wait for the child checks that it is still alive."""
 START_TIMEOUT_S = 600.0
 """Longest wait for the child to import torch and DALI and report ready (a slow shared filesystem)."""
+SLOTS = 3
+"""Batch buffers the child stacks into, round-robin: one being filled while the parent copies another
+out, and one spare so that the child does not wait on the parent's next receive."""
 
 
 class DecodeProcessFailed(RuntimeError):
@@ -60,10 +67,14 @@ class DecodeProcess:
         self.clips_by_lane = {lane.name: 0 for lane in self.lane_specs}
         """Clips each lane (in the child) has decoded so far, as of the last batch received."""
         self.handoff_s = {"stack": 0.0, "receive": 0.0}
-        """Seconds the hand-off of the batches received so far took: ``stack``, the child stacking a batch's
-        frames into one tensor and waiting for it; ``receive``, the parent taking a message off the pipe
-        (for CUDA frames: opening the IPC memory, waiting for the child's copy). Decoding itself is not
-        in it: what the process route costs beyond the lanes' own work."""
+        """Seconds the hand-off of the batches received so far took: ``stack``, the child waiting for a free
+        slot and stacking a batch's frames into it; ``receive``, the parent taking a message off the pipe
+        and copying the batch out of the slot (a slot's first use: also opening the shared memory).
+        Decoding itself is not in it: what the process route costs beyond the lanes' own work."""
+        self._slots: dict[int, torch.Tensor] = {}
+        """The child's batch buffers, by slot number, as this process sees them (shared memory)."""
+        self.buffers_received = 0
+        """Batch buffers that crossed from the child so far (at most SLOTS while the frame shape holds)."""
         ctx = mp.get_context("spawn")  # never fork: the parent holds a CUDA context and threads
         self._conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(target=serve, args=(child_conn, cfg, decode_device, device_id),
@@ -76,10 +87,10 @@ class DecodeProcess:
         self._closed = False
         self._ready = False
         self.stream: torch.cuda.Stream | None = None
-        """Receiving CUDA frames enqueues a wait for the child's copy on the receiver's current stream,
-        and releasing them synchronises the releasing thread's current stream (torch's CUDA IPC). Here
-        that is this idle stream, never the legacy default stream the encoder's launches are queued on;
-        a thread that receives and drops frames should make it current (the clip stream's does)."""
+        """The stream CUDA frames are received and copied out on: an idle one, never the legacy default
+        stream the encoder's launches are queued on (a slot's first receive enqueues a wait for the
+        child's copy on the current stream, torch's CUDA IPC); a thread that receives frames should make
+        it current (the clip stream's does)."""
         try:
             self._wait_for("ready", timeout=START_TIMEOUT_S)
         except DecodeProcessFailed:
@@ -159,9 +170,30 @@ class DecodeProcess:
             if message[0] == "error":
                 raise DecodeProcessFailed(f"the decode process (decode_process: true, pid {self.pid}) failed: "
                                           f"{message[2]}")
+            if message[0] == "done":
+                t0 = time.perf_counter()
+                message = self._copy_out(message)
+                self.handoff_s["receive"] += time.perf_counter() - t0
             self._received[message[1]] = message
             self._ready = self._ready or message[0] == "ready"
         return self._received.pop(key)
+
+    def _copy_out(self, message: tuple) -> tuple:
+        """``message`` with its batch copied out of the child's slot into memory of this process, and the
+        slot released to the child (CUDA: once the copy is done)."""
+        kind, ticket, slot, *rest = message
+        if slot is None:  # every clip of the batch failed
+            return message
+        number, rows, buffer = slot
+        if buffer is not None:  # the slot's first use, or its shape changed: the buffer itself came
+            self._slots[number] = buffer
+            self.buffers_received += 1
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            frames = self._slots[number][:rows].clone()
+            if self.stream is not None:
+                self.stream.synchronize()  # copied before the child may overwrite the slot
+        self._send(("release", number))
+        return (kind, ticket, frames, *rest)
 
     def _death(self, how: str) -> DecodeProcessFailed:
         self.process.join(timeout=5)
@@ -198,11 +230,15 @@ def serve(conn, cfg: PretokenizeConfig, decode_device: str, device_id: int) -> N
     send(("ready", "ready"))
     pending: queue.Queue = queue.Queue()
     closing = threading.Event()
-    answer = threading.Thread(target=_answer, args=(send, lanes, pending, closing, decode_device == "gpu"),
+    ring = SlotRing(cfg.batch_size, decode_device == "gpu")
+    answer = threading.Thread(target=_answer, args=(send, lanes, pending, closing, ring),
                               name="pretok-decode-answer", daemon=True)
     answer.start()
     try:
-        while (message := conn.recv())[0] == "decode":
+        while (message := conn.recv())[0] != "close":
+            if message[0] == "release":
+                ring.release(message[1])
+                continue
             _, ticket, plans, codecs = message
             try:
                 pending.put((ticket, lanes.submit(plans, codecs)))
@@ -213,59 +249,85 @@ def serve(conn, cfg: PretokenizeConfig, decode_device: str, device_id: int) -> N
     finally:
         closing.set()
         pending.put(None)
+        ring.close()
         lanes.close()
         answer.join(timeout=60)
         if decode_device == "gpu":
             torch.cuda.ipc_collect()  # frames the parent has released
 
 
-def _answer(send, lanes, pending: queue.Queue, closing: threading.Event, gpu: bool) -> None:
-    """Send each batch's results in submission order (one stacked tensor, slots, lane-seconds)."""
+class SlotRing:
+    """The child's :data:`SLOTS` batch buffers (CUDA: device memory; CPU: shared memory), each filled again
+    once the parent has released it."""
+
+    def __init__(self, rows: int, gpu: bool):
+        self.rows = rows
+        self.gpu = gpu
+        self.buffers: dict[int, torch.Tensor] = {}
+        self._free: queue.Queue = queue.Queue()
+        for number in range(SLOTS):
+            self._free.put(number)
+        self._stream = torch.cuda.Stream() if gpu else None  # torch's pool streams are non-blocking
+
+    def release(self, number: int) -> None:
+        self._free.put(number)
+
+    def close(self) -> None:
+        self._free.put(None)  # wakes a stack waiting for a slot
+
+    def stack(self, frames: list[torch.Tensor]) -> tuple[int, int, torch.Tensor | None]:
+        """``frames`` stacked into a free slot (waiting for one): ``(slot, rows, buffer)``, where ``buffer``
+        is the slot's tensor when the parent has not seen it yet (else None)."""
+        number = self._free.get()
+        if number is None:
+            raise RuntimeError("the decode process is closing")
+        shape, dtype = (len(frames), *frames[0].shape), frames[0].dtype
+        buffer = self.buffers.get(number)
+        fresh = buffer is None or buffer.shape[1:] != shape[1:] or buffer.dtype != dtype or len(buffer) < len(frames)
+        if fresh:
+            size = (max(self.rows, len(frames)), *shape[1:])
+            buffer = (torch.empty(size, dtype=dtype, device=frames[0].device) if self.gpu
+                      else torch.empty(size, dtype=dtype).share_memory_())
+            self.buffers[number] = buffer
+        if self.gpu:
+            # The lanes synchronised their own streams before handing the frames over.
+            with torch.cuda.stream(self._stream):
+                torch.stack(frames, out=buffer[:len(frames)])
+            self._stream.synchronize()
+        else:
+            torch.stack(frames, out=buffer[:len(frames)])
+        return number, len(frames), buffer if fresh else None
+
+
+def _answer(send, lanes, pending: queue.Queue, closing: threading.Event, ring: SlotRing) -> None:
+    """Send each batch's results in submission order (its slot, per clip its row or why it failed,
+    lane-seconds)."""
     while (item := pending.get()) is not None:
-        message = _message(lanes, *item, gpu)
+        message = _message(lanes, *item, ring)
         if closing.is_set():
             return
         try:
             send(message)
         except OSError:
             return  # the parent is gone
-        del message  # the child's view of the frames; CUDA IPC keeps them until the parent drops its own
-        if gpu:
-            torch.cuda.ipc_collect()  # free what the parent has released of earlier batches
+        del message  # a new buffer's view; CUDA IPC keeps it until the parent drops its own
 
 
-def _message(lanes, ticket: int, submitted, gpu: bool) -> tuple:
+def _message(lanes, ticket: int, submitted, ring: SlotRing) -> tuple:
     try:
         if isinstance(submitted, str):  # the submit failed: its description
             raise RuntimeError(submitted)
         results, busy_s = lanes.result(submitted)
         t0 = time.perf_counter()
-        stacked, slots = _stack(results, gpu)
-        return ("done", ticket, stacked, slots, busy_s, dict(lanes.clips_by_lane), time.perf_counter() - t0)
+        frames = [r for r in results if isinstance(r, torch.Tensor)]
+        slot = ring.stack(frames) if frames else None
+        slots, row = [], 0
+        for r in results:
+            slots.append(row if isinstance(r, torch.Tensor) else (r.reason, r.kind))
+            row += isinstance(r, torch.Tensor)
+        return ("done", ticket, slot, slots, busy_s, dict(lanes.clips_by_lane), time.perf_counter() - t0)
     except BaseException:  # noqa: BLE001 - handed to the parent, which fails the partition
         return ("error", ticket, _describe())
-
-
-def _stack(results: list, gpu: bool) -> tuple[torch.Tensor | None, list]:
-    """The decoded clips as one tensor (CPU: in shared memory), and per clip its row or (reason, kind)."""
-    frames = [r for r in results if isinstance(r, torch.Tensor)]
-    slots, row = [], 0
-    for r in results:
-        if isinstance(r, torch.Tensor):
-            slots.append(row)
-            row += 1
-        else:
-            slots.append((r.reason, r.kind))
-    if not frames:
-        return None, slots
-    if gpu:
-        stacked = torch.stack(frames)
-        # The lanes' frames live on their streams; the stack must be complete before they are freed.
-        torch.cuda.current_stream(stacked.device).synchronize()
-    else:
-        stacked = torch.empty((len(frames), *frames[0].shape), dtype=frames[0].dtype).share_memory_()
-        torch.stack(frames, out=stacked)
-    return stacked, slots
 
 
 def _describe() -> str:
