@@ -151,13 +151,16 @@ def test_save_at_one_layout_resume_at_another(root, tiny_shards, seed, saved, re
     compare(full, losses(run), FP32_TOL, f"{saved} → {resumed} at step 10", steps=range(11, 21))
 
 
-def test_kill_during_an_async_save_resumes_from_the_previous(root, tiny_shards, seed):
+@pytest.mark.parametrize("worker", ["fork", "persistent"])
+def test_kill_during_an_async_save_resumes_from_the_previous(root, tiny_shards, seed, worker):
     """One GPU, asynchronous saves (the default) every 5 steps with the writer slowed by 10 s and
     keep_last=1: the job is killed at step 11 while step 10 is written (after waiting for step 5's
-    commit); step 5 stays committed, and the resumed run's steps 6-20 match the uninterrupted run."""
+    commit); step 5 stays committed, and the resumed run's steps 6-20 match the uninterrupted run. With
+    the writer forked per save, and with a persistent worker (checkpoint.async_worker)."""
     ref = train(root, tiny_shards, seed, "tp1", "fp32")
-    run = root / "async_kill"
-    sets = (*COMMON, "train.precision=fp32", "checkpoint.save_every=5", "checkpoint.keep_last=1")
+    run = root / f"async_kill_{worker}"
+    sets = (*COMMON, "train.precision=fp32", "checkpoint.save_every=5", "checkpoint.keep_last=1",
+            f"checkpoint.async_worker={worker}")
     proc = run_train(1, run, tiny_shards, *sets, "debug.slow_async_save_s=10", "debug.crash_in_async_save_at_step=10",
                      args=("--load", str(seed("fp32"))), expect_rc=17, timeout=600)
     assert "killing the job at step 11 while" in proc.stderr

@@ -163,3 +163,55 @@ def test_wall_clock_limit_is_a_stop_reason():
     watcher = PreemptionWatcher(PreemptionConfig(time_limit_minutes=0.5), start_time=time.monotonic() - 31)
     assert watcher.local_reason() == "wall-clock limit of 0.5 min reached"
     assert PreemptionWatcher(PreemptionConfig(time_limit_minutes=0.5)).local_reason() is None
+
+
+def test_async_saves_reuse_megatrons_cached_plan_and_each_holds_its_own_state(tmp_path):
+    """Three asynchronous saves of one structure through one AsyncCheckpointer: from the third on,
+    Megatron's cached save plan is reused (``cached_metadata``), and each committed checkpoint loads the
+    values it was saved with (a stale cached plan or metadata would misplace or drop them)."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from videoar_common.atomic import step_dir_name
+    from videoar_common.distributed import init_distributed, shutdown_distributed
+    from videoar_megatron.training import dist_ckpt
+
+    def sharded(values):
+        return {name: ShardedTensor.from_rank_offsets(name, tensor, replica_id=0) for name, tensor in values.items()}
+    ctx = init_distributed(device="cpu")
+    try:
+        checkpointer = dist_ckpt.AsyncCheckpointer(ctx)
+        saved = []
+        for step in (1, 2, 3):
+            values = {"w": torch.full((4, 3), float(step)), "b": torch.arange(5.0) * step}
+            checkpointer.save(tmp_path, step, sharded(values), {"step": step})
+            saved.append({k: v.clone() for k, v in values.items()})
+            for v in values.values():
+                v.add_(100.0)  # training goes on: the checkpoint must keep the values at its save
+            checkpointer.wait()
+        assert checkpointer.strategy.validated_cache_reuse
+        for step, values in zip((1, 2, 3), saved):
+            template = sharded({k: torch.zeros_like(v) for k, v in values.items()})
+            loaded, train_state = dist_ckpt.load_checkpoint(tmp_path / step_dir_name(step), template)
+            assert train_state["step"] == step
+            for name, value in values.items():
+                assert torch.equal(loaded[name], value), (step, name)
+    finally:
+        shutdown_distributed()
+
+
+def test_the_async_worker_knob_names_itself_and_the_persistent_worker_needs_cuda():
+    """checkpoint.async_worker: an unknown value is refused naming the knob and its choices; the
+    persistent worker (which copies GPU memory it receives over CUDA IPC) is refused on a CPU run, saying
+    what to set instead, before any save."""
+    import dataclasses
+    from videoar_common.distributed import DistContext
+    from videoar_megatron.training import dist_ckpt
+    from videoar_megatron.training.config import CheckpointConfig
+    with pytest.raises(ValueError, match=r"checkpoint\.async_worker must be one of fork, persistent, got 'forked'"):
+        CheckpointConfig(async_worker="forked")
+    assert dataclasses.replace(CheckpointConfig(), async_worker="persistent").async_worker == "persistent"
+    cpu = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"),
+                      backend="gloo")
+    with pytest.raises(ValueError, match=r"checkpoint\.async_worker=persistent needs CUDA .*on cpu.*"
+                                         r"set checkpoint\.async_worker=fork"):
+        dist_ckpt.AsyncCheckpointer(cpu, worker="persistent")
+    assert not dist_ckpt.AsyncCheckpointer(cpu).queue.persistent

@@ -210,6 +210,15 @@ class CheckpointConfig:
     crash before it leaves the previous checkpoint the newest committed. Same files as a synchronous
     save (false: the loop waits for the whole write). Needs the fork start method (Linux) and a launching
     script guarded by if __name__ == "__main__" (videoar and python -m videoar_megatron.cli are)."""
+    async_worker: str = "fork"
+    """Who writes an asynchronous save (Megatron's ``AsyncCallsQueue``): ``fork``, a process forked per
+    save after the state was copied to host memory by the training process (on CPU the fork's
+    copy-on-write memory is the snapshot); ``persistent`` (CUDA only), one worker process per rank,
+    started at the first save and kept: it receives the GPU tensors over CUDA IPC, copies them to its own
+    host memory while the step loop waits, and writes. The step loop then stalls only for that
+    device-to-host copy: no pinned-memory allocation and no fork of the training process (Linux copies
+    DMA-pinned pages at fork). Costs a second CUDA context per GPU. Measured against fork:
+    docs/BENCHMARKS.md (bench_checkpoint.py --set checkpoint.async_worker=persistent)."""
     resume: bool = True
     """At start, resume from the newest committed checkpoint of the run directory if there is one. false
     = start fresh, refused in a run directory that already holds committed checkpoints (use a new one)."""
@@ -221,6 +230,13 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         if self.save_every < 0 or self.keep_last < 0:
             raise ValueError("save_every and keep_last must be >= 0")
+        if self.async_worker not in ASYNC_WORKERS:
+            raise ValueError(f"checkpoint.async_worker must be one of {', '.join(ASYNC_WORKERS)}, "
+                             f"got {self.async_worker!r}")
+
+
+ASYNC_WORKERS = ("fork", "persistent")
+"""``checkpoint.async_worker`` values."""
 
 
 @dataclass(kw_only=True)

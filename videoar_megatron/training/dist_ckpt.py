@@ -31,6 +31,7 @@ snapshot. The launching script must guard its entry (``if __name__ == "__main__"
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 from pathlib import Path
@@ -97,10 +98,20 @@ class AsyncCheckpointer:
     ``write_delay_s`` holds each background write that long before it starts (``debug.slow_async_save_s``:
     drills of a slow file system; the step loop goes on meanwhile)."""
 
-    def __init__(self, ctx: DistContext, *, write_delay_s: float = 0.0):
+    def __init__(self, ctx: DistContext, *, write_delay_s: float = 0.0, worker: str = "fork"):
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+        if worker == "persistent" and ctx.device.type != "cuda":
+            raise ValueError(f"checkpoint.async_worker=persistent needs CUDA (its worker copies GPU memory it "
+                             f"receives over CUDA IPC; this run is on {ctx.device.type}, where the forked writer's "
+                             f"copy-on-write memory is the snapshot): set checkpoint.async_worker=fork")
         self.ctx, self.write_delay_s = ctx, write_delay_s
-        self.queue = AsyncCallsQueue(persistent=False)  # a forked writer per save (Megatron's default)
+        # fork: a writer forked per save (Megatron's default); persistent: one worker kept (CheckpointConfig)
+        self.queue = AsyncCallsQueue(persistent=worker == "persistent")
+        self.strategy = None
+        """One ``torch_dist`` save strategy for every save of the run, keeping Megatron's cached save plans
+        and metadata (``cached_metadata``, Megatron-LM's ``--ckpt-assume-constant-structure``): from the
+        third save on, planning skips the exchange of every rank's plan while the structure holds (Megatron
+        compares it with the cached one each time and plans afresh when it changed)."""
         self.in_flight: Path | None = None
         """The step directory being written, uncommitted (None when nothing is in flight)."""
         self._started = 0.0
@@ -123,13 +134,17 @@ class AsyncCheckpointer:
         self.wait()
         t1 = time.perf_counter()
         path = open_step_dir(root, step, self.ctx)
+        first = self.strategy is None
+        if first:
+            self.strategy = TorchDistSaveShardedStrategy("torch_dist", 1, cached_metadata=True)
+        # The sharding is validated on the first save; later saves of the same run shard the same way.
         request = dist_checkpointing.save(sharded_state_dict, str(path), async_sharded_save=True,
-                                          sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1))
+                                          sharded_strategy=self.strategy, validate_access_integrity=first)
         if self.ctx.is_main:
             atomic_write_json(path / TRAIN_STATE_FILE, train_state)
         request.add_finalize_fn(lambda: self._commit(root, step, keep_last, before_commit))
         if self.write_delay_s and request.async_fn is not None:
-            request = request._replace(async_fn=_delayed(request.async_fn, self.write_delay_s))
+            request = request._replace(async_fn=functools.partial(_delayed, request.async_fn, self.write_delay_s))
         t2 = time.perf_counter()
         with self._host_scope():
             self.queue.schedule_async_request(request)
@@ -153,6 +168,12 @@ class AsyncCheckpointer:
         or the end of the run."""
         return self._finalize(blocking=True)
 
+    def close(self) -> None:
+        """Not collective: stop the background writer (a persistent worker exits; a save still in flight is
+        abandoned uncommitted, the previous checkpoint stays the newest committed)."""
+        with self._host_scope():
+            self.queue.close(abort=self.in_flight is not None)
+
     def _finalize(self, blocking: bool) -> list[tuple[Path, float]]:
         if self.queue.get_num_unfinalized_calls():
             with self._host_scope():
@@ -161,11 +182,10 @@ class AsyncCheckpointer:
         return done
 
 
-def _delayed(write, seconds: float):
-    def delayed_write(*args, **kwargs):
-        time.sleep(seconds)
-        return write(*args, **kwargs)
-    return delayed_write
+def _delayed(write, seconds: float, *args, **kwargs):
+    """``write(*args, **kwargs)`` after ``seconds`` (module level: a persistent worker receives it pickled)."""
+    time.sleep(seconds)
+    return write(*args, **kwargs)
 
 
 def load_checkpoint(path: str | Path, sharded_state_dict: dict) -> tuple[dict, dict]:

@@ -116,7 +116,8 @@ class Trainer:
         """Seconds of the last save by phase: ``state_dict`` (the sharded state built), then for a synchronous
         save ``write_and_commit``, for an asynchronous one what the step loop waited for besides
         (:attr:`.dist_ckpt.AsyncCheckpointer.last_stall`)."""
-        self.checkpointer = (dist_ckpt.AsyncCheckpointer(ctx, write_delay_s=cfg.debug.slow_async_save_s)
+        self.checkpointer = (dist_ckpt.AsyncCheckpointer(ctx, write_delay_s=cfg.debug.slow_async_save_s,
+                                                         worker=cfg.checkpoint.async_worker)
                              if cfg.checkpoint.async_save else None)
         self._last_skipped = False
         self.run_id: str | None = None
@@ -491,8 +492,10 @@ class Trainer:
     def close(self) -> None:
         """Not collective: a background save still in flight (an exception other than the numerics guard's
         collective stop ended the loop) is left uncommitted, the previous checkpoint stays the newest."""
-        if self.checkpointer is not None and self.checkpointer.in_flight is not None:
-            self.log.warning("%s was still being written and is not committed", self.checkpointer.in_flight)
+        if self.checkpointer is not None:
+            if self.checkpointer.in_flight is not None:
+                self.log.warning("%s was still being written and is not committed", self.checkpointer.in_flight)
+            self.checkpointer.close()
         if self.logger is not None:
             self.logger.close()
             self.logger = None
