@@ -215,9 +215,9 @@ class CheckpointConfig:
     save after the state was copied to host memory by the training process (on CPU the fork's
     copy-on-write memory is the snapshot); ``persistent`` (CUDA only), one worker process per rank,
     started at the first save and kept: it receives the GPU tensors over CUDA IPC, copies them to its own
-    host memory while the step loop waits, and writes. The step loop then stalls only for that
-    device-to-host copy: no pinned-memory allocation and no fork of the training process (Linux copies
-    DMA-pinned pages at fork). Costs a second CUDA context per GPU. Measured against fork:
+    host memory while the step loop waits (reusing its pinned buffers from the second save on), and
+    writes. The step loop then stalls only for that device-to-host copy: no pinned-memory allocation and
+    no fork in the training process. Costs a second CUDA context per GPU. Against fork:
     docs/BENCHMARKS.md (bench_checkpoint.py --set checkpoint.async_worker=persistent)."""
     resume: bool = True
     """At start, resume from the newest committed checkpoint of the run directory if there is one. false
