@@ -233,9 +233,10 @@ def test_flash_with_the_frame_table_still_crashes_in_the_model():
     """The sentinel of FLASH_FRAME_TABLE_CRASH (videoar_megatron/model/attention.py): FLASH through the
     model on a batch whose mask reads the Random Frame Mask's frame table, in its own process
     (tests/dist_scripts/flash_frame_table.py), still crashes the CUDA context. When this test fails
-    because the script ran, a FlashAttention-4 or torch release fixed it: check flash against SDPA
-    through the model with the frame table (the test above with the mask on), then lift the refusal
-    in check_flex_kernel and choose_flex_kernel's Triton rule, and re-measure stage III."""
+    because the script ran, the index tables' slack (layout.INDEX_SLACK, the suspected cause: FA4 reading
+    them past the sequence end) or a release fixed it: check that ``--poison-slack`` still crashes, check
+    flash against SDPA through the model with the frame table (the test above with the mask on), then
+    lift the refusal in check_flex_kernel and choose_flex_kernel's Triton rule, and re-measure stage III."""
     skip_without_flash()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     run = subprocess.run([sys.executable, str(SCRIPTS / "flash_frame_table.py")], capture_output=True,
