@@ -192,6 +192,10 @@ class TrainLoopConfig:
                              f"micro_batch_size {self.micro_batch_size}")
 
 
+ASYNC_WORKERS = ("fork", "persistent")
+"""``checkpoint.async_worker`` values."""
+
+
 @dataclass(kw_only=True)
 class CheckpointConfig:
     """Megatron dist_checkpointing checkpoints under ``<run_dir>/checkpoints``."""
@@ -233,10 +237,6 @@ class CheckpointConfig:
         if self.async_worker not in ASYNC_WORKERS:
             raise ValueError(f"checkpoint.async_worker must be one of {', '.join(ASYNC_WORKERS)}, "
                              f"got {self.async_worker!r}")
-
-
-ASYNC_WORKERS = ("fork", "persistent")
-"""``checkpoint.async_worker`` values."""
 
 
 @dataclass(kw_only=True)
