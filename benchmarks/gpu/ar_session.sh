@@ -9,8 +9,15 @@
 #      important first: stage III (23,059 tokens) for L, XL, 4B; 65 frames (43,499) for L, 4B, XL; then
 #      UCF-101, stage I and stage II for L. XL and 4B (and every size at 65 frames) recompute (full), as
 #      their recipes do; L at stage III does not, so its MFU is the uncredited-recompute-free figure;
-#   4. last, the compile cache, cold vs warm, VideoAR-L at stage III (benchmarks/bench_compile_cache.py)
-#      in a fresh directory of its own (session 8 ran out of budget before it: SKIP the others to get it).
+#   2. with flash-attn-4: the FLASH frame-table crash's suspected cause (docs/training.md#attention-kernels):
+#      tests/dist_scripts/flash_frame_table.py as built (runs if the tables' slack is the fix) and with
+#      --poison-slack (must crash: ties the crash to FA4 reading the tables past their end);
+#   4. the compile cache, cold vs warm, VideoAR-L at stage III (benchmarks/bench_compile_cache.py)
+#      in a fresh directory of its own (session 8 ran out of budget before it: SKIP the others to get it);
+#   5. last, the asynchronous save's stall against a synchronous save, VideoAR-XL at stage III, with the
+#      writer forked per save (the default) and with checkpoint.async_worker=persistent (about 4 minutes
+#      each: a session of its own, SKIP="gpu_tests frame_table frame_table_poisoned train_step_stage3
+#      train_step_65f train_step_L_short compile_cache" BUDGET_S=560).
 # Every step has its own time limit and the whole session a budget (BUDGET_S, default 540 s): a step
 # gets min(its limit, what is left), a step with under 20 s left is skipped, so the session ends in time
 # whatever hangs; the benchmarks print each pair as soon as it is measured. SKIP="name ..." leaves steps
@@ -100,6 +107,14 @@ EOF
 step gpu_tests 110 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rA tests/test_model_gpu.py \
     -k "auto_kernel or flash_kernel or unpadded or 4b_heads or frame_table"
 
+# 2. The FLASH frame-table crash, one process per case (a crash takes the CUDA context).
+if "$PY" -c "import flash_attn.cute" 2>/dev/null; then
+    step frame_table 150 "$PY" tests/dist_scripts/flash_frame_table.py
+    step frame_table_poisoned 150 "$PY" tests/dist_scripts/flash_frame_table.py --poison-slack
+else
+    say "== frame_table: skipped, flash-attn-4 (flash_attn.cute) not installed"
+fi
+
 export TORCHINDUCTOR_CACHE_DIR="$CACHE" TRITON_CACHE_DIR="$CACHE/triton"
 
 # 3. Train step vs GPT at the recipe layouts (warm-up 1: the first step compiles; median of 3).
@@ -113,6 +128,14 @@ step train_step_L_short 110 "$PY" "${STEP[@]}" --size L --layouts ucf,stage1,sta
 COLD_CACHE=$(mktemp -d /tmp/videoar-ar-session-cold-XXXXXX)
 step compile_cache 280 "$PY" benchmarks/bench_compile_cache.py --size L --layout stage3 --steps 2 --cache-dir "$COLD_CACHE"
 rm -rf "$COLD_CACHE"
+
+# 5. Asynchronous save stall vs a synchronous save, forked writer then persistent worker (each run prints
+#    its own synchronous baseline and the stall's phases).
+CKPT=(benchmarks/bench_checkpoint.py --size XL --layout stage3 --rounds 1)
+step checkpoint_fork 270 "$PY" "${CKPT[@]}" --work-dir "$(mktemp -d /tmp/videoar-ckpt-XXXXXX)"
+step checkpoint_persistent 270 "$PY" "${CKPT[@]}" --set checkpoint.async_worker=persistent \
+    --work-dir "$(mktemp -d /tmp/videoar-ckpt-XXXXXX)"
+rm -rf /tmp/videoar-ckpt-*
 
 [[ -n $OWN_CACHE ]] && rm -rf "$OWN_CACHE"
 say "session done in $(( $(date +%s) - T0 ))s; logs in $OUT"
