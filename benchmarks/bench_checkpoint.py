@@ -117,7 +117,6 @@ def one_round(trainer, async_checkpointer, args) -> dict:
             "sync_phases_s": sync_phases, "stall_phases_s": stall_phases}
 
 
-
 def main(argv=None) -> int:
     args = parse(argv)
     import torch

@@ -491,7 +491,8 @@ class Trainer:
 
     def close(self) -> None:
         """Not collective: a background save still in flight (an exception other than the numerics guard's
-        collective stop ended the loop) is left uncommitted, the previous checkpoint stays the newest."""
+        collective stop ended the loop) is left uncommitted, the previous checkpoint stays the newest; the
+        background writer is stopped (a persistent worker exits)."""
         if self.checkpointer is not None:
             if self.checkpointer.in_flight is not None:
                 self.log.warning("%s was still being written and is not committed", self.checkpointer.in_flight)
