@@ -26,7 +26,8 @@ What it measures, in order:
     a separate context or stream change that? (--no-beside skips it);
  4. full runs through the production code (`data_prep.pretokenize.pipeline.Pretokenizer`, shards
     written unless --no-write): DALI with the chosen pipeline count (--full each: every count) once per
-    overlap setup and --decode-process setting (the decoders in this process or in a decode process);
+    overlap setup, --decode-process setting (the decoders in this process or in a decode process) and
+    --prefetch-batches depth (batches in flight through the decoders ahead of the encoder);
     each --cpu-mix of DALI CPU pipelines and PyAV decoders (frames decoded on the host,
     the route that leaves the GPU to the encoder; DALI's CPU decoder needs --source-codec vp9); and the
     PyAV baseline (--cpu-workers PyAV decoders);
@@ -60,6 +61,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from data_prep.pretokenize.config import PretokenizeConfig  # noqa: E402
+
+PREFETCH_DEFAULT = PretokenizeConfig.__dataclass_fields__["prefetch_batches"].default
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
@@ -160,6 +164,7 @@ class Route:
     encoder: EncoderSetup = EncoderSetup()
     priority: int = 0                   # decode_stream_priority (NVDEC)
     decode_process: bool = False        # the decoders in a process of their own
+    prefetch: int = 2                   # prefetch_batches: batches in flight through the decoders
 
     def label(self) -> str:
         parts = []
@@ -168,14 +173,15 @@ class Route:
         if self.pyav_decoders:
             parts.append(f"PyAV x{self.pyav_decoders}")
         text = " + ".join(parts) + (" in a decode process" if self.decode_process else "") + f", {self.encoder.label()}"
-        return text + (f", decode priority {self.priority}" if self.priority else "")
+        text += f", decode priority {self.priority}" if self.priority else ""
+        return text + (f", prefetch {self.prefetch}" if self.prefetch != PREFETCH_DEFAULT else "")
 
     def knobs(self, batch_size: int) -> dict:
         dali = self.pipelines > 0
         return {"decoder": "dali" if dali else "pyav", "decode_device": self.decode_device,
                 "decode_pipelines": self.pipelines if dali else 0, "pyav_decoders": self.pyav_decoders,
                 "decode_stream_priority": self.priority, "decode_process": self.decode_process,
-                **self.encoder.knobs(batch_size)}
+                "prefetch_batches": self.prefetch, **self.encoder.knobs(batch_size)}
 
 
 class NullWriter:
@@ -218,7 +224,6 @@ def child_cpu_seconds(pid: int | None) -> float:
 def run_pipeline(args, preset: Preset, tok: Path, manifest: Path, work: Path, route: Route, memory_format: str) -> dict:
     """One full pre-tokenization over ``manifest`` (after a warm-up run on other files): its figures."""
     from data_prep.pretokenize import writer
-    from data_prep.pretokenize.config import PretokenizeConfig
     from data_prep.pretokenize.pipeline import Pretokenizer
     from data_prep.pretokenize.worker import Worker
     from tokenizer import load_tokenizer
@@ -246,7 +251,8 @@ def run_pipeline(args, preset: Preset, tok: Path, manifest: Path, work: Path, ro
         handoff = [json.loads(f.read_text()).get("decode_process_handoff_s") for f in (out / "logs").glob("*.json")]
         shutil.rmtree(out, ignore_errors=True)
         release_memory()  # the DALI pipelines and the encoder's graph, before the next run builds its own
-    return {"clips": stats.clips, "rejects": stats.rejects, "clips_per_s": round(stats.clips_per_s, 2),
+    return {"clips": stats.clips, "rejects": stats.rejects, "prefetch_batches": cfg.prefetch_batches,
+            "clips_per_s": round(stats.clips_per_s, 2),
             "host_cores_busy": round(cpu / wall, 2), "total_s": round(stats.total_s, 3),
             "decode_lane_s": round(stats.decode_s, 3), "encoder_waited_for_frames_s": round(stats.wait_s, 3),
             "encode_s": round(stats.encode_s, 3), "write_s": round(stats.write_s, 3),
@@ -295,7 +301,6 @@ def make_encoder(args, preset: Preset, tok: Path, memory_format: str, setup: Enc
                  batch_size: int = 0, cuda_graph: bool = True):
     """The production ClipEncoder (its CUDA graph captured as in the full runs) and one batch of resident
     random frames."""
-    from data_prep.pretokenize.config import PretokenizeConfig
     from data_prep.pretokenize.encoder import ClipEncoder
     from tokenizer import load_tokenizer
     bs = batch_size or args.batch_size or preset.batch_size
@@ -384,7 +389,6 @@ def lanes_decode_rate(lanes, plans: list, codecs: list[str], batch_size: int, de
 def start_lanes(args, preset: Preset, device: str, pipelines: int, beside: BesideSetup):
     """The production decoder lanes (NVDEC pipelines as in a full run), as threads or in a decode process."""
     from data_prep.pretokenize.clip_stream import decoder_lanes
-    from data_prep.pretokenize.config import PretokenizeConfig
     from data_prep.pretokenize.decode_process import DecodeProcess
     from data_prep.pretokenize.decoders import DecoderLanes
     cfg = PretokenizeConfig(tokenizer="-", input_manifest="-", output_dir="-", clips=preset.sampling(),
@@ -620,10 +624,10 @@ def sweep_beside(args, preset: Preset, tok: Path, manifest: Path, device: str, p
 
 
 def routes(args, device: str, pipelines: list[int]) -> list[Route]:
-    """The full runs: DALI per pipeline count x overlap setup x decode in a thread / in a process, each CPU
-    mix, and the PyAV baseline last."""
-    out = [Route(device, n, encoder=setup, priority=prio, decode_process=dp) for n in pipelines
-           for setup, prio in args.overlap_setups for dp in args.decode_processes]
+    """The full runs: DALI per pipeline count x overlap setup x decode in a thread / in a process x prefetch
+    depth, each CPU mix, and the PyAV baseline last."""
+    out = [Route(device, n, encoder=setup, priority=prio, decode_process=dp, prefetch=depth) for n in pipelines
+           for setup, prio in args.overlap_setups for dp in args.decode_processes for depth in args.prefetch_batches]
     out += [Route("cpu", dali, pyav) for dali, pyav in args.cpu_mix]
     out.append(Route("cpu", 0, args.cpu_workers))  # the baseline: PyAV decoders on every core
     return out
@@ -768,6 +772,10 @@ def parse_args(argv=None):
                    help="torch.compile the encoder: off (default), on, or both")
     p.add_argument("--decode-stream-priority", type=priority_list, default=[0],
                    help="CUDA stream priorities of NVDEC decode to try, comma-separated, <= 0 (default 0)")
+    p.add_argument("--prefetch-batches", type=lambda t: int_list(t, 1, "prefetch depths"), default=[PREFETCH_DEFAULT],
+                   help="prefetch_batches of the full DALI runs, comma-separated: batches in flight through the "
+                        f"decoders ahead of the encoder (default {PREFETCH_DEFAULT}, the shipped knob's default; DALI's own "
+                        "queue stays 1, see docs/pretokenize.md)")
     p.add_argument("--encoder-batch-sizes", type=lambda t: int_list(t, 1, "batch sizes"), default=[],
                    help="extra batch sizes for the encoder alone (larger batches: cheaper per clip?)")
     p.add_argument("--full", choices=["best", "each", "none"], default="best",

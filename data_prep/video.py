@@ -398,6 +398,8 @@ class DaliClipDecoder:
 
         gpu = self.device == "gpu"
         priority = self.stream_priority if gpu and self.stream_priority else None  # None: DALI's default
+        # prefetch_queue_depth 1: each run is fed one batch of clips and its output taken at once, so a
+        # deeper DALI queue would only hold frames; the pipeline's depth is prefetch_batches (clip_stream).
 
         @pipeline_def(batch_size=self.slice_size, num_threads=self.num_threads,
                       device_id=self.device_id if gpu else None, exec_dynamic=True, prefetch_queue_depth=1,

@@ -104,8 +104,11 @@ def decoded_by(root: Path) -> dict[str, int]:
 
 
 def test_shards_do_not_depend_on_which_decoder_took_a_clip(tmp_path, tok, corpus):
-    """1 DALI CPU pipeline vs 2 vs 1 + 2 PyAV decoders vs PyAV only: the same bytes."""
+    """1 DALI CPU pipeline vs 2 vs 1 + 2 PyAV decoders (1, 2 or 4 batches in flight) vs PyAV only: the
+    same bytes."""
     runs = {"dali-1": {}, "dali-2": {"decode_pipelines": 2}, "mixed": {"pyav_decoders": 2},
+            "mixed-1-in-flight": {"pyav_decoders": 2, "prefetch_batches": 1},
+            "mixed-4-in-flight": {"pyav_decoders": 2, "prefetch_batches": 4},
             "pyav-only": {"decoder": "pyav", "pyav_decoders": 3}}
     got = {}
     for name, knobs in runs.items():

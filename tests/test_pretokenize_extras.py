@@ -169,23 +169,27 @@ def test_benchmark_smoke_on_cpu(tmp_path, capsys):
 def test_benchmark_smoke_of_the_decode_process_on_cpu(tmp_path):
     """--beside-decode thread,process and --decode-process both: decode beside the busy encoder from decoder
     lanes in this process and in a decode process (each with its own decode-alone rate), and full runs
-    with the decoders in either place; all clips decoded and written."""
+    with the decoders in either place at two --prefetch-batches depths (each run's config has its
+    depth); all clips decoded and written."""
     from benchmarks.bench_pretokenize import main
     out = tmp_path / "bench.json"
     assert main(["--preset", "tiny", "--device", "cpu", "--clips", "8", "--unique-videos", "2", "--base-channels", "8",
                  "--res-blocks", "1", "--latent-dim", "8", "--encoder-iters", "1", "--decode-pipelines", "1",
                  "--encoder-memory-format", "contiguous", "--decode-process", "both", "--beside-decode", "thread,process",
-                 "--cpu-workers", "1", "--out", str(out)]) == 0
+                 "--prefetch-batches", "1,3", "--cpu-workers", "1", "--out", str(out)]) == 0
     (r,) = json.loads(out.read_text())["results"]
     beside = r["decode_beside_busy_encoder"]
     assert list(beside) == ["whole-batch launches", "whole-batch launches, decode in a separate process"]
     for x in beside.values():
         assert x["decode_alone_clips_per_s"] > 0 and x["decode_clips_per_s"] > 0 and x["encoder_clips_per_s"] > 0
-    assert list(r["full_runs"]) == ["DALI cpu x1, whole-batch launches",
-                                    "DALI cpu x1 in a decode process, whole-batch launches",
+    assert list(r["full_runs"]) == ["DALI cpu x1, whole-batch launches, prefetch 1",
+                                    "DALI cpu x1, whole-batch launches, prefetch 3",
+                                    "DALI cpu x1 in a decode process, whole-batch launches, prefetch 1",
+                                    "DALI cpu x1 in a decode process, whole-batch launches, prefetch 3",
                                     "PyAV x1, whole-batch launches"]
-    for run in r["full_runs"].values():
+    for label, run in r["full_runs"].items():
         assert run["clips"] == 8 and run["rejects"] == 0 and run["host_cores_busy"] > 0
+        assert run["prefetch_batches"] == (int(label[-1]) if "prefetch" in label else 2)
 
 
 def test_two_torchrun_workers_write_the_same_shards_as_one_process(tmp_path, torchrun):

@@ -78,7 +78,11 @@ class PretokenizeConfig:
     probe_workers: int = 4
     """Threads probing containers (PyAV demux) ahead of decoding."""
     prefetch_batches: int = 2
-    """Decoded batches buffered ahead of the encoder."""
+    """Batches in flight through the decoders ahead of the encoder (and as many decoded ones buffered):
+    the pipeline's prefetch depth. DALI's own prefetch queue stays 1, since each DALI run is fed exactly
+    one batch's clips and its output taken at once; depth comes from this many batches submitted to the
+    decoder lanes at a time (docs/pretokenize.md, "Choosing decoders"). More costs one batch of decoded
+    frames each (GPU memory with NVDEC); the shards do not depend on it."""
     num_partitions: int = 0
     """Partitions of the input manifest; 0 = one per worker. Use several per worker for cheap restarts."""
     compression: str = ""
