@@ -133,7 +133,7 @@ def videoar_step(args, size, name, batch_size, groups, device, recompute, split_
 
     ms = time_ms(step, device, args.iters, args.warmup)
     del model, opt
-    return ms, cfg, attended_pairs(layout, cfg.mask.rfm_window, cfg.mask.rfm_p_mask), kernel
+    return ms, cfg, attended_pairs(layout, cfg.mask.rfm_window, cfg.mask.rfm_p_mask, cfg.mask.rfm_anchor_first), kernel
 
 
 def gpt_step(args, cfg, layout, batch_size, groups, device, recompute):

@@ -66,8 +66,9 @@ def test_pp2_with_virtual_stages_matches_the_host_engine_and_resumes_at_pp1(four
     seed, ref = four_layer_reference
     run = tmp_path / "vpp"
     sets = (*SETS, "model.num_layers=4")
-    run_train(2, run, tiny_shards, *sets, "parallel.pipeline_parallel=2", "parallel.virtual_pipeline_stages=2",
-              f"checkpoint.load={seed}", engine="megatron")
+    proc = run_train(2, run, tiny_shards, *sets, "parallel.pipeline_parallel=2", "parallel.virtual_pipeline_stages=2",
+                     f"checkpoint.load={seed}", engine="megatron")
+    assert "step schedule: forward_backward_pipelining_with_interleaving over 2 model chunk(s) per rank" in proc.stderr
     vpp = losses(run)
     assert sorted(vpp) == list(range(1, 7))
     close(vpp, ref, range(1, 7), 1e-6)

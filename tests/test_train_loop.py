@@ -205,14 +205,15 @@ def test_resume_may_switch_kernels_but_not_the_model(reference, tiny_shards, tmp
 def test_start_log_names_the_compile_cache_each_sources_attention_and_the_time_to_first_step(
         tiny_shards, tiny_image_shards, tmp_path):
     """What a job prints at start (docs/training.md): where compiled kernels are cached (the run directory
-    by default, created before anything compiles), the attention path of each data source's sequence,
-    and the time to the first step."""
+    by default, created before anything compiles), the step's schedule, the attention path of each data
+    source's sequence, and the time to the first step."""
     run = tmp_path / "run"
     proc = run_train(1, run, tiny_shards, "train.steps=2", "optim.warmup_steps=1", "data.name=video",
                      f"data.mix=[{{name: image, path: {tiny_image_shards}, num_frames: 1}}]")
     cache = (run / "compile_cache").absolute()
     assert f"compile cache {cache} (from the run directory; empty: " in proc.stderr and cache.is_dir()
     # tiny recipe: 1 class token + 3 latent frames x (1 + 4) tokens; the images are one frame
+    assert "step schedule: the local engine's micro-batch loop (no pipeline)" in proc.stderr  # CPU: local engine
     assert "attention for data source video (16 tokens): dense-mask SDPA" in proc.stderr
     assert "attention for data source image (6 tokens): dense-mask SDPA" in proc.stderr
     assert re.search(r"time to the first step: \d+\.\d s from start \(the step itself \d+\.\d s", proc.stderr)

@@ -85,6 +85,7 @@ class LocalEngine:
     """CPU engine (PP = 1): see the module docstring."""
 
     name = "local"
+    schedule = "the local engine's micro-batch loop (no pipeline)"
 
     def __init__(self, model, loss_cfg: LossConfig, groups, *, sequence_parallel: bool):
         """PP = 1 and no recompute (checked by :func:`select_engine`)."""
@@ -167,6 +168,13 @@ class MegatronEngine:
         no_sync = [ddp.no_sync for ddp in self.model_chunks]
         self.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         self.config.finalize_model_grads_func = finalize_model_grads
+
+    @property
+    def schedule(self) -> str:
+        """The Megatron schedule each step runs (for the start log): the parallel state, not this class,
+        picks it (no pipelining, 1F1B, or interleaved 1F1B with virtual stages)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        return f"{get_forward_backward_func().__name__} over {len(self.model_chunks)} model chunk(s) per rank"
 
     def attach_optimizer(self, optimizer) -> None:
         """Loss scaling (fp16) goes through the optimizer, as in Megatron's training loop."""

@@ -127,9 +127,11 @@ class Trainer:
 
     # --- construction -------------------------------------------------------------------------
     def _log_start(self) -> None:
-        """Rank 0: the compile cache, and the attention kernel of each data source's sequence."""
+        """Rank 0: the compile cache, the step's schedule, and the attention kernel of each data source's
+        sequence."""
         if not self.ctx.is_main:
             return
+        self.log.info("step schedule: %s", self.engine.schedule)
         if self.compile_cache is not None:
             self.log.info("%s", self.compile_cache.describe())
         model = self.model_chunks[0]  # every chunk has the same attention settings
