@@ -8,7 +8,9 @@
 #      NVDEC decode beside the busy encoder from a decode process (its own CUDA context) and with the
 #      encoder on a non-blocking stream, and full runs with decode_process on and off. Dropped, settled
 #      by session 7: the stream-priority sweep (no effect), the encoder profile, compile at 17x128;
-#   4. the compiled encoder (encoder_compile) against eager at 33x384x672, the encoder-bound preset.
+#   4. the compiled encoder (encoder_compile) against eager at 33x384x672, the encoder-bound preset, and
+#      where the eager encoder's GPU time goes there (--profile-encoder; session 7 profiled only 17x128);
+#   5. the prefetch depth (prefetch_batches 2 vs 4) with the UCF-101 sampling (added in session 12).
 # Every step has its own time limit and the whole session a budget (BUDGET_S, default 480 s): a step
 # gets min(its limit, what is left), a step with under 20 s left is skipped, so the session ends in time
 # whatever hangs. Output, all tee'd: $OUT/session.log (environment, each step's exit code and time) and
@@ -70,6 +72,11 @@ step bench_33x384x672 90 "$PY" "${BENCH[@]}" --preset 33x384x672 --clips 32 --de
 
 # 4. The compiled encoder's speed where the encoder is the bound.
 step bench_compile_33x384x672 90 "$PY" "${BENCH[@]}" --preset 33x384x672 --clips 8 --decode-pipelines "" \
-    --full none --no-beside --encoder-compile both
+    --full none --no-beside --encoder-compile both --profile-encoder --profile-batches 2
+
+# 5. Batches in flight through NVDEC ahead of the encoder (the pipeline's prefetch depth; DALI's own queue
+#    stays 1): 2 (the default) vs 4, 4-clip launches.
+step bench_prefetch_ucf101 80 "$PY" "${BENCH[@]}" --preset ucf101 --clips 256 --decode-pipelines 8 \
+    --encoder-micro-batch 4 --prefetch-batches 2,4 --no-beside
 
 say "session done in $(( $(date +%s) - T0 ))s; logs in $OUT"
