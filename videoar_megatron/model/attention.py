@@ -91,14 +91,18 @@ def flash_installed() -> bool:
 
 FLASH_FRAME_TABLE_CRASH = (
     "FlashAttention-4 crashed the CUDA context through the model whenever the mask reads the Random Frame "
-    "Mask's frame table (cudaErrorInvalidAddressSpace in the first step; H100, session 10, "
-    "docs/training.md#attention-kernels)")
+    "Mask's frame table (cudaErrorInvalidAddressSpace in the first step; H100, session 10); the suspected "
+    "cause is fixed (layout.INDEX_SLACK) but not yet verified on a GPU (docs/training.md#attention-kernels)")
 """Why FLASH is not used with a windowed or randomly dropped frame context
 (``MaskConfig.reads_frame_table``): with VideoAR-4B's heads (padded) and XL's (unpadded) the model's
 first forward crashed, while the same kernels ran through the model with the full frame context, and
-equal dense SDPA at the attention level with the frame table (the cause is not found yet). The GPU
-test ``test_flash_with_the_frame_table_still_crashes_in_the_model`` (tests/test_model_gpu.py) says
-when a FlashAttention-4 or torch release no longer crashes."""
+equal dense SDPA at the attention level with the frame table. Suspected cause (read in FA4 4.0.0b5's
+source, session 11): its block-sparse Hopper forward evaluates the mask up to a tile past the sequence
+end without wrapping the indices, and the frame-table lookup turned what it read beyond the index
+tables into an address; the tables now keep harmless entries there (:data:`.layout.INDEX_SLACK`). The
+refusal stays until a GPU confirms it: ``tests/dist_scripts/flash_frame_table.py`` must run as built
+and crash with ``--poison-slack``; the GPU test ``test_flash_with_the_frame_table_still_crashes_in_the_model``
+(tests/test_model_gpu.py) fails once FLASH runs with the frame table."""
 
 
 def check_flex_kernel(kernel: str, device: torch.device, head_dim: int | None = None,
