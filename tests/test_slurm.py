@@ -81,16 +81,24 @@ def _port() -> int:
     return free_port()
 
 
-def test_train_ar_runs_with_per_rank_logs(cluster, tmp_path, tiny_shards):
-    run_dir = tmp_path / "run"
+def test_train_ar_runs_with_per_rank_logs_and_the_sites_compile_cache(cluster, tmp_path, tiny_shards):
+    """A 2-rank job through slurm/train_ar.sbatch: every step once, a committed checkpoint, one log per
+    local rank; the site file (VIDEOAR_SITE_FILE, as slurm/site.sh.example shows) points the compile
+    cache at one shared path, which the job uses instead of its run directory."""
+    run_dir, shared_cache = tmp_path / "run", tmp_path / "shared" / "compile"
+    site = tmp_path / "site.sh"
+    site.write_text(f"export TORCHINDUCTOR_CACHE_DIR={shared_cache}\n")
     job = cluster.sbatch(*TRAIN_SMALL, f"--chdir={tmp_path}", str(REPO / "slurm/train_ar.sbatch"),
-                         env=_train_env(tmp_path, tiny_shards, run_dir, steps=30))
+                         env={**_train_env(tmp_path, tiny_shards, run_dir, steps=30), "VIDEOAR_SITE_FILE": str(site)})
     assert cluster.wait_done(job, timeout=600) == ["COMPLETED"], (_outputs(tmp_path), cluster.logs())
     from videoar_megatron.training.audit import consumed_samples
     assert sorted(consumed_samples(run_dir)) == list(range(1, 31))
     assert (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*/COMMITTED"))
     rank_logs = sorted(p.parent.name for p in (run_dir / "logs").rglob("stdout.log"))
     assert rank_logs == ["0", "1"], rank_logs                      # one log per local rank
+    logs = _outputs(tmp_path) + "".join(p.read_text(errors="replace") for p in (run_dir / "logs").rglob("*.log"))
+    assert f"compile cache {shared_cache} (from environment TORCHINDUCTOR_CACHE_DIR;" in logs, logs[-3000:]
+    assert shared_cache.is_dir() and not (run_dir / "compile_cache").exists()
 
 
 def test_preemption_drill_requeues_and_resumes(cluster, tmp_path, tiny_shards):
