@@ -3,9 +3,9 @@ Frame Mask's frame table (window 2, drop 0.3), forward and backward. It runs in 
 because what it can provoke, a crash in the first forward, takes the CUDA context with it. Prints
 "forward and backward ran" and exits 0 when the model runs; tests/test_model_gpu.py starts it.
 
-The crash (CUDA "operation not supported on global/shared address space", sessions 8-10) came from FA4
-reading the index tables up to a tile past the sequence end (``layout.INDEX_SLACK``): what lay after a
-table became a frame-table index. ``--poison-slack`` writes a huge frame index into the tables' slack,
+The crash (CUDA "operation not supported on global/shared address space", sessions 8-10) is suspected
+to come from FA4 reading the index tables up to a tile past the sequence end (``layout.INDEX_SLACK``;
+not yet confirmed on a GPU): what lay after a table became a frame-table index. ``--poison-slack`` writes a huge frame index into the tables' slack,
 which is what reading foreign memory there amounts to: with it the model must crash, without it run.
 The other options vary one thing at a time (one process per case), e.g. on a GPU host with the 'flash'
 extra:
